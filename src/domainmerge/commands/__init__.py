@@ -1,0 +1,1 @@
+"""Subcommands of the `domainmerge` command line, one module each."""

@@ -1,0 +1,1 @@
+"""domainmerge.training."""
