@@ -1,1 +1,22 @@
-"""domainmerge.merging."""
+"""Training-free merging: parameter averaging and Gaussian pooling of BatchNorm statistics."""
+
+from domainmerge.merging.buffers import gaussian_pool, mixture_proportions, pooled_count
+from domainmerge.merging.engine import (
+    BUFFER_RULES,
+    DictSource,
+    MergeOptions,
+    MergePlan,
+    interpolate,
+    iter_merged,
+    merge_state_dicts,
+    merge_state_dicts_per_head,
+    plan_merge,
+)
+from domainmerge.merging.parameters import normalise_weights, weighted_average
+from domainmerge.merging.roles import Role, assign_roles
+
+__all__ = [
+    "BUFFER_RULES", "DictSource", "MergeOptions", "MergePlan", "Role", "assign_roles", "gaussian_pool",
+    "interpolate", "iter_merged", "merge_state_dicts", "merge_state_dicts_per_head", "mixture_proportions",
+    "normalise_weights", "plan_merge", "pooled_count", "weighted_average",
+]

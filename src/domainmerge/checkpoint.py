@@ -1,0 +1,373 @@
+"""Checkpoint files: read lazily, unwrap containers, write atomically in the input's format.
+
+Formats read: ``.safetensors`` and PyTorch pickles (``.pth``/``.pt``/``.bin``/``.ckpt``) holding a
+bare state dict or a container (``{'state_dict': ...}`` as mmseg/mmcv and Lightning write,
+``{'model': ...}``, with ``meta``, ``optimizer`` and other entries). Pickles are loaded with
+``weights_only=True`` unless the caller trusts the file.
+
+Low memory: safetensors tensors are read one at a time with plain file reads (no mapping of the
+whole file), zip-format pickles are memory-mapped, and a safetensors output can be written
+tensor by tensor (:class:`SafetensorsWriter`), so merging K checkpoints never holds K copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from domainmerge.errors import UserError
+from domainmerge.fsutil import atomic_path
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
+# Container entries that may hold the state dict, most specific first.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+# Prefixes that wrap the network inside DA training checkpoints and DataParallel.
+WRAPPER_PREFIXES = ("model.", "ema_model.", "imnet_model.", "module.")
+DROPPED_ENTRIES = ("optimizer", "optimizer_states", "lr_schedulers", "scheduler")
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _fmt_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in PICKLE_SUFFIXES:
+        return "pickle"
+    raise UserError(f"{path}: unknown checkpoint suffix {suffix!r}; use .safetensors or one of "
+                    f"{', '.join(PICKLE_SUFFIXES)}")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _find_state_dict(obj: Any, path: Path) -> tuple[str | None, Mapping[str, torch.Tensor]]:
+    """Locate the tensors inside a loaded pickle; returns (container key or None, state dict)."""
+    if _is_state_dict(obj):
+        return None, obj
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            if key in obj and _is_state_dict(obj[key]):
+                return key, obj[key]
+        # A container whose state dict also holds a few non-tensor entries: keep the tensors.
+        for key in STATE_DICT_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                tensors = {k: v for k, v in obj[key].items() if isinstance(v, torch.Tensor)}
+                if tensors:
+                    return key, tensors
+    kind = type(obj).__name__
+    entries = f" with entries {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else ""
+    raise UserError(f"{path}: holds a {kind}{entries}, not a state dict; expected a dict of tensors or "
+                    f"a container with one of {', '.join(STATE_DICT_KEYS)}")
+
+
+@dataclass
+class TensorInfo:
+    """Shape and dtype of one stored tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: tensor names and shapes, tensors read on demand, container kept.
+
+    ``container_key`` is None for a bare state dict or safetensors; ``extras`` holds the
+    container's other entries (``meta`` ...); ``metadata`` the safetensors string metadata.
+    """
+
+    path: Path
+    format: str
+    container_key: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    infos: dict[str, TensorInfo] = field(default_factory=dict)
+    _tensors: Mapping[str, torch.Tensor] | None = None
+    _st_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _st_data_start: int = 0
+    _fh: BinaryIO | None = None
+
+    def keys(self) -> list[str]:
+        """Tensor names in stored order."""
+        return list(self.infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.infos
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor for safetensors, a mapped view for pickles)."""
+        if key not in self.infos:
+            raise UserError(f"{self.path}: has no tensor {key!r}")
+        if self._tensors is not None:
+            return self._tensors[key]
+        return self._read_st(key)
+
+    def _read_st(self, key: str) -> torch.Tensor:
+        info = self.infos[key]
+        begin, end = self._st_offsets[key]
+        if self._fh is None:
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._fh.seek(self._st_data_start + begin)
+        if end > begin and self._fh.readinto(memoryview(buf.numpy())) != end - begin:
+            raise UserError(f"{self.path}: truncated data for tensor {key!r}; the file is damaged")
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All tensors as a dict (reads everything)."""
+        return {k: self.get(k) for k in self.infos}
+
+    def close(self) -> None:
+        """Release the file handle and mapped tensors."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._tensors = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise UserError(f"{path}: too short to be a safetensors file; the file is damaged")
+        (n,) = struct.unpack("<Q", head)
+        size = path.stat().st_size
+        if n > size - 8 or n > 100_000_000:
+            raise UserError(f"{path}: invalid safetensors header; the file is damaged or not safetensors")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: invalid safetensors header ({exc}); the file is damaged") from exc
+    ck = Checkpoint(path=path, format="safetensors", metadata=dict(header.pop("__metadata__", None) or {}))
+    ck._st_data_start = 8 + n
+    for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        if entry["dtype"] not in _ST_DTYPES:
+            raise UserError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which domainmerge "
+                            "does not handle; convert it to float32/float16/bfloat16")
+        begin, end = entry["data_offsets"]
+        if 8 + n + end > size:
+            raise UserError(f"{path}: tensor {key!r} lies beyond the end of the file; the file is "
+                            "truncated")
+        ck.infos[key] = TensorInfo(tuple(entry["shape"]), _ST_DTYPES[entry["dtype"]])
+        ck._st_offsets[key] = (begin, end)
+    if not ck.infos:
+        raise UserError(f"{path}: holds no tensors")
+    return ck
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle:
+            raise UserError(f"{path}: cannot be unpickled ({str(exc).splitlines()[0]})") from exc
+        raise UserError(f"{path}: holds Python objects beyond tensors and plain containers, so the "
+                        "safe loader refuses it; if you trust this file, pass --trust-pickle") from exc
+    except (RuntimeError, EOFError, ValueError, OSError, ModuleNotFoundError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from exc
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint for reading, tensors read lazily where the format allows."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file")
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory; give a checkpoint file")
+    fmt = _fmt_of(p)
+    if fmt == "safetensors":
+        return _open_safetensors(p)
+    obj = _torch_load(p, trust_pickle)
+    container_key, sd = _find_state_dict(obj, p)
+    extras: dict[str, Any] = {}
+    if container_key is not None and isinstance(obj, Mapping):
+        extras = {k: v for k, v in obj.items() if k != container_key}
+    ck = Checkpoint(path=p, format="pickle", container_key=container_key, extras=extras)
+    ck._tensors = sd
+    ck.infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in sd.items()}
+    return ck
+
+
+def load_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The flat state dict of a checkpoint file, container unwrapped, keys as stored."""
+    with open_checkpoint(path, trust_pickle=trust_pickle) as ck:
+        return ck.state_dict()
+
+
+def detect_prefixes(keys: Iterable[str]) -> list[str]:
+    """The wrapper prefixes (``model.``, ``ema_model.`` ...) that some key starts with."""
+    keys = list(keys)
+    return [p for p in WRAPPER_PREFIXES if any(k.startswith(p) for k in keys)]
+
+
+def strip_model_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "auto") -> dict[str, torch.Tensor]:
+    """The student network's tensors without their wrapper prefix.
+
+    ``auto`` takes ``model.`` when present (DA training checkpoints also hold ``ema_model.``
+    and ``imnet_model.``), else ``module.``, else keeps keys as they are. An explicit prefix
+    selects the keys under it; ``""`` keeps everything.
+    """
+    if prefix == "auto":
+        found = detect_prefixes(state_dict)
+        prefix = "model." if "model." in found else ("module." if "module." in found else "")
+    if not prefix:
+        return dict(state_dict)
+    out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not out:
+        raise UserError(f"no tensor key starts with {prefix!r}; found prefixes "
+                        f"{detect_prefixes(state_dict) or 'none'}; pass the right --prefix")
+    return out
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, given every tensor's shape and dtype up front.
+
+    The header (names, dtypes, offsets) is written first, then each tensor's bytes in the same
+    order, so a merged model is never held whole in memory.
+    """
+
+    def __init__(self, fh: BinaryIO, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]):
+        self._fh = fh
+        self._order = list(infos)
+        self._infos = dict(infos)
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for key in self._order:
+            info = infos[key]
+            if info.dtype not in _ST_NAMES:
+                raise UserError(f"tensor {key!r} has dtype {info.dtype}, which safetensors output "
+                                "does not support here; write a .pth file instead")
+            nbytes = info.numel * torch.empty((), dtype=info.dtype).element_size()
+            header[key] = {"dtype": _ST_NAMES[info.dtype], "shape": list(info.shape),
+                           "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        self._next = 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; keys must come in the order given to the constructor."""
+        expected = self._order[self._next]
+        if key != expected:
+            raise RuntimeError(f"safetensors writer expected {expected!r}, got {key!r}")
+        info = self._infos[key]
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise RuntimeError(f"{key}: got {tuple(tensor.shape)} {tensor.dtype}, announced "
+                               f"{info.shape} {info.dtype}")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if flat.numel():
+            self._fh.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def finish(self) -> None:
+        """Check that every announced tensor was written."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"safetensors writer: {len(self._order) - self._next} tensors missing")
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """'safetensors' or 'pickle', from the output file name."""
+    return _fmt_of(Path(path))
+
+
+def build_container(state_dict: Mapping[str, torch.Tensor], *, template: Checkpoint | None,
+                    record: Mapping[str, Any] | None) -> Any:
+    """The object to pickle: the template's container (optimizer dropped, record added to meta).
+
+    A template that was a bare state dict (or safetensors) gives an mmseg container
+    ``{'meta': ..., 'state_dict': ...}`` when there is a record to keep, else a bare dict.
+    """
+    sd = dict(state_dict)
+    if template is None or template.container_key is None:
+        if record is None:
+            return sd
+        return {"meta": {"domainmerge": dict(record)}, "state_dict": sd}
+    out: dict[str, Any] = {k: v for k, v in template.extras.items() if k not in DROPPED_ENTRIES}
+    if record is not None:
+        meta = out.get("meta")
+        meta = dict(meta) if isinstance(meta, Mapping) else ({} if meta is None else {"original": meta})
+        meta["domainmerge"] = dict(record)
+        out["meta"] = meta
+    out[template.container_key] = sd
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor], *,
+                    template: Checkpoint | None = None, record: Mapping[str, Any] | None = None,
+                    meta: Mapping[str, Any] | None = None, container: str = "auto",
+                    force: bool = False, inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """Write a state dict atomically; the format follows the file name.
+
+    ``template``: the checkpoint whose container to reuse. ``record``: the merge record, put in
+    ``meta['domainmerge']`` or the safetensors metadata. ``container='mmseg'`` with ``meta``
+    writes ``{'meta': meta, 'state_dict': ...}`` (what DA training code writes); ``'plain'``
+    writes the bare state dict.
+    """
+    from domainmerge.fsutil import check_output_path
+
+    out = check_output_path(path, force=force, inputs=inputs)
+    fmt = output_format(out)
+    with atomic_path(out) as tmp:
+        if fmt == "safetensors":
+            metadata = dict(template.metadata) if template is not None else {}
+            metadata.setdefault("format", "pt")
+            if record is not None:
+                metadata["domainmerge"] = json.dumps(record, default=str)
+            if meta is not None:
+                metadata["meta"] = json.dumps(meta, default=str)
+            infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state_dict.items()}
+            with open(tmp, "wb") as fh:
+                writer = SafetensorsWriter(fh, infos, metadata)
+                for k, v in state_dict.items():
+                    writer.write(k, v)
+                writer.finish()
+        else:
+            if container == "mmseg" or (container == "auto" and meta is not None and template is None):
+                obj: Any = {"meta": dict(meta or {}), "state_dict": dict(state_dict)}
+                if record is not None:
+                    obj["meta"]["domainmerge"] = dict(record)
+            elif container == "plain":
+                obj = dict(state_dict)
+            else:
+                obj = build_container(state_dict, template=template, record=record)
+            torch.save(obj, tmp)
+    return out

@@ -1,0 +1,287 @@
+"""The merge engine: check the inputs agree, give every key a rule, stream tensors through it.
+
+Inputs are *sources* (opened checkpoints or in-memory state dicts) read one tensor at a time,
+so merging K large checkpoints holds a handful of tensors, not K models.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from domainmerge.errors import UserError
+from domainmerge.merging.buffers import gaussian_pool, mixture_proportions, pooled_count
+from domainmerge.merging.parameters import normalise_weights, weighted_average
+from domainmerge.merging.roles import COUNT_SUFFIX, MEAN_SUFFIX, VAR_SUFFIX, Role, assign_roles, layer_of, \
+    under_prefix
+
+BUFFER_RULES = ("gaussian", "mean", "first")
+
+
+class Source(Protocol):
+    """Anything with named tensors readable one at a time (a Checkpoint, a DictSource)."""
+
+    def keys(self) -> list[str]: ...
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class DictSource:
+    """A state dict seen as a source."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], name: str = "<state dict>"):
+        self._sd = state_dict
+        self.path = name
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._sd[key]
+
+
+@dataclass
+class MergeOptions:
+    """How to merge. ``weights``/``counts`` have one entry per input (None: uniform / stored)."""
+
+    weights: Sequence[float] | None = None
+    buffers: str = "gaussian"
+    counts: Sequence[float] | None = None
+    keep_heads: str | None = None
+    only: str | None = None
+    allow_missing: bool = False
+    check_finite: bool = True
+
+
+@dataclass
+class MergePlan:
+    """Every key of the output with its rule, decided before any data is read."""
+
+    keys: list[str]
+    roles: dict[str, Role]
+    merged: dict[str, bool]          # False: copied (outside --only) or per-model (heads)
+    per_model: dict[str, bool]       # True: each output keeps its own model's tensor (heads)
+    holders: dict[str, list[int]]    # which inputs hold the key
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    weights: list[float]
+    options: MergeOptions
+    stats: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.weights) if self.options.keep_heads else 1
+
+
+def _name(src: object, i: int) -> str:
+    return str(getattr(src, "path", f"input {i + 1}"))
+
+
+def _infos(src: Source) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    infos = getattr(src, "infos", None)
+    if infos is not None:
+        return {k: (tuple(v.shape), v.dtype) for k, v in infos.items()}
+    return {k: (tuple(src.get(k).shape), src.get(k).dtype) for k in src.keys()}
+
+
+def _examples(keys: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in list(keys)[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def plan_merge(sources: Sequence[Source], options: MergeOptions) -> MergePlan:
+    """Check that the inputs can be merged and decide the rule for every key."""
+    if not sources:
+        raise UserError("no inputs to merge")
+    if options.buffers not in BUFFER_RULES:
+        raise UserError(f"unknown buffer rule {options.buffers!r}; use one of {', '.join(BUFFER_RULES)}")
+    try:
+        weights = normalise_weights(options.weights, len(sources))
+    except ValueError as exc:
+        raise UserError(f"--weights: {exc}") from exc
+    if options.counts is not None:
+        if len(options.counts) != len(sources):
+            raise UserError(f"--counts: got {len(options.counts)} counts for {len(sources)} models")
+        if any(c < 0 for c in options.counts):
+            raise UserError(f"--counts: counts must be non-negative, got {list(options.counts)}")
+    infos = [_infos(s) for s in sources]
+    first = infos[0]
+    order = list(first) + [k for info in infos[1:] for k in info if k not in first]
+    order = list(dict.fromkeys(order))
+    if not options.allow_missing:
+        for i, info in enumerate(infos[1:], start=1):
+            missing = [k for k in first if k not in info]
+            extra = [k for k in info if k not in first]
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"lacks {len(missing)} keys of {_name(sources[0], 0)} ({_examples(missing)})")
+                if extra:
+                    parts.append(f"has {len(extra)} keys {_name(sources[0], 0)} lacks ({_examples(extra)})")
+                raise UserError(f"{_name(sources[i], i)}: {'; '.join(parts)}; pass --allow-missing to merge "
+                                "the shared keys and copy the rest")
+    holders = {k: [i for i, info in enumerate(infos) if k in info] for k in order}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for k in order:
+        h0 = holders[k][0]
+        shapes[k], dtypes[k] = infos[h0][k]
+        for i in holders[k][1:]:
+            shape, dtype = infos[i][k]
+            if shape != shapes[k]:
+                raise UserError(f"key {k!r}: shape {list(shapes[k])} in {_name(sources[h0], h0)} but "
+                                f"{list(shape)} in {_name(sources[i], i)}; the models have different "
+                                "architectures and cannot be merged")
+            if dtype.is_floating_point != dtypes[k].is_floating_point:
+                raise UserError(f"key {k!r}: dtype {dtypes[k]} in {_name(sources[h0], h0)} but {dtype} "
+                                f"in {_name(sources[i], i)}; convert one of them")
+    roles = assign_roles(dtypes)
+    merged, per_model = {}, {}
+    for k in order:
+        head = bool(options.keep_heads) and under_prefix(k, options.keep_heads or "")
+        outside = bool(options.only) and not under_prefix(k, options.only or "")
+        shared = len(holders[k]) == len(sources)
+        per_model[k] = head
+        merged[k] = shared and not head and not outside
+    if options.keep_heads and not any(per_model.values()):
+        raise UserError(f"--keep-heads {options.keep_heads!r}: no key lies under this prefix; "
+                        "check the head's prefix with `domainmerge inspect`")
+    if options.only and not any(under_prefix(k, options.only) for k in order):
+        raise UserError(f"--only {options.only!r}: no key lies under this prefix; "
+                        "check the prefixes with `domainmerge inspect`")
+    return MergePlan(order, roles, merged, per_model, holders, shapes, dtypes, weights, options)
+
+
+class _Reader:
+    """Reads tensors from the sources, checking floating tensors are finite."""
+
+    def __init__(self, sources: Sequence[Source], check_finite: bool):
+        self.sources = sources
+        self.check_finite = check_finite
+
+    def get(self, i: int, key: str) -> torch.Tensor:
+        t = self.sources[i].get(key)
+        if self.check_finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{_name(self.sources[i], i)}: tensor {key!r} holds NaN or infinite values; "
+                            "the checkpoint is damaged or diverged")
+        return t
+
+    def counter(self, i: int, layer: str) -> int | None:
+        key = f"{layer}.{COUNT_SUFFIX}" if layer else COUNT_SUFFIX
+        if key not in self.sources[i].keys():
+            return None
+        return int(self.sources[i].get(key).item())
+
+
+def _bn_pair(plan: MergePlan, reader: _Reader, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged (running_mean, running_var) of one BatchNorm layer under the plan's buffer rule."""
+    pre = f"{layer}." if layer else ""
+    mean_key, var_key = pre + MEAN_SUFFIX, pre + VAR_SUFFIX
+    idx = plan.holders[mean_key]
+    w = [plan.weights[i] for i in idx]
+    means = [reader.get(i, mean_key) for i in idx]
+    variances = [reader.get(i, var_key) for i in idx]
+    rule = plan.options.buffers
+    if rule == "first":
+        return means[0].clone(), variances[0].clone()
+    if rule == "mean":
+        return weighted_average(means, w), weighted_average(variances, w)
+    if plan.options.counts is not None:
+        counts: list[float] | None = [float(plan.options.counts[i]) for i in idx]
+    else:
+        stored = [reader.counter(i, layer) for i in idx]
+        counts = None if any(c is None for c in stored) else [float(c or 0) for c in stored]
+    return gaussian_pool(means, variances, mixture_proportions(w, counts))
+
+
+def _merge_key(plan: MergePlan, reader: _Reader, key: str,
+               bn_cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    role = plan.roles[key]
+    idx = plan.holders[key]
+    w = [plan.weights[i] for i in idx]
+    if role in (Role.BN_MEAN, Role.BN_VAR):
+        if key not in bn_cache:
+            layer = layer_of(key)
+            mean, var = _bn_pair(plan, reader, layer)
+            pre = f"{layer}." if layer else ""
+            bn_cache[pre + MEAN_SUFFIX], bn_cache[pre + VAR_SUFFIX] = mean, var
+            plan.stats["bn_layers"] += 1
+        return bn_cache.pop(key)
+    if role == Role.PARAM:
+        return weighted_average([reader.get(i, key) for i in idx], w)
+    if role == Role.COUNTER and plan.options.buffers != "first":
+        values = [int(reader.get(i, key).item()) for i in idx]
+        first = reader.get(idx[0], key)
+        if plan.options.counts is not None and plan.options.buffers == "gaussian":
+            values = [int(plan.options.counts[i]) for i in idx]
+        if plan.options.buffers == "gaussian":
+            n = pooled_count(values, w)
+        else:
+            n = round(sum(v * x for v, x in zip(values, w)) / sum(w))
+        return torch.full_like(first, n)
+    return reader.get(idx[0], key).clone()
+
+
+def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """Yield (key, tensors) in the plan's order: one tensor per output (all equal unless the key
+    is a kept head, where output k gets model k's own tensor)."""
+    reader = _Reader(sources, plan.options.check_finite)
+    bn_cache: dict[str, torch.Tensor] = {}
+    n_out = plan.n_outputs
+    for key in plan.keys:
+        if plan.per_model[key]:
+            own = [reader.get(i if i in plan.holders[key] else plan.holders[key][0], key).clone()
+                   for i in range(n_out)]
+            plan.stats["head (kept per model)"] += 1
+            yield key, own
+            continue
+        if plan.merged[key]:
+            tensor = _merge_key(plan, reader, key, bn_cache)
+            plan.stats[plan.roles[key].value] += 1
+        else:
+            tensor = reader.get(plan.holders[key][0], key).clone()
+            plan.stats["copied from first"] += 1
+        yield key, [tensor] * n_out
+
+
+def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None,
+                      buffers: str = "gaussian", counts: Sequence[float] | None = None,
+                      **options: object) -> dict[str, torch.Tensor]:
+    """Merge state dicts in memory with the paper's rules (see :class:`MergeOptions`).
+
+    Parameters are averaged with ``weights`` (uniform by default); BatchNorm running statistics
+    follow ``buffers``: 'gaussian' (pooled Gaussians weighted by num_batches_tracked or
+    ``counts``), 'mean' or 'first'.
+    """
+    if options.get("keep_heads"):
+        raise ValueError("merge_state_dicts returns one model; use merge_state_dicts_per_head")
+    sources = [DictSource(sd, f"input {i + 1}") for i, sd in enumerate(state_dicts)]
+    opts = MergeOptions(weights=weights, buffers=buffers, counts=counts, **options)  # type: ignore[arg-type]
+    plan = plan_merge(sources, opts)
+    return {k: ts[0] for k, ts in iter_merged(sources, plan)}
+
+
+def merge_state_dicts_per_head(state_dicts: Sequence[Mapping[str, torch.Tensor]], keep_heads: str,
+                               weights: Sequence[float] | None = None, buffers: str = "gaussian",
+                               counts: Sequence[float] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Backbone-only merging (the paper's dagger variant): one model per input, each with the
+    merged tensors outside ``keep_heads`` and its own tensors under it."""
+    sources = [DictSource(sd, f"input {i + 1}") for i, sd in enumerate(state_dicts)]
+    plan = plan_merge(sources, MergeOptions(weights=weights, buffers=buffers, counts=counts,
+                                            keep_heads=keep_heads))
+    outs: list[dict[str, torch.Tensor]] = [{} for _ in state_dicts]
+    for key, tensors in iter_merged(sources, plan):
+        for out, t in zip(outs, tensors):
+            out[key] = t
+    return outs
+
+
+def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float,
+                buffers: str = "gaussian") -> dict[str, torch.Tensor]:
+    """(1 - lam) * a + lam * b with the merge rules; lam = 0 gives a, lam = 1 gives b."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    return merge_state_dicts([a, b], weights=[1.0 - lam, lam], buffers=buffers)

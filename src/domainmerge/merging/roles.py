@@ -1,0 +1,65 @@
+"""Which rule merges which tensor: a role per key, from its name and dtype."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+
+import torch
+
+MEAN_SUFFIX = "running_mean"
+VAR_SUFFIX = "running_var"
+COUNT_SUFFIX = "num_batches_tracked"
+
+
+class Role(enum.Enum):
+    """How a tensor is merged."""
+
+    PARAM = "parameter"        # floating tensor: weighted average
+    BN_MEAN = "bn_mean"        # BatchNorm running_mean: buffer rule
+    BN_VAR = "bn_var"          # BatchNorm running_var: buffer rule
+    COUNTER = "counter"        # num_batches_tracked: summed (gaussian), averaged or first
+    KEEP = "keep"              # other integer/bool tensors: copied from the first model
+
+
+def layer_of(key: str) -> str:
+    """The module path of a tensor key: 'backbone.bn1.running_mean' -> 'backbone.bn1'."""
+    return key.rpartition(".")[0]
+
+
+def assign_roles(dtypes: Mapping[str, torch.dtype]) -> dict[str, Role]:
+    """A role for every key.
+
+    BatchNorm statistics are the ``running_mean``/``running_var`` pairs of a layer (any BN or
+    SyncBN: the pair is what marks it); a lone ``running_mean`` without its ``running_var`` is
+    treated as a parameter. ``num_batches_tracked`` is the layer's sample count; other integer
+    and boolean tensors (index tables, masks) are kept from the first model.
+    """
+    keys = set(dtypes)
+    roles: dict[str, Role] = {}
+    for key, dtype in dtypes.items():
+        layer, _, leaf = key.rpartition(".")
+        prefix = f"{layer}." if layer else ""
+        paired = f"{prefix}{MEAN_SUFFIX}" in keys and f"{prefix}{VAR_SUFFIX}" in keys
+        if leaf == COUNT_SUFFIX:
+            roles[key] = Role.COUNTER
+        elif not (dtype.is_floating_point or dtype.is_complex):
+            roles[key] = Role.KEEP
+        elif leaf == MEAN_SUFFIX and paired:
+            roles[key] = Role.BN_MEAN
+        elif leaf == VAR_SUFFIX and paired:
+            roles[key] = Role.BN_VAR
+        else:
+            roles[key] = Role.PARAM
+    return roles
+
+
+def under_prefix(key: str, prefix: str, wrappers: Iterable[str] = ("model.", "ema_model.",
+                                                                  "imnet_model.", "module.")) -> bool:
+    """Whether ``key`` lies under ``prefix``, directly or inside a wrapper such as ``model.``.
+
+    So ``--keep-heads decode_head.`` matches 'decode_head.x' and 'model.decode_head.x' alike.
+    """
+    if key.startswith(prefix):
+        return True
+    return any(key.startswith(w) and key[len(w):].startswith(prefix) for w in wrappers)
