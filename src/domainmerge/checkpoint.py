@@ -313,10 +313,13 @@ def build_container(state_dict: Mapping[str, torch.Tensor], *, template: Checkpo
                     record: Mapping[str, Any] | None) -> Any:
     """The object to pickle: the template's container (optimizer dropped, record added to meta).
 
-    A template that was a bare state dict (or safetensors) gives an mmseg container
-    ``{'meta': ..., 'state_dict': ...}`` when there is a record to keep, else a bare dict.
+    A template that was a bare state dict stays bare (its users load it with
+    ``model.load_state_dict(torch.load(f))``; there is no meta to hold the record). Without a
+    template (or from safetensors), a record gives an mmseg container ``{'meta', 'state_dict'}``.
     """
     sd = dict(state_dict)
+    if template is not None and template.format == "pickle" and template.container_key is None:
+        return sd
     if template is None or template.container_key is None:
         if record is None:
             return sd
