@@ -109,7 +109,7 @@ class Checkpoint:
     _tensors: Mapping[str, torch.Tensor] | None = None
     _st_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
     _st_data_start: int = 0
-    _fh: BinaryIO | None = None
+    _fh: Any = None
 
     def keys(self) -> list[str]:
         """Tensor names in stored order."""
@@ -136,7 +136,7 @@ class Checkpoint:
             self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
         buf = torch.empty(end - begin, dtype=torch.uint8)
         self._fh.seek(self._st_data_start + begin)
-        if end > begin and self._fh.readinto(memoryview(buf.numpy())) != end - begin:
+        if end > begin and self._fh.readinto(buf.numpy().data) != end - begin:
             raise UserError(f"{self.path}: truncated data for tensor {key!r}; the file is damaged")
         return buf.view(info.dtype).reshape(info.shape)
 
@@ -295,7 +295,7 @@ class SafetensorsWriter:
                                f"{info.shape} {info.dtype}")
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if flat.numel():
-            self._fh.write(memoryview(flat.view(torch.uint8).numpy()))
+            self._fh.write(flat.view(torch.uint8).numpy().data)
         self._next += 1
 
     def finish(self) -> None:

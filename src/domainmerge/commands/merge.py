@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         for path in args.inputs:
             checkpoints.append(stack.enter_context(open_checkpoint(path, trust_pickle=args.trust_pickle)))
         sources: list[Any] = list(checkpoints)
-        align_report = None
+        align_report: dict[str, Any] = {}
         if args.align:
             from domainmerge.alignment.matching import align_state_dicts
 
@@ -156,12 +156,10 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(f'{w:.3g}' for w in plan.weights)}; buffers: {args.buffers}")
         print(f"tensors: {roles}")
         print(f"BatchNorm layers merged: {plan.stats.get('bn_layers', 0)}")
-        if align_report is not None:
+        if align_report:
             for name, report in align_report.items():
-                fractions = [v for v in report.values() if isinstance(v, float)]
-                if fractions:
-                    print(f"aligned {name}: mean identity fraction {sum(fractions) / len(fractions):.3f} "
-                          f"over {len(fractions)} permutations")
+                print(f"aligned {name} to {Path(args.inputs[0]).name}: {report.overall:.1%} of units kept "
+                      f"in place over {len(report.sizes)} permutations ({report.seconds:.1f} s)")
         for out in outputs:
             print(f"wrote {out} ({_human(out.stat().st_size)})")
         print(f"time: {elapsed:.2f} s")

@@ -16,8 +16,7 @@ import torch
 from domainmerge.errors import UserError
 from domainmerge.merging.buffers import gaussian_pool, mixture_proportions, pooled_count
 from domainmerge.merging.parameters import normalise_weights, weighted_average
-from domainmerge.merging.roles import COUNT_SUFFIX, MEAN_SUFFIX, VAR_SUFFIX, Role, assign_roles, layer_of, \
-    under_prefix
+from domainmerge.merging.roles import COUNT_SUFFIX, MEAN_SUFFIX, VAR_SUFFIX, Role, assign_roles, layer_of, under_prefix
 
 BUFFER_RULES = ("gaussian", "mean", "first")
 
