@@ -18,6 +18,8 @@ from domainmerge.errors import UserError
 COMMANDS = [
     "merge",
     "inspect",
+    "score",
+    "convert_labels",
 ]
 
 

@@ -1,1 +1,19 @@
-"""domainmerge.data."""
+"""domainmerge.data: dataset readers, label-id tables and the 19-class protocol's constants."""
+
+from domainmerge.data.classes import CLASSES, IGNORE_INDEX, MEAN, NUM_CLASSES, PALETTE, STD
+from domainmerge.data.readers import (
+    LAYOUTS,
+    PairedFolderDataset,
+    build_dataset,
+    dataset_kinds,
+    folder_dataset,
+    load_image,
+    load_label,
+    register_dataset,
+)
+
+__all__ = [
+    "CLASSES", "IGNORE_INDEX", "LAYOUTS", "MEAN", "NUM_CLASSES", "PALETTE", "STD",
+    "PairedFolderDataset", "build_dataset", "dataset_kinds", "folder_dataset", "load_image",
+    "load_label", "register_dataset",
+]
