@@ -1,0 +1,88 @@
+"""HRDA's multi-resolution network for inference (keys ``decode_head.head.*`` and
+``decode_head.scale_attention.*``; the wrapper itself holds no ``conv_seg``).
+
+A low-resolution *context* view of the whole input (scaled by ``lr_scale``, 0.5 in HRDA)
+gives context logits and a per-class scale attention ``a = sigmoid(scale_attention(.))``; the
+full-resolution *detail* logits come from overlapping crops (``hr_crop_size``, stride half the
+crop) run through the same backbone and head and averaged where crops overlap. The output is
+``a * detail + (1 - a) * context`` with both attention and context upsampled to the detail grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class HRDAHead(nn.Module):
+    """Container for the shared segmentation head and the scale-attention head."""
+
+    def __init__(self, head: nn.Module, scale_attention: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.scale_attention = scale_attention
+
+
+def crop_boxes(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int,
+                                                                                                       int, int]]:
+    """Sliding-window boxes (y1, y2, x1, x2) covering an image, as mmseg/HRDA place them: a
+    regular grid with the last window shifted back to end at the border; windows larger than
+    the image are clipped to it."""
+    ch, cw = crop
+    sh, sw = stride
+    rows = max(height - ch + sh - 1, 0) // sh + 1
+    cols = max(width - cw + sw - 1, 0) // sw + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
+            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return boxes
+
+
+class HRDAEncoderDecoder(nn.Module):
+    """Backbone plus :class:`HRDAHead`; ``forward`` returns fused logits on the detail grid
+    (about a quarter of the input size for the DAFormer head)."""
+
+    def __init__(self, backbone: nn.Module, decode_head: HRDAHead, *, lr_scale: float = 0.5,
+                 hr_crop_size: tuple[int, int] = (512, 512), hr_overlap: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.lr_scale = lr_scale
+        self.hr_crop_size = tuple(hr_crop_size)
+        self.hr_overlap = hr_overlap
+
+    def _detail(self, x: Tensor) -> Tensor:
+        """Detail logits from (overlapping) crops, pasted onto one grid and averaged."""
+        n, _, height, width = x.shape
+        crop = (min(self.hr_crop_size[0], height), min(self.hr_crop_size[1], width))
+        stride = (crop[0] // 2, crop[1] // 2) if self.hr_overlap else crop
+        boxes = crop_boxes(height, width, crop, stride)
+        # All crops go through the network as one batch, as HRDA's batched slide does.
+        logits = self.decode_head.head(self.backbone(torch.cat([x[:, :, y1:y2, x1:x2]
+                                                                 for y1, y2, x1, x2 in boxes])))
+        oh, ow = logits.shape[2:]
+        # Output stride of the head, from the first crop (HRDA hard-codes 4 or 8).
+        sy, sx = crop[0] / oh, crop[1] / ow
+        placed = [(round(y1 / sy), round(x1 / sx)) for y1, _, x1, _ in boxes]
+        grid_h = max(py + oh for py, _ in placed)
+        grid_w = max(px + ow for _, px in placed)
+        total = logits.new_zeros(n, logits.shape[1], grid_h, grid_w)
+        count = logits.new_zeros(1, 1, grid_h, grid_w)
+        for k, (py, px) in enumerate(placed):
+            total[:, :, py:py + oh, px:px + ow] += logits[k * n:(k + 1) * n]
+            count[:, :, py:py + oh, px:px + ow] += 1
+        return total / count
+
+    def forward(self, x: Tensor) -> Tensor:
+        lr = F.interpolate(x, scale_factor=self.lr_scale, mode="bilinear", align_corners=False)
+        lr_feats = self.backbone(lr)
+        context = self.decode_head.head(lr_feats)
+        att = torch.sigmoid(self.decode_head.scale_attention(lr_feats))
+        detail = self._detail(x)
+        size = detail.shape[2:]
+        context = F.interpolate((1 - att) * context, size=size, mode="bilinear", align_corners=False)
+        att = F.interpolate(att, size=size, mode="bilinear", align_corners=False)
+        return att * detail + context

@@ -1,0 +1,157 @@
+"""Mix Transformer (MiT, SegFormer's encoder) with the key names DAFormer/HRDA checkpoints hold.
+
+Keys: ``patch_embed{1..4}.proj/norm``, ``block{1..4}.{j}.norm1/attn.{q,kv,proj,sr,norm}/norm2/
+mlp.{fc1,dwconv.dwconv,fc2}``, ``norm{1..4}``. Stochastic depth and dropout are training
+regularisers with no parameters; they are omitted (identity), which is exact at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv over the token grid (key ``dwconv``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        n, _, c = x.shape
+        y = self.dwconv(x.transpose(1, 2).reshape(n, c, h, w))
+        return y.flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    """Mix-FFN: fc1, depthwise conv, GELU, fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        return self.fc2(self.act(self.dwconv(self.fc1(x), h, w)))
+
+
+class Attention(nn.Module):
+    """Efficient self-attention: keys/values from a grid reduced by a strided conv ``sr``."""
+
+    def __init__(self, dim: int, num_heads: int, *, sr_ratio: int = 1, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"MiT attention: dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        n, t, c = x.shape
+        heads = self.num_heads
+        q = self.q(x).reshape(n, t, heads, c // heads).transpose(1, 2)
+        src = x
+        if self.sr_ratio > 1:
+            grid = x.transpose(1, 2).reshape(n, c, h, w)
+            src = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
+        kv = self.kv(src).reshape(n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, kv[0], kv[1])
+        return self.proj(y.transpose(1, 2).reshape(n, t, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-6 as in mit_b0..b5)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, sr_ratio: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        x = x + self.attn(self.norm1(x), h, w)
+        return x + self.mlp(self.norm2(x), h, w)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv patch embedding with overlapping windows, then LayerNorm (eps 1e-5)."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int, stride: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, patch, stride=stride, padding=patch // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
+        x = self.proj(x)
+        h, w = x.shape[2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+
+
+@dataclass(frozen=True)
+class MiTConfig:
+    """Widths and depths of a Mix Transformer; heads are (1, 2, 5, 8) in every SegFormer size."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 320, 512)
+    depths: tuple[int, ...] = (3, 6, 40, 3)
+    num_heads: tuple[int, ...] = (1, 2, 5, 8)
+    mlp_ratios: tuple[int, ...] = (4, 4, 4, 4)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    qkv_bias: bool = True
+
+
+MIT_SIZES = {
+    "b0": MiTConfig(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+    "b1": MiTConfig(depths=(2, 2, 2, 2)),
+    "b2": MiTConfig(depths=(3, 4, 6, 3)),
+    "b3": MiTConfig(depths=(3, 4, 18, 3)),
+    "b4": MiTConfig(depths=(3, 8, 27, 3)),
+    "b5": MiTConfig(depths=(3, 6, 40, 3)),
+}
+
+
+class MixVisionTransformer(nn.Module):
+    """MiT encoder returning four feature maps at strides 4, 8, 16, 32."""
+
+    def __init__(self, cfg: MiTConfig = MIT_SIZES["b5"]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dims = cfg.embed_dims
+        self.out_channels = list(dims)
+        for i in range(4):
+            in_ch = 3 if i == 0 else dims[i - 1]
+            patch, stride = (7, 4) if i == 0 else (3, 2)
+            self.add_module(f"patch_embed{i + 1}", OverlapPatchEmbed(in_ch, dims[i], patch, stride))
+            self.add_module(f"block{i + 1}", nn.ModuleList(
+                Block(dims[i], cfg.num_heads[i], cfg.mlp_ratios[i], cfg.sr_ratios[i], cfg.qkv_bias)
+                for _ in range(cfg.depths[i])))
+            self.add_module(f"norm{i + 1}", nn.LayerNorm(dims[i], eps=1e-6))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        n = x.shape[0]
+        outs = []
+        for i in range(1, 5):
+            x, h, w = getattr(self, f"patch_embed{i}")(x)
+            for blk in getattr(self, f"block{i}"):
+                x = blk(x, h, w)
+            x = getattr(self, f"norm{i}")(x)
+            x = x.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+            outs.append(x)
+        return outs
+
+
+def mit(size: str) -> MixVisionTransformer:
+    """MiT-B0 ... MiT-B5 by name ('b0' .. 'b5')."""
+    if size not in MIT_SIZES:
+        raise ValueError(f"unknown MiT size {size!r}; use one of {sorted(MIT_SIZES)}")
+    return MixVisionTransformer(MIT_SIZES[size])
