@@ -1,0 +1,185 @@
+"""Networks against their reference layouts (tests/manifests, written from the mmseg/DAFormer/HRDA
+source by tests/manifests/make_manifests.py), the parameter counts the issue states, detection and
+loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from domainmerge.checkpoint import strip_model_prefix
+from domainmerge.errors import UserError
+from domainmerge.models import ARCHS, build_model, detect_arch, get_spec, model_from_state_dict
+
+MANIFESTS = Path(__file__).parent / "manifests"
+NAMES = sorted(p.stem for p in MANIFESTS.glob("*.json"))
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+# Parameter counts (no prefix, BN buffers aside) from the issue.
+FACTS = {"daformer_mitb5": 85_155_283, "hrda_mitb5": 85_685_990,
+         "daformer_r101": 46_952_563, "hrda_r101": 48_204_166}
+
+
+def manifest(name: str) -> dict[str, list[int]]:
+    return json.loads((MANIFESTS / f"{name}.json").read_text())
+
+
+def meta_state_dict(layout: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """A state dict of the manifest's shapes without allocating memory."""
+    return {k: torch.empty(s, device="meta", dtype=torch.int64 if k.endswith("num_batches_tracked") else None)
+            for k, s in layout.items()}
+
+
+def test_manifests_cover_the_main_architectures():
+    assert {"daformer_mitb5", "hrda_mitb5", "daformer_r101", "hrda_r101", "deeplabv2_r101",
+            "tiny_daformer_r", "tiny_daformer_mit"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_equals_manifest(name):
+    with torch.device("meta"):
+        model = build_model(name)
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == manifest(name)
+
+
+@pytest.mark.parametrize("name", sorted(FACTS))
+def test_parameter_counts_match_the_facts(name):
+    with torch.device("meta"):
+        model = build_model(name)
+    assert sum(p.numel() for p in model.parameters()) == FACTS[name]
+    # The manifest (independent of the code) agrees too.
+    layout = manifest(name)
+    n = 0
+    for key, shape in layout.items():
+        if not key.endswith(BUFFERS):
+            n += int(torch.Size(shape).numel())
+    assert n == FACTS[name]
+
+
+def test_hrda_has_no_wrapper_conv_seg_and_a_19_way_conv_attention():
+    layout = manifest("hrda_mitb5")
+    assert "decode_head.conv_seg.weight" not in layout
+    assert layout["decode_head.scale_attention.conv_seg.weight"] == [19, 256, 1, 1]
+    assert layout["decode_head.scale_attention.fuse_layer.conv.weight"] == [256, 1024, 1, 1]
+    assert not any(k.startswith("decode_head.scale_attention.fuse_layer.aspp") for k in layout)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_detect_arch_on_manifest(name):
+    spec = detect_arch(meta_state_dict(manifest(name)))
+    assert spec.arch == name
+    assert spec.num_classes == 19
+
+
+def test_detect_arch_reads_class_count_and_custom_widths():
+    ref = get_spec("tiny_daformer_r", num_classes=7, stage_blocks=(2, 1, 3, 1), base_channels=4, stem_channels=8,
+                   head_embed_dims=24, head_channels=40)
+    sd = ref.build().state_dict()
+    spec = detect_arch(sd)
+    assert spec.arch == "custom"
+    assert spec.num_classes == 7
+    assert spec.backbone == ref.backbone
+    assert (spec.head_embed_dims, spec.head_channels) == (24, 40)
+    model_from_state_dict(sd)  # loads strictly
+
+    mit = get_spec("tiny_daformer_mit", num_classes=5, embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
+    spec = detect_arch(mit.build().state_dict())
+    assert spec.backbone.embed_dims == (8, 16, 40, 64) and spec.backbone.depths == (2, 1, 1, 2)
+    assert spec.num_classes == 5
+
+
+def training_checkpoint(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layout DA training writes: the network three times under different prefixes."""
+    out = {}
+    for prefix in ("model.", "ema_model.", "imnet_model."):
+        out.update({prefix + k: v.clone() + (0 if prefix == "model." else 1) * v.is_floating_point()
+                    for k, v in sd.items()})
+    return out
+
+
+@pytest.mark.parametrize("arch", ["tiny_daformer_r", "tiny_daformer_mit", "tiny_hrda_r", "tiny_deeplabv2_r"])
+def test_strict_load_after_stripping_model_prefix(arch):
+    torch.manual_seed(0)
+    source = build_model(arch).eval()
+    # Non-trivial BN statistics, so a wrong buffer would change the output.
+    for m in source.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    ckpt = training_checkpoint(source.state_dict())
+    model = model_from_state_dict(strip_model_prefix(ckpt, "auto"))
+    assert not model.training
+    x = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+
+def test_errors_name_what_was_found():
+    sd = build_model("tiny_daformer_r").state_dict()
+    with pytest.raises(UserError, match="prefix"):
+        detect_arch({"model." + k: v for k, v in sd.items()})
+    with pytest.raises(UserError, match="unknown backbone"):
+        detect_arch({"foo.bar": torch.zeros(1)})
+    extra = dict(sd, **{"decode_head.extra.weight": torch.zeros(3)})
+    with pytest.raises(UserError, match="unexpected.*decode_head.extra.weight"):
+        model_from_state_dict(extra)
+    with pytest.raises(UserError, match="does not fit"):
+        model_from_state_dict(sd, arch="tiny_daformer_mit")
+    with pytest.raises(UserError, match="unknown architecture"):
+        build_model("segformer_b9")
+    with pytest.raises(UserError, match="unknown option"):
+        build_model("tiny_daformer_r", hr_crop_size=(8, 8))
+
+
+def test_forward_shapes_and_output_strides():
+    x = torch.randn(2, 3, 64, 128)
+    for arch in ("tiny_daformer_r", "tiny_daformer_mit", "tiny_hrda_r"):
+        assert build_model(arch).eval()(x).shape == (2, 19, 16, 32)
+    assert build_model("tiny_deeplabv2_r").eval()(x).shape == (2, 19, 8, 16)
+    # ResNet at output stride 8 (DeepLab dilations): strides 4, 8, 8, 8.
+    feats = build_model("tiny_daformer_r").backbone(x)
+    assert [tuple(f.shape[2:]) for f in feats] == [(16, 32), (8, 16), (8, 16), (8, 16)]
+    feats = build_model("tiny_daformer_mit").backbone(x)
+    assert [tuple(f.shape[2:]) for f in feats] == [(16, 32), (8, 16), (4, 8), (2, 4)]
+
+
+def test_hrda_fusion_by_hand():
+    """With one detail crop covering the image, HRDA's output is a * detail + (1 - a) * context."""
+    torch.manual_seed(1)
+    model = build_model("tiny_hrda_r", hr_crop_size=(64, 128)).eval()
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        lr_feats = model.backbone(F.interpolate(x, scale_factor=0.5, mode="bilinear"))
+        context = model.decode_head.head(lr_feats)
+        att = torch.sigmoid(model.decode_head.scale_attention(lr_feats))
+        detail = model.decode_head.head(model.backbone(x))
+        size = detail.shape[2:]
+        want = (F.interpolate(att, size=size, mode="bilinear") * detail
+                + F.interpolate((1 - att) * context, size=size, mode="bilinear"))
+        torch.testing.assert_close(model(x), want)
+
+
+def test_hrda_overlapping_crops_average():
+    """Detail logits from overlapping crops equal the per-pixel mean over the crops covering it."""
+    torch.manual_seed(2)
+    model = build_model("tiny_hrda_r", hr_crop_size=(64, 64)).eval()  # crops at x = 0, 32, 64
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        crops = [model.decode_head.head(model.backbone(x[:, :, :, a:a + 64])) for a in (0, 32, 64)]
+        got = model._detail(x)
+    assert got.shape == (1, 19, 16, 32)
+    torch.testing.assert_close(got[..., :8], crops[0][..., :8])
+    torch.testing.assert_close(got[..., 8:16], (crops[0][..., 8:] + crops[1][..., :8]) / 2)
+    torch.testing.assert_close(got[..., 16:24], (crops[1][..., 8:] + crops[2][..., :8]) / 2)
+    torch.testing.assert_close(got[..., 24:], crops[2][..., 8:])
+
+
+def test_registry_names_are_buildable_specs():
+    for name, spec in ARCHS.items():
+        assert spec.arch == name
+        assert name in spec.describe()
