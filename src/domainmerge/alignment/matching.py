@@ -97,6 +97,12 @@ def weight_matching(reference: Mapping[str, Tensor], other: Mapping[str, Tensor]
         terms[p] = [(key, axis, reference[key].float().movedim(axis, 0).reshape(n, -1))
                     for key, axis in pairs if not key.endswith(_STAT_SUFFIXES)]
     others = {key: other[key].float() for key in key_perms}
+    # A permutation's cost matrix depends only on the permutations sharing a tensor with it; if
+    # none of them changed since it was last solved, solving it again cannot improve it.
+    neighbours = {p: {q for key, _ in pairs for q, _ in key_perms[key] if q != p} for p, pairs in spec.axes.items()}
+    changed_at = dict.fromkeys(spec.sizes, 0)
+    solved_at = dict.fromkeys(spec.sizes, -1)
+    step = 0
     rng = np.random.default_rng(seed)
     names = list(spec.sizes)
     rounds = 0
@@ -104,21 +110,26 @@ def weight_matching(reference: Mapping[str, Tensor], other: Mapping[str, Tensor]
         improved = False
         for idx in rng.permutation(len(names)):
             p = names[idx]
+            step += 1
+            if solved_at[p] > max((changed_at[q] for q in neighbours[p]), default=0):
+                continue
+            solved_at[p] = step
             n = spec.sizes[p]
-            cost = torch.zeros(n, n, dtype=torch.float64)
+            cost = torch.zeros(n, n)
             for key, axis, ref_rows in terms[p]:
                 value = others[key]
                 for q, ax in key_perms[key]:
                     if q != p:
                         value = value.index_select(ax, perms[q])
-                cost += (ref_rows @ value.movedim(axis, 0).reshape(n, -1).T).double()
-            c = cost.numpy()
+                cost.addmm_(ref_rows, value.movedim(axis, 0).reshape(n, -1).T)
+            c = cost.double().numpy()
             rows, cols = linear_sum_assignment(c, maximize=True)
             old = c[np.arange(n), perms[p].numpy()].sum()
             new = c[rows, cols].sum()
             # Only a strict gain counts: ties and float noise keep the current (identity-first) choice.
             if new > old + 1e-9 * max(1.0, abs(old)):
                 perms[p] = torch.as_tensor(cols, dtype=torch.long)
+                changed_at[p] = step
                 improved = True
         if not improved:
             break
