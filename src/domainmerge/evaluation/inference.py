@@ -1,0 +1,177 @@
+"""Inference as mmseg-based DA code evaluates: normalisation, whole-image or sliding-window
+logits, resizing to the label before argmax, and a dataset loop sharded over ranks.
+
+- whole: logits of the full image, resized (bilinear) to the image size;
+- slide: windows of ``crop`` every ``stride`` (the last window of a row/column moved back to
+  end at the border), each window's logits resized to the window, summed, and divided by the
+  number of windows covering each pixel.
+Optionally the image is first rescaled like mmseg's ``Resize(img_scale, keep_ratio=True)``;
+the logits are then resized to the label's size before the argmax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from domainmerge.data.classes import MEAN, STD
+from domainmerge.errors import UserError
+from domainmerge.evaluation import distributed
+from domainmerge.evaluation.metrics import SegMetric, SegScores
+from domainmerge.models.hrda import crop_boxes
+
+MODES = ("whole", "slide")
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 RGB images [..., 3, H, W] (0-255) -> float32 ``(x - MEAN) / STD``."""
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.float() - mean) / std
+
+
+def rescale_size(height: int, width: int, img_scale: tuple[int, int] | None) -> tuple[int, int]:
+    """mmseg ``Resize(img_scale=(long, short), keep_ratio=True)``: the largest size with the same
+    aspect ratio whose long edge is at most ``long`` and short edge at most ``short``."""
+    if img_scale is None:
+        return height, width
+    long_edge, short_edge = max(img_scale), min(img_scale)
+    scale = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision for the forward pass: 'fp16'/'bf16' on CUDA (bf16 also on CPU), else off."""
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise UserError(f"--amp {amp}: unknown; use one of {', '.join(AMP_DTYPES)}")
+    if device.type != "cuda" and amp == "fp16":
+        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or no --amp on CPU")
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def _forward(model: nn.Module, x: Tensor, size: Sequence[int], amp: str | None) -> Tensor:
+    """Float32 logits of ``model`` on ``x``, resized (bilinear) to ``size``."""
+    with autocast(x.device, amp):
+        logits = model(x)
+    logits = logits.float()
+    if tuple(logits.shape[2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits
+
+
+def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tuple[int, int], *,
+                 max_batch: int = 1, amp: str | None = None) -> Tensor:
+    """Sliding-window logits [B, C, H, W]: window logits averaged where windows overlap.
+
+    ``max_batch`` bounds how many windows (times images) run through the model at once.
+    """
+    n, _, height, width = x.shape
+    crop = (min(crop[0], height), min(crop[1], width))
+    if stride[0] < 1 or stride[1] < 1:
+        raise UserError(f"--stride {stride}: both values must be positive")
+    boxes = crop_boxes(height, width, crop, stride)
+    total: Tensor | None = None
+    count = x.new_zeros(1, 1, height, width)
+    per_call = max(1, max_batch // n)
+    for start in range(0, len(boxes), per_call):
+        chunk = boxes[start:start + per_call]
+        windows = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        logits = _forward(model, windows, crop, amp)
+        if total is None:
+            total = logits.new_zeros(n, logits.shape[1], height, width)
+        for k, (y1, y2, x1, x2) in enumerate(chunk):
+            total[:, :, y1:y2, x1:x2] += logits[k * n:(k + 1) * n]
+            count[:, :, y1:y2, x1:x2] += 1
+    assert total is not None
+    return total / count
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: Tensor, mode: str = "whole", crop: tuple[int, int] = (1024, 1024),
+            stride: tuple[int, int] = (512, 512), num_classes: int | None = None, *, max_batch: int = 1,
+            amp: str | None = None) -> Tensor:
+    """Logits [B, C, H, W] (float32) at the image's size.
+
+    ``image``: [B, 3, H, W] or [3, H, W]; uint8 is normalised with the dataset MEAN/STD, a
+    float tensor is taken as already normalised. It must be on the model's device.
+    """
+    if mode not in MODES:
+        raise UserError(f"--mode {mode}: unknown; use one of {', '.join(MODES)}")
+    x = image.unsqueeze(0) if image.dim() == 3 else image
+    if not x.is_floating_point():
+        x = normalize(x)
+    if mode == "whole":
+        logits = _forward(model, x, x.shape[2:], amp)
+    else:
+        logits = slide_logits(model, x, tuple(crop), tuple(stride), max_batch=max_batch, amp=amp)  # type: ignore
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise UserError(f"the network predicts {logits.shape[1]} classes, not {num_classes}; "
+                        "set --num-classes to match the checkpoint")
+    return logits
+
+
+Sample = tuple[Tensor, Tensor, str]
+
+
+def _batches(samples: Iterator[Sample], batch_size: int) -> Iterator[list[Sample]]:
+    """Consecutive samples grouped up to ``batch_size``, only images of equal size together."""
+    batch: list[Sample] = []
+    for s in samples:
+        if batch and (len(batch) == batch_size or s[0].shape != batch[0][0].shape
+                      or s[1].shape != batch[0][1].shape):
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop: tuple[int, int] = (1024, 1024),
+                   stride: tuple[int, int] = (512, 512), device: str | torch.device = "cpu", batch_size: int = 1,
+                   num_classes: int = 19, ignore_index: int = 255, img_scale: tuple[int, int] | None = None,
+                   amp: str | None = None, workers: int = 0, progress: bool = True, desc: str = "evaluate",
+                   on_prediction: Callable[[str, Tensor], None] | None = None) -> SegScores:
+    """Scores of ``model`` on ``dataset`` (items ``(image uint8 [3,H,W], label int64 [H,W], name)``).
+
+    Under torch.distributed each rank takes the indices rank, rank + W, ... and the confusion
+    matrices are summed, so every rank returns the scores of the whole dataset.
+    ``on_prediction(name, label_map)`` receives each predicted train-id map (int64, CPU) at
+    label size, e.g. to save it.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    metric = SegMetric(num_classes, ignore_index)
+    shard = distributed.shard_indices(len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(shard)), batch_size=None,
+                                         num_workers=workers)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(shard), desc=desc, unit="img", disable=not progress or not distributed.is_main_process())
+    for batch in _batches(iter(loader), batch_size):
+        images = torch.stack([s[0] for s in batch]).to(dev)
+        labels = torch.stack([s[1] for s in batch]).to(dev)
+        x = normalize(images)
+        size = rescale_size(x.shape[2], x.shape[3], img_scale)
+        if size != tuple(x.shape[2:]):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        logits = predict(model, x, mode, crop, stride, num_classes, max_batch=batch_size, amp=amp)
+        if logits.shape[2:] != labels.shape[1:]:
+            logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+        pred = logits.argmax(dim=1)
+        metric.update(pred, labels)
+        if on_prediction is not None:
+            for (_, _, name), p in zip(batch, pred.cpu()):
+                on_prediction(name, p)
+        bar.update(len(batch))
+    bar.close()
+    return metric.sync().compute()
