@@ -254,3 +254,31 @@ def test_mismatched_architectures_are_refused() -> None:
     b = TorchvisionResNet(widths=(4, 6, 10)).state_dict()
     with pytest.raises(UserError, match="shape"):
         align_state_dicts(a, b)
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+
+def test_align_command_writes_b_permuted_onto_a(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from domainmerge.cli import main
+
+    net = randomised(Segmentor(ResNetV1c(depths=(1, 1))), seed=12)
+    a = {f"model.{k}": v for k, v in net.state_dict().items()}  # DA-training layout, mmseg container
+    spec = spec_from_state_dict(a)
+    b = apply_permutation(a, spec, random_perms(spec.sizes, seed=13))
+    torch.save({"meta": {"iter": 1}, "state_dict": a}, tmp_path / "a.pth")
+    torch.save({"meta": {"iter": 2}, "state_dict": b}, tmp_path / "b.pth")
+    out, report = tmp_path / "b_aligned.pth", tmp_path / "report.json"
+    assert main(["align", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), "-o", str(out),
+                 "--json", str(report)]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["meta"]["iter"] == 2  # B's container kept
+    for key in a:
+        torch.testing.assert_close(saved["state_dict"][key], a[key], rtol=0, atol=0)
+    data = json.loads(report.read_text())
+    assert data["prefix"] == "model.backbone." and len(data["permutations"]) == len(spec.sizes)
+    assert "| permutation" in capsys.readouterr().out
+    # Existing output without --force is a user error (exit 2), not a traceback.
+    assert main(["align", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), "-o", str(out)]) == 2
