@@ -128,10 +128,18 @@ def conv_stack() -> nn.Module:
                          nn.Conv2d(5, 2, 1))
 
 
+def project_model(arch: str) -> nn.Module:
+    from domainmerge.models import build_model
+
+    return build_model(arch, num_classes=5)
+
+
 BUILDERS = {
     "resnetv1c+head": lambda: Segmentor(ResNetV1c()),
     "torchvision-resnet": TorchvisionResNet,
     "conv-stack": conv_stack,
+    "tiny_daformer_r": lambda: project_model("tiny_daformer_r"),  # the model package's networks
+    "tiny_hrda_r": lambda: project_model("tiny_hrda_r"),
 }
 
 
@@ -145,7 +153,8 @@ def randomised(model: nn.Module, seed: int) -> nn.Module:
             elif name.endswith("num_batches_tracked"):
                 t.fill_(7)
             elif t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=gen) * (0.5 if t.ndim > 1 else 1.0))
+                fan_in = t[0].numel() if t.ndim > 1 else 1  # keeps activations O(1) through depth
+                t.copy_(torch.randn(t.shape, generator=gen) * fan_in ** -0.5)
     return model.eval()
 
 
