@@ -133,6 +133,22 @@ def _mismatch(model: nn.Module, sd: Mapping[str, Tensor]) -> str:
     return "; ".join(parts)
 
 
+def resolve_spec(state_dict: Mapping[str, Tensor], arch: str = "auto", **config: Any) -> ModelSpec:
+    """The spec ``model_from_state_dict`` builds: detected (``arch='auto'``) or named, with the
+    class count read from the checkpoint and ``config`` overrides (e.g. ``hr_crop_size``)."""
+    if arch == "auto":
+        spec = detect_arch(state_dict)
+        if config:
+            if spec.arch not in ARCHS:
+                raise UserError(f"options {sorted(config)} need a named architecture; detected {spec.describe()}")
+            spec = get_spec(spec.arch, spec.num_classes, **config)
+        return spec
+    heads = ("decode_head.conv_seg.weight", "decode_head.head.conv_seg.weight",
+             "decode_head.aspp_modules.0.conv.weight", "decode_head.head.aspp_modules.0.conv.weight")
+    classes = next((int(state_dict[k].shape[0]) for k in heads if k in state_dict), 19)
+    return get_spec(arch, classes, **config)
+
+
 def model_from_state_dict(state_dict: Mapping[str, Tensor], arch: str = "auto", **config: Any) -> nn.Module:
     """A network holding ``state_dict`` (loaded strictly), in eval mode, float32.
 
@@ -140,17 +156,7 @@ def model_from_state_dict(state_dict: Mapping[str, Tensor], arch: str = "auto", 
     overrides options such as ``hr_crop_size``). A state dict that does not fit raises a
     UserError naming what was found.
     """
-    if arch == "auto":
-        spec = detect_arch(state_dict)
-        if config:
-            spec = get_spec(spec.arch, spec.num_classes, **config) if spec.arch in ARCHS else spec
-    else:
-        classes = next((int(state_dict[k].shape[0]) for k in ("decode_head.conv_seg.weight",
-                                                              "decode_head.head.conv_seg.weight",
-                                                              "decode_head.aspp_modules.0.conv.weight",
-                                                              "decode_head.head.aspp_modules.0.conv.weight")
-                        if k in state_dict), 19)
-        spec = get_spec(arch, classes, **config)
+    spec = resolve_spec(state_dict, arch, **config)
     with torch.device("meta"):
         model = spec.build()
     problem = _mismatch(model, state_dict)

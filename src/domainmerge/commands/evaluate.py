@@ -1,0 +1,223 @@
+"""`domainmerge evaluate`: score checkpoints on one or more domains (mIoU per domain, H)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from domainmerge.errors import UserError
+
+DESCRIPTION = """\
+Evaluate segmentation checkpoints (DAFormer, HRDA, MIC or domainmerge's own; architecture
+detected from the keys) on each --domain and print mIoU per domain with the harmonic mean H.
+
+Every checkpoint is scored on every domain, one table row per checkpoint. Checkpoints written
+with separate heads (`merge --keep-heads ... --names cs idd` gives merged.cs.pth, merged.idd.pth)
+are scored each on its own domain, as one row: this happens with --per-domain (pairing by the
+name after the last dot when it names the domains, else by order) and automatically when the
+file names end in exactly the domain names.
+
+Runs data-parallel under torchrun (each rank scores a shard; confusion matrices are summed).
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (table row, checkpoint, domain) evaluation."""
+
+    row: str
+    ckpt: str
+    domain: str
+
+
+def _suffix(path: str) -> str:
+    """'out/merged.cs.pth' -> 'cs' (the name `merge --keep-heads --names` puts before the suffix)."""
+    stem = Path(path).stem
+    return stem.rsplit(".", 1)[-1] if "." in stem else ""
+
+
+def _row_names(ckpts: list[str]) -> list[str]:
+    """Table row names: file stems, made unique with the parent folder when they clash."""
+    stems = [Path(c).stem for c in ckpts]
+    return [f"{Path(c).parent.name}/{s}" if stems.count(s) > 1 else s for c, s in zip(ckpts, stems)]
+
+
+def plan_jobs(ckpts: list[str], domains: list[str], per_domain: bool) -> tuple[list[Job], str]:
+    """The evaluations to run and a note on how checkpoints were paired with domains."""
+    by_name = [_suffix(c) for c in ckpts]
+    names_match = len(ckpts) == len(domains) and sorted(by_name) == sorted(domains)
+    if per_domain or (names_match and len(ckpts) > 1):
+        if len(ckpts) != len(domains):
+            raise UserError(f"--per-domain needs one checkpoint per domain: got {len(ckpts)} checkpoints "
+                            f"for {len(domains)} domains")
+        pairs = dict(zip(by_name, ckpts)) if names_match else dict(zip(domains, ckpts))
+        stem = Path(pairs[domains[0]]).stem
+        base = stem.rsplit(".", 1)[0] if names_match else "per-domain"
+        row = f"{base} (per-domain)"
+        how = "by file name" if names_match else "by order"
+        note = f"per-domain checkpoints, paired {how}: " + ", ".join(f"{d} <- {pairs[d]}" for d in domains)
+        return [Job(row, pairs[d], d) for d in domains], note
+    rows = _row_names(ckpts)
+    return [Job(r, c, d) for r, c in zip(rows, ckpts) for d in domains], ""
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `evaluate`."""
+    p = subparsers.add_parser("evaluate", help="evaluate checkpoints on domains (mIoU per domain, H)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoint files (.pth/.pt/.bin/.safetensors)")
+    p.add_argument("--domain", nargs="+", action="append", default=[], metavar="NAME DATASET ROOT [SPLIT]",
+                   help="a domain to score on: its name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, "
+                        "folder), root folder and split (default val); repeatable")
+    p.add_argument("--per-domain", action="store_true",
+                   help="score the i-th checkpoint on the i-th domain only (separate-head checkpoints)")
+    p.add_argument("--arch", default="auto", help="architecture name, or auto (default) to detect it")
+    p.add_argument("--prefix", default="auto",
+                   help="key prefix of the network to take (auto: model. if present, else module., else none)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of .pth files (only for files you trust)")
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="whole image or sliding window")
+    p.add_argument("--crop", nargs=2, type=int, default=[1024, 1024], metavar=("H", "W"),
+                   help="sliding window size (default 1024 1024)")
+    p.add_argument("--stride", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
+                   help="sliding window stride (default 512 512)")
+    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
+                   help="rescale images keeping their aspect ratio to fit LONG x SHORT (mmseg Resize; DAFormer "
+                        "evaluates at 1024 512); logits are resized back to the label size")
+    p.add_argument("--hr-crop", nargs=2, type=int, metavar=("H", "W"),
+                   help="HRDA detail crop size (default 512 512, as HRDA trains)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
+    p.add_argument("--amp", choices=["fp16", "bf16"], help="mixed precision for the forward pass")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
+    p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
+    p.add_argument("--json", metavar="OUT", help="also write the scores as JSON")
+    p.add_argument("--save-pred", metavar="DIR", help="write predicted train-id PNGs under DIR/[ROW/]DOMAIN/")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _parse_domains(specs: list[list[str]]) -> list[tuple[str, str, str, str]]:
+    out = []
+    for spec in specs:
+        if len(spec) not in (3, 4):
+            raise UserError(f"--domain {' '.join(spec)}: give NAME DATASET ROOT [SPLIT]")
+        name, kind, root = spec[:3]
+        out.append((name, kind, root, spec[3] if len(spec) == 4 else "val"))
+    names = [d[0] for d in out]
+    if not out:
+        raise UserError("nothing to evaluate on; give --domain NAME DATASET ROOT [SPLIT]")
+    if len(set(names)) != len(names):
+        raise UserError(f"domain names must differ, got {names}")
+    return out
+
+
+def _prediction_writer(folder: Path) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    from domainmerge.fsutil import atomic_path
+
+    def write(name: str, pred: Any) -> None:
+        target = folder / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(tmp, format="PNG")
+    return write
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate every job, print the table on rank 0, write the requested files."""
+    import torch
+
+    from domainmerge import reporting
+    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
+    from domainmerge.data import build_dataset
+    from domainmerge.evaluation import distributed
+    from domainmerge.evaluation.inference import evaluate_model
+    from domainmerge.fsutil import check_output_path
+    from domainmerge.models import model_from_state_dict, resolve_spec
+
+    domains = _parse_domains(args.domain)
+    jobs, note = plan_jobs(list(args.ckpts), [d[0] for d in domains], args.per_domain)
+    for c in args.ckpts:
+        if not Path(c).is_file():
+            raise UserError(f"{c}: checkpoint not found; check the path")
+    if args.json:
+        check_output_path(args.json, force=args.force, inputs=tuple(args.ckpts))
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+
+    started_here = not distributed.is_dist() and distributed.init_from_env()
+    main = distributed.is_main_process()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+        device = f"cuda:{torch.cuda.current_device()}"
+    overrides = {"hr_crop_size": tuple(args.hr_crop)} if args.hr_crop else {}
+    if note and main:
+        print(note, file=sys.stderr)
+
+    # Build every dataset first: a wrong path fails before any network is loaded.
+    datasets: dict[str, Any] = {name: build_dataset(kind, root, split, strict=not args.no_strict)
+                                for name, kind, root, split in domains}
+    results: dict[str, dict[str, Any]] = {}
+    loaded: tuple[str, Any, str] | None = None
+    try:
+        for job in jobs:
+            if loaded is None or loaded[0] != job.ckpt:
+                loaded = None  # free the previous network before loading the next
+                sd = strip_model_prefix(load_state_dict(job.ckpt, trust_pickle=args.trust_pickle), args.prefix)
+                try:
+                    desc = resolve_spec(sd, args.arch, **overrides).describe()
+                    model = model_from_state_dict(sd, args.arch, **overrides)
+                except UserError as exc:
+                    raise UserError(f"{job.ckpt}: {exc}") from None
+                del sd
+                loaded = (job.ckpt, model, desc)
+                if main:
+                    print(f"{job.ckpt}: {desc}", file=sys.stderr)
+            save = None
+            if args.save_pred:
+                sub = Path(args.save_pred) / (job.row if len({j.row for j in jobs}) > 1 else "") / job.domain
+                save = _prediction_writer(sub)
+            scores = evaluate_model(
+                loaded[1], datasets[job.domain], mode=args.mode, crop=tuple(args.crop), stride=tuple(args.stride),
+                device=device, batch_size=args.batch_size, num_classes=args.num_classes,
+                img_scale=tuple(args.img_scale) if args.img_scale else None, amp=args.amp,
+                workers=args.workers, progress=not args.quiet, desc=f"{job.row} | {job.domain}",
+                on_prediction=save)
+            row = results.setdefault(job.row, {"checkpoints": {}, "arch": {}, "domains": {}})
+            row["checkpoints"][job.domain] = job.ckpt
+            row["arch"][job.domain] = loaded[2]
+            row["domains"][job.domain] = {"images": len(datasets[job.domain]), **scores.to_dict()}
+            row.setdefault("_scores", {})[job.domain] = scores
+    finally:
+        if started_here:
+            torch.distributed.destroy_process_group()
+
+    if not main:
+        return 0
+    mious = {r: {d: s.miou for d, s in v["_scores"].items()} for r, v in results.items()}
+    if len(results) == 1:
+        print(reporting.class_table(next(iter(results.values()))["_scores"]))
+        print()
+    print(reporting.domain_table(mious, domains=[d[0] for d in domains]))
+    if args.json:
+        out = {
+            "settings": {"mode": args.mode, "crop": args.crop, "stride": args.stride, "img_scale": args.img_scale,
+                         "num_classes": args.num_classes, "arch": args.arch, "prefix": args.prefix,
+                         "domains": {n: {"dataset": k, "root": r, "split": s} for n, k, r, s in domains}},
+            "results": {r: {**{k: v for k, v in res.items() if k != "_scores"},
+                            **(reporting.summarize(mious[r]) if len(mious[r]) > 1 else {})}
+                        for r, res in results.items()},
+        }
+        reporting.write_json(args.json, out)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
