@@ -21,6 +21,7 @@ COMMANDS = [
     "score",
     "convert_labels",
     "align",
+    "evaluate",
 ]
 
 
