@@ -9,6 +9,7 @@ the image's relative path without its suffix (for writing predictions next to it
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,6 +196,8 @@ class PairedFolderDataset(torch.utils.data.Dataset[Sample]):
 
 DatasetFactory = Callable[..., torch.utils.data.Dataset]
 _FACTORIES: dict[str, DatasetFactory] = {}
+# Kinds registered by their own module on import; imported on first use (avoids import cycles).
+_PROVIDERS: dict[str, str] = {"synthetic": "domainmerge.data.synthetic"}
 
 
 def register_dataset(name: str, factory: DatasetFactory, *, overwrite: bool = False) -> None:
@@ -207,12 +210,16 @@ def register_dataset(name: str, factory: DatasetFactory, *, overwrite: bool = Fa
 
 def dataset_kinds() -> tuple[str, ...]:
     """The names build_dataset accepts."""
-    return tuple(sorted(_FACTORIES))
+    return tuple(sorted(_FACTORIES.keys() | _PROVIDERS.keys()))
 
 
 def build_dataset(kind: str, root: str | Path, split: str, strict: bool = True,
                   **options: Any) -> torch.utils.data.Dataset:
     """The dataset ``kind`` (gta, cityscapes, idd, acdc, darkzurich, folder, ...) under ``root``."""
+    if kind not in _FACTORIES and kind in _PROVIDERS:
+        importlib.import_module(_PROVIDERS[kind])
+        if kind not in _FACTORIES:
+            raise RuntimeError(f"{_PROVIDERS[kind]} does not call register_dataset({kind!r}, ...)")
     factory = _FACTORIES.get(kind)
     if factory is None:
         raise UserError(f"unknown dataset kind {kind!r}; choose one of {', '.join(dataset_kinds())}")
