@@ -22,6 +22,7 @@ COMMANDS = [
     "convert_labels",
     "align",
     "evaluate",
+    "recalibrate",
 ]
 
 

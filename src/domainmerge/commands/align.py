@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.alignment.matching import align_state_dicts
     from domainmerge.checkpoint import open_checkpoint
     from domainmerge.checkpoint import save_checkpoint as save
+    from domainmerge.commands.recalibrate import updated_record
     from domainmerge.fsutil import check_output_path
     from domainmerge.reporting import write_json
 
@@ -52,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"matching {other.path.name} to {ref.path.name} ...", flush=True)
         aligned, report = align_state_dicts(ref.state_dict(), other.state_dict(), prefix=args.prefix,
                                             seed=args.seed)
-        record = {"aligned_to": ref.path.name, "prefix": report.prefix, "seed": args.seed,
-                  "identity": report.overall}
+        record = updated_record(other, aligned_to={"reference": ref.path.name, "prefix": report.prefix,
+                                                   "seed": args.seed, "identity": report.overall})
         save(args.output, aligned, template=other, record=record, force=args.force, inputs=inputs)
     print(render(report), end="")
     print(f"wrote {args.output}")

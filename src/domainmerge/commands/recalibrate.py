@@ -1,0 +1,121 @@
+"""`domainmerge recalibrate`: re-estimate a merged model's BN statistics from unlabeled images."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from domainmerge.errors import UserError
+
+DESCRIPTION = """\
+Re-estimate the BatchNorm running statistics of a (merged) checkpoint from N unlabeled images
+spread evenly over the given domains: statistics are reset and accumulated as a cumulative
+average (momentum None) with BN layers in training mode, without gradients; nothing else
+changes. This uses target data, unlike the training-free Gaussian merge of BN statistics: use
+it as the data-driven reference to compare against.
+"""
+
+
+def add_domain_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable ``--domain NAME DATASET ROOT [SPLIT]`` option."""
+    p.add_argument("--domain", nargs="+", action="append", default=[], metavar="NAME DATASET ROOT [SPLIT]",
+                   help=help_text)
+
+
+def parse_domains(specs: list[list[str]], default_split: str) -> list[tuple[str, str, str, str]]:
+    """``--domain`` values -> (name, dataset kind, root, split); names must be unique."""
+    out = []
+    for spec in specs:
+        if len(spec) not in (3, 4):
+            raise UserError(f"--domain {' '.join(spec)}: give NAME DATASET ROOT [SPLIT]")
+        out.append((spec[0], spec[1], spec[2], spec[3] if len(spec) == 4 else default_split))
+    if not out:
+        raise UserError("no domain given; add --domain NAME DATASET ROOT [SPLIT]")
+    names = [d[0] for d in out]
+    if len(set(names)) != len(names):
+        raise UserError(f"--domain: names must differ, got {names}")
+    return out
+
+
+def updated_record(ck: Any, **entries: Any) -> dict[str, Any]:
+    """The checkpoint's domainmerge record (a merge's, say) with ``entries`` added, so writing a
+    derived checkpoint keeps the history instead of replacing it."""
+    import json
+
+    previous: Any = None
+    meta = ck.extras.get("meta")
+    if isinstance(meta, dict):
+        previous = meta.get("domainmerge")
+    elif "domainmerge" in ck.metadata:
+        try:
+            previous = json.loads(ck.metadata["domainmerge"])
+        except json.JSONDecodeError:
+            previous = None
+    return {**(previous if isinstance(previous, dict) else {}), **entries}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("recalibrate", help="re-estimate BN statistics from unlabeled images (uses data)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="MERGED", help="checkpoint whose BN statistics to re-estimate")
+    add_domain_argument(p, "images to use: name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, folder, "
+                           "synthetic), root and split (default train); repeatable")
+    p.add_argument("--images", type=int, required=True, metavar="N", help="number of images over all domains")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint (same container as the input)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass (equal-size images only; default 1)")
+    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
+                   help="rescale images keeping their aspect ratio to fit LONG x SHORT, as evaluate does")
+    p.add_argument("--arch", default="auto", help="architecture name, or auto (default) to detect it")
+    p.add_argument("--prefix", default="auto",
+                   help="key prefix of the network (auto: model. if present, else module., else none); "
+                        "other keys are copied unchanged")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of .pth files (only for files you trust)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from domainmerge.checkpoint import detect_prefixes, open_checkpoint, save_checkpoint, strip_model_prefix
+    from domainmerge.data import build_dataset
+    from domainmerge.evaluation.recalibrate import image_batches, recalibrate_bn, spread_indices
+    from domainmerge.fsutil import check_output_path
+    from domainmerge.models import model_from_state_dict
+
+    domains = parse_domains(args.domain, "train")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_output_path(args.output, force=args.force, inputs=(args.checkpoint,))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    datasets: dict[str, Any] = {name: build_dataset(kind, root, split, strict=not args.no_strict)
+                                for name, kind, root, split in domains}
+    indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, args.images)
+    with open_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle) as ck:
+        full = ck.state_dict()
+        prefix = args.prefix
+        if prefix == "auto":
+            found = detect_prefixes(full)
+            prefix = "model." if "model." in found else ("module." if "module." in found else "")
+        model = model_from_state_dict(strip_model_prefix(full, prefix), args.arch)
+        n_images = sum(len(v) for v in indices.values())
+        if not args.quiet:
+            print(f"recalibrating BN statistics on {n_images} images: "
+                  + ", ".join(f"{d} {len(v)}" for d, v in indices.items()), flush=True)
+        batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=args.batch_size,
+                                                      img_scale=tuple(args.img_scale) if args.img_scale else None),
+                                 device=device, progress=not args.quiet)
+        out = dict(full)
+        for key, value in model.state_dict().items():
+            original = full[prefix + key]
+            out[prefix + key] = value.detach().to("cpu", original.dtype)
+        record = updated_record(ck, recalibrated={"images": n_images, "batches": batches,
+                                                  "domains": {d: len(v) for d, v in indices.items()}})
+        save_checkpoint(args.output, out, template=ck, record=record, force=args.force, inputs=(args.checkpoint,))
+    print(f"wrote {args.output} ({n_images} images, {batches} batches)")
+    return 0

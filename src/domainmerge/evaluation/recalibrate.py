@@ -1,0 +1,97 @@
+"""BatchNorm recalibration: re-estimate running statistics from unlabeled images.
+
+The data-driven baseline the paper avoids (REPAIR's "reset"): every BN layer's running
+statistics are reset and re-accumulated as a cumulative average (``momentum=None``) over the
+given batches, forwarded with the BN layers in training mode and everything else in eval mode
+(dropout off), without gradients. PyTorch's rule then gives, for B batches,
+running_mean = mean_b(batch mean_b), running_var = mean_b(unbiased batch var_b),
+num_batches_tracked = B. Only BN buffers change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from domainmerge.errors import UserError
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The model's BN layers that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[Tensor], *, device: str | torch.device = "cpu",
+                   progress: bool = False, total: int | None = None) -> int:
+    """Reset and re-estimate ``model``'s BN running statistics from normalised float batches
+    [B, 3, H, W]; returns the number of batches. The model is left in eval mode."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise UserError("the model has no BatchNorm layer with running statistics; nothing to recalibrate")
+    model.to(device).eval()
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches, not an exponential one
+        m.train()
+    from tqdm import tqdm
+
+    count = 0
+    try:
+        for x in tqdm(batches, total=total, desc="recalibrate BN", unit="batch", disable=not progress):
+            try:
+                model(x.to(device))
+            except ValueError as exc:  # BN after global pooling cannot normalise a batch of one
+                raise UserError(f"BatchNorm in training mode failed on a batch of {len(x)}: {exc}; "
+                                "use --batch-size 2 or more") from None
+            count += 1
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.eval()
+    if count == 0:
+        raise UserError("no image to recalibrate on; check the --domain folders and --images")
+    return count
+
+
+def spread_indices(lengths: Mapping[str, int], n: int) -> dict[str, list[int]]:
+    """``n`` image indices spread over domains: an equal share each (the first ``n % K`` get one
+    more), evenly spaced within each dataset; a domain with fewer images gives all it has."""
+    if n < 1:
+        raise UserError(f"--images {n}: must be at least 1")
+    names = list(lengths)
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        share = min(n // len(names) + (1 if i < n % len(names) else 0), lengths[name])
+        out[name] = sorted({int(j) for j in np.linspace(0, lengths[name] - 1, share).round()}) if share else []
+    return out
+
+
+def image_batches(datasets: Mapping[str, Any], indices: Mapping[str, Sequence[int]], *, batch_size: int = 1,
+                  img_scale: tuple[int, int] | None = None) -> Iterable[Tensor]:
+    """Normalised batches [B, 3, H, W] of ``datasets[d][i]`` (items whose first element is a uint8
+    RGB image), optionally rescaled as evaluation rescales them; consecutive images of equal
+    size are stacked up to ``batch_size``, a change of size starts a new batch."""
+    from domainmerge.evaluation.inference import normalize, rescale_size
+
+    pending: list[Tensor] = []
+    for name, idx in indices.items():
+        for i in idx:
+            x = normalize(datasets[name][i][0].unsqueeze(0))
+            size = rescale_size(x.shape[2], x.shape[3], img_scale)
+            if size != tuple(x.shape[2:]):
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            if pending and (len(pending) == batch_size or pending[0].shape != x.shape):
+                yield torch.cat(pending)
+                pending = []
+            pending.append(x)
+    if pending:
+        yield torch.cat(pending)
