@@ -213,3 +213,14 @@ def test_harmonic_mean_formula_and_edges() -> None:
     with pytest.raises(ValueError):
         harmonic_mean([10.0, -1.0])
     assert arithmetic_mean([51.6, 47.3, 45.8, 21.1]) == pytest.approx(41.45)
+
+
+def test_many_classes_use_wide_keys_and_still_match_torchmetrics() -> None:
+    # 200 classes x 256 key rows exceed int16: the int32 key path.
+    rng = np.random.default_rng(11)
+    pred, gt = random_case(rng, 200, n=2, h=30, w=30, present=150)
+    metric = SegMetric(200)
+    metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
+    cm = MulticlassConfusionMatrix(200, ignore_index=IGNORE)
+    cm.update(torch.from_numpy(pred), torch.from_numpy(gt))
+    assert torch.equal(metric.confusion, cm.compute().to(torch.int64))

@@ -151,7 +151,9 @@ class SegMetric:
                                 f"check --num-classes ({c}) and the prediction files")
         # One bincount over target * C + pred: ignored pixels land in the bins from ign * C on,
         # and any ground-truth value in [C, ign) lands between C * C and ign * C.
-        key = target.to(torch.int32) * c + pred.to(torch.int32)
+        # The narrowest integer type that holds every key keeps this pass memory-light.
+        key_type = torch.int16 if (ign + 1) * c <= torch.iinfo(torch.int16).max else torch.int32
+        key = target.to(key_type) * c + pred.to(key_type)
         bins = torch.bincount(key, minlength=(ign + 1) * c)
         if bool(bins[c * c:ign * c].any()):
             stray = int(torch.nonzero(bins[c * c:ign * c])[0]) // c + c
