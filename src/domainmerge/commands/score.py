@@ -83,9 +83,11 @@ def _read_label_png(path: Path) -> Any:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "1"):
                 raise UserError(f"{path}: image mode {im.mode}; label maps must be single-channel ids")
-            return np.array(im).astype(np.int64)
+            arr = np.array(im)
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: unreadable image ({exc}); replace or remove the file") from exc
+    # 8-bit maps stay uint8 (the metric's fastest input); wider ones become int64.
+    return arr if arr.dtype == np.uint8 else arr.astype(np.int64)
 
 
 def score_folder(pred_dir: Path, gt_dir: Path, *, pred_suffix: str, gt_suffix: str, num_classes: int,
