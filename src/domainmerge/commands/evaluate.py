@@ -20,7 +20,12 @@ are scored each on its own domain, as one row: this happens with --per-domain (p
 name after the last dot when it names the domains, else by order) and automatically when the
 file names end in exactly the domain names.
 
-Runs data-parallel under torchrun (each rank scores a shard; confusion matrices are summed).
+Protocols of the reference code: DAFormer evaluates whole images rescaled to 1024x512
+(--img-scale 1024 512); HRDA and MIC evaluate full-resolution images with --mode slide
+--crop 1024 1024 --stride 512 512. Logits are always resized to the label size before argmax.
+
+Runs data-parallel under torchrun (each rank scores a shard; confusion matrices are summed):
+  torchrun --nproc_per_node 4 -m domainmerge evaluate CKPT --domain cs cityscapes data/cityscapes
 """
 
 
