@@ -119,6 +119,16 @@ def test_strict_load_after_stripping_model_prefix(arch):
         assert torch.equal(model(x), source(x))
 
 
+def test_loaded_network_does_not_alias_the_state_dict():
+    sd = build_model("tiny_daformer_r").state_dict()
+    before = sd["decode_head.conv_seg.weight"].clone()
+    model = model_from_state_dict(sd)
+    with torch.no_grad():
+        model.decode_head.conv_seg.weight.add_(1.0)
+    assert torch.equal(sd["decode_head.conv_seg.weight"], before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_errors_name_what_was_found():
     sd = build_model("tiny_daformer_r").state_dict()
     with pytest.raises(UserError, match="prefix"):

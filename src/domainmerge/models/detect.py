@@ -163,6 +163,7 @@ def model_from_state_dict(state_dict: Mapping[str, Tensor], arch: str = "auto", 
     if problem:
         raise UserError(f"checkpoint does not fit {spec.describe()}: {problem}; found {_summary(state_dict)}"
                         + ("" if arch == "auto" else "; try --arch auto"))
-    # Built on the meta device and filled by assignment: no random initialisation of large nets.
-    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    # Built on the meta device and filled by assignment (no random initialisation of large
+    # nets); the tensors are copies, so training the network never alters the caller's dict.
+    model.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=True, assign=True)
     return model.float().eval()
