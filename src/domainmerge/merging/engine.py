@@ -154,19 +154,42 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions) -> MergePlan:
     return MergePlan(order, roles, merged, per_model, holders, shapes, dtypes, weights, options)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or infinity.
+
+    Fast path: one sum, into which NaN and inf propagate; only when the sum is not finite (a
+    bad value, or an overflow of the sum itself) is every element checked.
+    """
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class _Reader:
-    """Reads tensors from the sources, checking floating tensors are finite."""
+    """Reads tensors from the sources."""
 
     def __init__(self, sources: Sequence[Source], check_finite: bool):
         self.sources = sources
         self.check_finite = check_finite
 
     def get(self, i: int, key: str) -> torch.Tensor:
-        t = self.sources[i].get(key)
-        if self.check_finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-            raise UserError(f"{_name(self.sources[i], i)}: tensor {key!r} holds NaN or infinite values; "
-                            "the checkpoint is damaged or diverged")
-        return t
+        return self.sources[i].get(key)
+
+    def check(self, key: str, result: torch.Tensor, inputs: Sequence[int]) -> None:
+        """Raise naming the input file when a merged tensor is not finite.
+
+        Checking the result, not every input, halves the passes over memory; a non-finite input
+        with a non-zero weight always makes the result non-finite, so nothing is missed.
+        """
+        if not self.check_finite or all_finite(result):
+            return
+        for i in inputs:
+            if not all_finite(self.get(i, key)):
+                raise UserError(f"{_name(self.sources[i], i)}: tensor {key!r} holds NaN or infinite values; "
+                                "the checkpoint is damaged or diverged")
+        raise UserError(f"tensor {key!r}: merging overflowed to infinity; merge in a wider dtype")
 
     def counter(self, i: int, layer: str) -> int | None:
         key = f"{layer}.{COUNT_SUFFIX}" if layer else COUNT_SUFFIX
@@ -226,22 +249,27 @@ def _merge_key(plan: MergePlan, reader: _Reader, key: str,
 
 def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """Yield (key, tensors) in the plan's order: one tensor per output (all equal unless the key
-    is a kept head, where output k gets model k's own tensor)."""
+    is a kept head, where output k gets model k's own tensor). Every output tensor is checked
+    to be finite; an error names the input that is not."""
     reader = _Reader(sources, plan.options.check_finite)
     bn_cache: dict[str, torch.Tensor] = {}
     n_out = plan.n_outputs
     for key in plan.keys:
         if plan.per_model[key]:
-            own = [reader.get(i if i in plan.holders[key] else plan.holders[key][0], key).clone()
-                   for i in range(n_out)]
+            own_src = [i if i in plan.holders[key] else plan.holders[key][0] for i in range(n_out)]
+            own = [reader.get(i, key).clone() for i in own_src]
+            for i, t in zip(own_src, own):
+                reader.check(key, t, [i])
             plan.stats["head (kept per model)"] += 1
             yield key, own
             continue
         if plan.merged[key]:
             tensor = _merge_key(plan, reader, key, bn_cache)
+            reader.check(key, tensor, plan.holders[key])
             plan.stats[plan.roles[key].value] += 1
         else:
             tensor = reader.get(plan.holders[key][0], key).clone()
+            reader.check(key, tensor, plan.holders[key][:1])
             plan.stats["copied from first"] += 1
         yield key, [tensor] * n_out
 

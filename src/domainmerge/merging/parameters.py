@@ -29,8 +29,19 @@ def normalise_weights(weights: Sequence[float] | None, k: int) -> list[float]:
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """sum_k w_k * t_k, accumulated in float32 (float64 for float64), returned in t_0's dtype."""
     acc_dtype = accumulation_dtype(tensors[0].dtype)
-    acc = torch.zeros(tensors[0].shape, dtype=acc_dtype)
+    active = [(t, w) for t, w in zip(tensors, weights) if w]
+    if len(active) == 2 and abs(active[0][1] + active[1][1] - 1.0) < 1e-12:
+        # Two models (the common case): one fused pass, a + w_b (b - a), exact at the end points.
+        (a, _), (b, wb) = active
+        return torch.lerp(a.to(acc_dtype), b.to(acc_dtype), wb).to(tensors[0].dtype)
+    acc: torch.Tensor | None = None
     for t, w in zip(tensors, weights):
-        if w:
+        if not w:
+            continue  # a zero weight ignores the model entirely (interpolation end points stay exact)
+        if acc is None:
+            acc = torch.mul(t.to(acc_dtype), w)  # out of place: inputs may be read-only mapped memory
+        else:
             acc.add_(t.to(acc_dtype), alpha=w)
+    if acc is None:
+        raise ValueError("all weights are zero")
     return acc.to(tensors[0].dtype)
