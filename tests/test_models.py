@@ -87,6 +87,11 @@ def test_detect_arch_reads_class_count_and_custom_widths():
     assert (spec.head_embed_dims, spec.head_channels) == (24, 40)
     model_from_state_dict(sd)  # loads strictly
 
+    # HRDA with a single (not class-wise) attention channel and a custom attention width.
+    single = get_spec("tiny_hrda_r", attention_classes=1, attention_embed_dims=8)
+    spec = detect_arch(single.build().state_dict())
+    assert spec.hrda is not None and spec.hrda.attention_classes == 1 and spec.hrda.attention_embed_dims == 8
+
     mit = get_spec("tiny_daformer_mit", num_classes=5, embed_dims=(8, 16, 40, 64), depths=(2, 1, 1, 2))
     spec = detect_arch(mit.build().state_dict())
     assert spec.backbone.embed_dims == (8, 16, 40, 64) and spec.backbone.depths == (2, 1, 1, 2)
