@@ -136,17 +136,28 @@ def _prediction_writer(folder: Path) -> Any:
     return write
 
 
+def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, str]:
+    """The network in ``ckpt`` (prefix stripped, architecture detected or forced) and its description."""
+    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
+    from domainmerge.models import model_from_state_dict, resolve_spec
+
+    sd = strip_model_prefix(load_state_dict(ckpt, trust_pickle=args.trust_pickle), args.prefix)
+    try:
+        desc = resolve_spec(sd, args.arch, **overrides).describe()
+        return model_from_state_dict(sd, args.arch, **overrides), desc
+    except UserError as exc:
+        raise UserError(f"{ckpt}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate every job, print the table on rank 0, write the requested files."""
     import torch
 
     from domainmerge import reporting
-    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed
     from domainmerge.evaluation.inference import evaluate_model
     from domainmerge.fsutil import check_output_path
-    from domainmerge.models import model_from_state_dict, resolve_spec
 
     domains = _parse_domains(args.domain)
     jobs, note = plan_jobs(list(args.ckpts), [d[0] for d in domains], args.per_domain)
@@ -172,19 +183,14 @@ def run(args: argparse.Namespace) -> int:
     # Build every dataset first: a wrong path fails before any network is loaded.
     datasets: dict[str, Any] = {name: build_dataset(kind, root, split, strict=not args.no_strict)
                                 for name, kind, root, split in domains}
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {}  # row -> checkpoints, arch, per-domain scores (JSON)
+    scores_of: dict[str, dict[str, Any]] = {}  # row -> domain -> SegScores
     loaded: tuple[str, Any, str] | None = None
     try:
         for job in jobs:
             if loaded is None or loaded[0] != job.ckpt:
                 loaded = None  # free the previous network before loading the next
-                sd = strip_model_prefix(load_state_dict(job.ckpt, trust_pickle=args.trust_pickle), args.prefix)
-                try:
-                    desc = resolve_spec(sd, args.arch, **overrides).describe()
-                    model = model_from_state_dict(sd, args.arch, **overrides)
-                except UserError as exc:
-                    raise UserError(f"{job.ckpt}: {exc}") from None
-                del sd
+                model, desc = _load_network(job.ckpt, args, overrides)
                 loaded = (job.ckpt, model, desc)
                 if main:
                     print(f"{job.ckpt}: {desc}", file=sys.stderr)
@@ -202,16 +208,16 @@ def run(args: argparse.Namespace) -> int:
             row["checkpoints"][job.domain] = job.ckpt
             row["arch"][job.domain] = loaded[2]
             row["domains"][job.domain] = {"images": len(datasets[job.domain]), **scores.to_dict()}
-            row.setdefault("_scores", {})[job.domain] = scores
+            scores_of.setdefault(job.row, {})[job.domain] = scores
     finally:
         if started_here:
             torch.distributed.destroy_process_group()
 
     if not main:
         return 0
-    mious = {r: {d: s.miou for d, s in v["_scores"].items()} for r, v in results.items()}
-    if len(results) == 1:
-        print(reporting.class_table(next(iter(results.values()))["_scores"]))
+    mious = {r: {d: s.miou for d, s in per.items()} for r, per in scores_of.items()}
+    if len(scores_of) == 1:
+        print(reporting.class_table(next(iter(scores_of.values()))))
         print()
     print(reporting.domain_table(mious, domains=[d[0] for d in domains]))
     if args.json:
@@ -219,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             "settings": {"mode": args.mode, "crop": args.crop, "stride": args.stride, "img_scale": args.img_scale,
                          "num_classes": args.num_classes, "arch": args.arch, "prefix": args.prefix,
                          "domains": {n: {"dataset": k, "root": r, "split": s} for n, k, r, s in domains}},
-            "results": {r: {**{k: v for k, v in res.items() if k != "_scores"},
+            "results": {r: {**res,
                             **(reporting.summarize(mious[r]) if len(mious[r]) > 1 else {})}
                         for r, res in results.items()},
         }
