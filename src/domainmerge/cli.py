@@ -23,6 +23,7 @@ COMMANDS = [
     "align",
     "evaluate",
     "recalibrate",
+    "lmc",
 ]
 
 

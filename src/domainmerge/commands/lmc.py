@@ -1,0 +1,147 @@
+"""`domainmerge lmc`: linear mode connectivity curves (or simplex grids) and barriers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from domainmerge.errors import UserError
+
+DESCRIPTION = """\
+Evaluate models on the straight line between two checkpoints, (1 - lambda) A + lambda B, over
+--steps lambdas (or, for 3+ checkpoints, on a grid over their simplex with --grid points per
+edge) on every --domain: mIoU per domain and H at each point, and the barrier per domain and
+for H (Git Re-Basin's form: mean of the end points minus the curve's minimum; 0 means no dip).
+Interpolation uses the merge rules (parameters averaged, BN statistics per --buffers), so the
+mid-point is the model `domainmerge merge` writes. Writes lmc.json, lmc.md and a plot (lmc.png;
+for 3 models a ternary heat map) under --out. Data-parallel under torchrun; rank 0 writes.
+"""
+
+
+def add_parser(sub: Any) -> None:
+    from domainmerge.commands.recalibrate import add_domain_argument
+
+    p = sub.add_parser("lmc", help="interpolation curves between checkpoints and their barriers",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpts", nargs="+", metavar="CKPT", help="2 checkpoints (a curve) or more (a simplex grid)")
+    add_domain_argument(p, "a domain to score on: name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, "
+                           "folder, synthetic), root and split (default val); repeatable")
+    p.add_argument("--steps", type=int, default=11, help="lambdas from 0 to 1 for 2 models (default 11)")
+    p.add_argument("--grid", type=int, default=5, help="points per simplex edge for 3+ models (default 5)")
+    p.add_argument("--buffers", choices=["gaussian", "mean", "first"], default="gaussian",
+                   help="BN statistics rule along the path (default gaussian, the paper's)")
+    p.add_argument("--align", action="store_true",
+                   help="first permute every model onto the first (Git Re-Basin weight matching)")
+    p.add_argument("--out", metavar="DIR", help="write lmc.json, lmc.md and the plot here")
+    p.add_argument("--arch", default="auto", help="architecture name, or auto (default) to detect it")
+    p.add_argument("--prefix", default="auto",
+                   help="key prefix of the network (auto: model. if present, else module., else none)")
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="whole image or sliding window")
+    p.add_argument("--crop", nargs=2, type=int, default=[1024, 1024], metavar=("H", "W"),
+                   help="sliding window size (default 1024 1024)")
+    p.add_argument("--stride", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
+                   help="sliding window stride (default 512 512)")
+    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
+                   help="rescale images keeping their aspect ratio to fit LONG x SHORT (as evaluate)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
+    p.add_argument("--amp", choices=["fp16", "bf16"], help="mixed precision for the forward pass")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
+    p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of .pth files (only for files you trust)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files under --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from domainmerge import reporting
+    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
+    from domainmerge.commands.recalibrate import parse_domains
+    from domainmerge.data import build_dataset
+    from domainmerge.evaluation import distributed, lmc
+    from domainmerge.evaluation.inference import evaluate_model
+    from domainmerge.fsutil import check_output_path
+    from domainmerge.models import model_from_state_dict
+
+    if len(args.ckpts) < 2:
+        raise UserError("give at least two checkpoints to interpolate between")
+    domains = parse_domains(args.domain, "val")
+    k = len(args.ckpts)
+    points = ([(1 - lam, lam) for lam in lmc.lambda_grid(args.steps)] if k == 2
+              else lmc.simplex_grid(k, args.grid))
+    names = [Path(c).stem for c in args.ckpts]
+    if len(set(names)) != k:
+        names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
+    outputs: dict[str, Path] = {}
+    if args.out:
+        out_dir = Path(args.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out {out_dir}: exists and is not a folder; give a folder")
+        plot = "lmc.png" if k == 2 else ("lmc_ternary.png" if k == 3 else None)
+        outputs = {n: out_dir / n for n in ("lmc.json", "lmc.md", plot) if n}
+        for path in outputs.values():
+            if out_dir.is_dir():
+                check_output_path(path, force=args.force, inputs=tuple(args.ckpts))
+
+    distributed.init_from_env()
+    main = distributed.is_main_process()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+        device = f"cuda:{torch.cuda.current_device()}"
+    datasets = {name: build_dataset(kind, root, split, strict=not args.no_strict)
+                for name, kind, root, split in domains}
+    state_dicts = [strip_model_prefix(load_state_dict(c, trust_pickle=args.trust_pickle), args.prefix)
+                   for c in args.ckpts]
+    if args.align:
+        from domainmerge.alignment.matching import align_state_dicts
+
+        for i in range(1, k):
+            state_dicts[i], report = align_state_dicts(state_dicts[0], state_dicts[i])
+            if main:
+                print(f"aligned {names[i]} to {names[0]}: {100 * report.overall:.1f}% of units in place",
+                      file=sys.stderr)
+    try:
+        model = model_from_state_dict(state_dicts[0], args.arch)
+    except UserError as exc:
+        raise UserError(f"{args.ckpts[0]}: {exc}") from None
+
+    def score(merged: dict[str, torch.Tensor]) -> dict[str, float]:
+        model.load_state_dict(merged)
+        return {name: evaluate_model(
+                    model, ds, mode=args.mode, crop=tuple(args.crop), stride=tuple(args.stride), device=device,
+                    batch_size=args.batch_size, num_classes=args.num_classes,
+                    img_scale=tuple(args.img_scale) if args.img_scale else None, amp=args.amp,
+                    workers=args.workers, progress=False, desc=name).miou
+                for name, ds in datasets.items()}
+
+    from tqdm import tqdm
+
+    bar = tqdm(points, desc="lmc", unit="point", disable=args.quiet or not main)
+    rows = lmc.scan(state_dicts, bar, score, buffers=args.buffers)
+    summary = lmc.barriers(rows)
+    if not main:
+        return 0
+    text = lmc.render(rows, summary, names)
+    print(text, end="")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        record = {"checkpoints": list(args.ckpts), "names": names, "buffers": args.buffers, "aligned": args.align,
+                  "domains": {d[0]: {"dataset": d[1], "root": d[2], "split": d[3]} for d in domains},
+                  "points": rows, "barriers": summary}
+        reporting.write_json(outputs["lmc.json"], record)
+        reporting.write_markdown(outputs["lmc.md"], text)
+        if k == 2:
+            lmc.plot_curve(rows, names, outputs["lmc.png"])
+        elif k == 3:
+            lmc.plot_ternary(rows, names, outputs["lmc_ternary.png"])
+        print(f"wrote {', '.join(str(p) for p in outputs.values())}")
+    return 0
