@@ -61,21 +61,16 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from domainmerge import reporting
-    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.commands.recalibrate import parse_domains
-    from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed, lmc
-    from domainmerge.evaluation.inference import evaluate_model
     from domainmerge.fsutil import check_output_path
-    from domainmerge.models import model_from_state_dict
 
     if len(args.ckpts) < 2:
         raise UserError("give at least two checkpoints to interpolate between")
     domains = parse_domains(args.domain, "val")
     k = len(args.ckpts)
-    points = ([(1 - lam, lam) for lam in lmc.lambda_grid(args.steps)] if k == 2
-              else lmc.simplex_grid(k, args.grid))
+    points: list[tuple[float, ...]] = ([(1 - lam, lam) for lam in lmc.lambda_grid(args.steps)] if k == 2
+                                       else lmc.simplex_grid(k, args.grid))
     names = [Path(c).stem for c in args.ckpts]
     if len(set(names)) != k:
         names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
@@ -90,7 +85,25 @@ def run(args: argparse.Namespace) -> int:
             if out_dir.is_dir():
                 check_output_path(path, force=args.force, inputs=tuple(args.ckpts))
 
-    distributed.init_from_env()
+    started_here = not distributed.is_dist() and distributed.init_from_env()
+    try:
+        return _run(args, k, points, names, domains, outputs)
+    finally:
+        if started_here:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], names: list[str],
+         domains: list[tuple[str, str, str, str]], outputs: dict[str, Path]) -> int:
+    import torch
+
+    from domainmerge import reporting
+    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
+    from domainmerge.data import build_dataset
+    from domainmerge.evaluation import distributed, lmc
+    from domainmerge.evaluation.inference import evaluate_model
+    from domainmerge.models import model_from_state_dict
+
     main = distributed.is_main_process()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
