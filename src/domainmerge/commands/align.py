@@ -38,7 +38,7 @@ def render(report: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from domainmerge.alignment.matching import align_state_dicts
-    from domainmerge.checkpoint import open_checkpoint
+    from domainmerge.checkpoint import detect_prefixes, open_checkpoint
     from domainmerge.checkpoint import save_checkpoint as save
     from domainmerge.commands.recalibrate import updated_record
     from domainmerge.fsutil import check_output_path
@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
                                                    "seed": args.seed, "identity": report.overall})
         save(args.output, aligned, template=other, record=record, force=args.force, inputs=inputs)
     print(render(report), end="")
+    others = [p for p in detect_prefixes(aligned) if not report.prefix.startswith(p)]
+    if others:
+        print(f"note: only {report.prefix} was permuted; the {', '.join(others)} copies are left as they are")
     print(f"wrote {args.output}")
     if args.json:
         write_json(args.json, report.to_dict())
