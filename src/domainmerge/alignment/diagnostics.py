@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -148,11 +149,16 @@ def render_report(report: Mapping[str, Any]) -> str:
 
     names = report["models"]
     pairs = [(c["a"], c["b"]) for c in report["overall"]["cosine"]]
+    short = {n: Path(n).name for n in names} if len({Path(n).name for n in names}) == len(names) else {}
 
     def cell(x: float | None, scale: float = 1.0, digits: int = 3) -> str:
         return "n/a" if x is None else f"{scale * x:.{digits}f}"
 
-    header = ["module", "params"] + [f"rel. norm % {n}" for n in names] + [f"cos {a} / {b}" for a, b in pairs]
+    def label(n: str) -> str:
+        return short.get(n, n)
+
+    header = (["module", "params"] + [f"rel. norm % {label(n)}" for n in names]
+              + [f"cos {label(a)} / {label(b)}" for a, b in pairs])
     rows = []
     for m in [*report["modules"], report["overall"]]:
         rows.append([m["module"], str(m["params"])] + [cell(m["relative"][n], 100, 2) for n in names]
@@ -162,8 +168,8 @@ def render_report(report: Mapping[str, Any]) -> str:
     if report["excluded_keys"]:
         lines.append(f"Not in the base (left out): {len(report['excluded_keys'])} tensors, e.g. "
                      f"{report['excluded_keys'][0]}")
-    ident = ", ".join(f"{n} {cell(f, 100, 1)}%" for n, f in report["identity"].items())
-    lines.append(f"Weight matching to {report['identity_reference']}, units kept in place: {ident} "
+    ident = ", ".join(f"{label(n)} {cell(f, 100, 1)}%" for n, f in report["identity"].items())
+    lines.append(f"Weight matching to {label(report['identity_reference'])}, units kept in place: {ident} "
                  f"({report['identity_note']})")
     lines += ["", f"Verdict: {report['verdict']['text']}", ""]
     return "\n".join(lines)
