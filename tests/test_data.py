@@ -167,6 +167,16 @@ def test_folder_reader_with_custom_suffixes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds[0][1].numpy(), train_ids(1))
 
 
+def test_folder_reader_default_layout_same_suffix(tmp_path: Path) -> None:
+    # images/val/a.png with labels/val/a.png: equal suffixes in separate folders
+    for i in range(2):
+        rgb(tmp_path / f"images/val/s{i}.png", i)
+        ids_png(tmp_path / f"labels/val/s{i}.png", train_ids(i))
+    ds = build_dataset("folder", tmp_path, "val")
+    assert [ds[i][2] for i in range(len(ds))] == ["s0", "s1"]
+    np.testing.assert_array_equal(ds[1][1].numpy(), train_ids(1))
+
+
 def make_cityscapes_val(root: Path, n: int = 3) -> None:
     for i in range(n):
         rgb(root / f"leftImg8bit/val/ulm/ulm_{i:06d}_leftImg8bit.png", i)

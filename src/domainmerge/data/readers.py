@@ -145,7 +145,10 @@ class PairedFolderDataset(torch.utils.data.Dataset[Sample]):
             raise UserError(f"{self.image_root}: folder not found; expected {self.layout}")
         images = {p.relative_to(self.image_root).as_posix()[:-len(self.image_suffix)]: p
                   for p in sorted(self.image_root.rglob(f"*{self.image_suffix}"))
-                  if p.is_file() and not p.name.endswith(self.label_suffix)}
+                  # labels stored beside images (e.g. *_labelTrainIds.png next to *.png) are not images;
+                  # with equal suffixes the two live in separate folders and nothing is excluded
+                  if p.is_file() and (self.label_suffix == self.image_suffix
+                                      or not p.name.endswith(self.label_suffix))}
         if not images:
             raise UserError(f"{self.image_root}: no *{self.image_suffix} images; expected {self.layout}")
         labels: dict[str, Path] = {}
