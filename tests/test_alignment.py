@@ -203,6 +203,19 @@ def test_prefix_auto_detection_prefers_the_student() -> None:
     assert spec_from_state_dict(both).prefix == "model.backbone."
 
 
+def test_plain_stack_under_a_prefix_with_a_head() -> None:
+    stack = conv_stack()
+    sd = {f"backbone.{k}": v for k, v in stack.state_dict().items()}
+    sd["decode_head.conv_seg.weight"] = torch.zeros(3, 2, 1, 1)
+    for prefix in (None, "backbone", "backbone."):
+        spec = spec_from_state_dict(sd, prefix)
+        assert spec.prefix == "backbone." and spec.family == "conv-stack"
+        # Three hidden layers permuted (with their BN), the last conv (read by the head) fixed.
+        assert sorted(spec.sizes) == ["backbone.0", "backbone.3", "backbone.6"]
+        assert ("backbone.7.running_mean", 0) in spec.axes["backbone.6"]
+        assert ("backbone.9.weight", 1) in spec.axes["backbone.6"]
+
+
 def test_unknown_tensor_in_backbone_is_refused() -> None:
     sd = dict(TorchvisionResNet().state_dict())
     sd["layer1.0.conv2.conv_offset.weight"] = torch.zeros(18, 4, 3, 3)

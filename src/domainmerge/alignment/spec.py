@@ -245,6 +245,8 @@ def spec_from_state_dict(state_dict: Mapping[str, Tensor], prefix: str | None = 
     """Derive the permutation spec of the backbone under ``prefix`` (auto-detected when None)."""
     if prefix is None:
         prefix = detect_prefix(state_dict)
+    elif prefix and not prefix.endswith("."):
+        prefix += "."  # 'model.backbone' means the module, not every key starting with those letters
     if not any(k.startswith(prefix) for k in state_dict):
         raise UserError(f"prefix {prefix!r}: no key starts with it; pass --prefix naming the backbone")
     if f"{prefix}layer1.0.conv1.weight" in state_dict:
