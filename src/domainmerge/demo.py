@@ -1,0 +1,478 @@
+"""The paper end to end in the synthetic world: pretrain, adapt, merge, evaluate, check.
+
+Stages: (1) generate the world; (2) pretrain a network on the generic ``pretrain`` family
+(stands in for ImageNet); (3) source-only training on the labeled ``game`` domain from the
+pretrained backbone and a seeded head: the shared starting point of every adaptation run;
+(4) one STDA run per target from those shared weights; (5) the data-combination run (same
+recipe, several targets' images at once); (6) one extra STDA run from a different random
+initialisation (for the interpolation ablation); (7) merges through ``domainmerge.merging``;
+(8) evaluation of everything on every target's labeled val split; (9) the paper's claims
+checked as PASS/FAIL lines, results.json, results.md and plots.
+
+Every number is measured in the run; nothing is hard-coded but the hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
+from domainmerge.errors import UserError
+from domainmerge.evaluation.metrics import SegMetric, harmonic_mean
+from domainmerge.training.loop import TrainConfig, seed_everything, train_supervised
+from domainmerge.training.pretrain import pretrain, reset_head
+from domainmerge.training.stda import STDAConfig, train_stda
+
+StateDict = dict[str, torch.Tensor]
+HEAD = "decode_head."
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and iteration counts of one demo configuration."""
+
+    name: str
+    targets: tuple[str, ...] = TARGETS
+    size: tuple[int, int] = (64, 128)
+    n_pretrain: int = 200
+    n_source: int = 300
+    n_target: int = 150
+    n_val: int = 50
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(iters=250, lr=2e-3, warmup=20))
+    source: TrainConfig = field(default_factory=lambda: TrainConfig(iters=250, lr=1e-3, warmup=20))
+    stda: STDAConfig = field(default_factory=lambda: STDAConfig(iters=150, warmup=10))
+    lambdas: int = 5
+    combine_all: bool = False       # also a data-combination run over all targets (four-target table)
+    arch: str = "tiny_daformer_r"
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset("quick"),
+    "full": Preset("full", n_pretrain=400, n_source=600, n_target=300, n_val=100,
+                   pretrain=TrainConfig(iters=600, lr=2e-3, warmup=40),
+                   source=TrainConfig(iters=600, lr=1e-3, warmup=40),
+                   stda=STDAConfig(iters=500, warmup=30), lambdas=11, combine_all=True),
+    # A miniature of the whole pipeline for the test suite (seconds, meaningless numbers).
+    "tiny": Preset("tiny", targets=("city", "night"), size=(32, 64), n_pretrain=8, n_source=8, n_target=8,
+                   n_val=4, pretrain=TrainConfig(iters=2, batch_size=2, warmup=1),
+                   source=TrainConfig(iters=2, batch_size=2, warmup=1),
+                   stda=STDAConfig(iters=2, batch_size=2, warmup=1), lambdas=3),
+}
+
+
+def parse_targets(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
+    """'city,idd' -> ('city', 'idd'), validated: known targets, no repeats, at least two."""
+    if text is None:
+        return tuple(default)
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown:
+        raise UserError(f"--targets: unknown target {unknown[0]!r}; choose from {','.join(TARGETS)}")
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise UserError(f"--targets {text!r}: give at least two different targets, e.g. city,idd")
+    return names
+
+
+def line_barrier(lams: Sequence[float], values: Sequence[float]) -> float:
+    """Git Re-Basin barrier of a score curve: max over lambda of the drop below the straight line
+    between its end points, max_l [(1 - l) v_0 + l v_1 - v_l] (0 for a curve on or above the line)."""
+    v0, v1 = values[0], values[-1]
+    return max(0.0, max((1 - lam) * v0 + lam * v1 - v for lam, v in zip(lams, values)))
+
+
+def to_checkpoint_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """The mmseg DA-training layout: the student's keys under 'model.'."""
+    return {f"model.{k}": v.detach().clone() for k, v in state_dict.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, state_dict: Mapping[str, torch.Tensor], dataset: SyntheticDataset,
+             batch_size: int = 50) -> float:
+    """mIoU (percent) of the network with ``state_dict`` on a labeled split, whole-image inference."""
+    from domainmerge.evaluation.inference import predict
+
+    model.load_state_dict(state_dict)
+    model.eval()
+    metric = SegMetric(num_classes=19)
+    for i in range(0, len(dataset), batch_size):
+        images, labels = dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
+        metric.update(predict(model, images).argmax(1), labels)
+    return float(metric.compute().miou)
+
+
+class Demo:
+    """One run of the pipeline; results accumulate in ``self.results`` (JSON-ready)."""
+
+    def __init__(self, preset: Preset, out: Path, seed: int = 0,
+                 log: Callable[[str], None] = print) -> None:
+        self.p, self.out, self.seed, self.log = preset, out, seed, log
+        self.results: dict[str, Any] = {"preset": preset.name, "seed": seed, "targets": list(preset.targets),
+                                        "config": _jsonable(asdict(preset)), "timings_s": {}}
+        self.models: dict[str, StateDict] = {}
+        self.stage = 0
+        self.t0 = time.perf_counter()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _stage(self, text: str) -> float:
+        self.stage += 1
+        self.log(f"[{self.stage}] {text}  (t={time.perf_counter() - self.t0:.0f}s)")
+        return time.perf_counter()
+
+    def _done(self, key: str, start: float) -> None:
+        self.results["timings_s"][key] = round(time.perf_counter() - start, 2)
+
+    def _new_model(self, seed: int) -> nn.Module:
+        from domainmerge.models import build_model
+
+        torch.manual_seed(seed)
+        return build_model(self.p.arch, num_classes=19)
+
+    def _save(self, name: str, model_or_sd: nn.Module | Mapping[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        from domainmerge.checkpoint import save_checkpoint
+
+        sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
+        self.models[name] = {k: v.detach().clone() for k, v in sd.items()}
+        save_checkpoint(self.out / "checkpoints" / f"{name}.pth", to_checkpoint_keys(sd),
+                        meta={"arch": self.p.arch, "name": name, "seed": self.seed, **meta},
+                        container="mmseg", force=True)
+
+    # -- stages --------------------------------------------------------------------------------
+    def build_world(self) -> None:
+        p = self.p
+        start = self._stage(f"world: {p.n_pretrain} pretrain, {p.n_source} {SOURCE}, "
+                            f"{p.n_target}+{p.n_val} per target ({', '.join(p.targets)}) at {p.size}")
+        kw = {"seed": self.seed, "size": p.size}
+        self.pretrain_data = SyntheticDataset("pretrain", "train", p.n_pretrain, **kw)
+        self.source = SyntheticDataset(SOURCE, "train", p.n_source, **kw)
+        self.train = {t: SyntheticDataset(t, "train", p.n_target, **kw) for t in p.targets}
+        self.val = {t: SyntheticDataset(t, "val", p.n_val, **kw) for t in p.targets}
+        self.results["world"] = {
+            "mean_brightness": {d: round(float(ds.images.float().mean()), 2)
+                                for d, ds in [(SOURCE, self.source), *self.val.items()]}}
+        self._done("world", start)
+
+    def pretrain_stage(self) -> None:
+        start = self._stage(f"pretraining on the generic shape task ({self.p.pretrain.iters} it)")
+        model = self._new_model(self.seed)
+        losses = pretrain(model, self.pretrain_data.images, self.pretrain_data.labels, self.p.pretrain,
+                          seed_everything(self.seed))
+        self.results["pretrain_loss"] = {"first": losses[0], "last": losses[-1]}
+        self._save("pretrained", model, {"stage": "pretrain"})
+        self._done("pretrain", start)
+
+    def _source_only(self, name: str, init: StateDict | None, seed: int) -> None:
+        model = self._new_model(seed)
+        if init is not None:
+            model.load_state_dict(init)
+        reset_head(model, seed + 1)
+        train_supervised(model, self.source.images, self.source.labels, self.p.source,
+                         seed_everything(seed + 2), desc=name)
+        self._save(name, model, {"stage": "source-only"})
+
+    def source_stage(self) -> None:
+        start = self._stage(f"source-only training on {SOURCE} ({self.p.source.iters} it), "
+                            "the shared start of every adaptation run")
+        self._source_only("source_only", self.models["pretrained"], self.seed)
+        self._done("source_only", start)
+
+    def _stda(self, name: str, init: StateDict, targets: Sequence[str], seed: int) -> None:
+        model = self._new_model(seed)
+        model.load_state_dict(init)
+        images = torch.cat([self.train[t].images for t in targets])
+        stats = train_stda(model, self.source.images, self.source.labels, images, self.p.stda,
+                           seed_everything(seed), desc=name)
+        tail = max(1, len(stats.pseudo_weight) // 5)
+        self.results.setdefault("training", {})[name] = {
+            "targets": list(targets), "pseudo_weight_last": sum(stats.pseudo_weight[-tail:]) / tail,
+            "source_loss_last": sum(stats.source_loss[-tail:]) / tail}
+        self._save(name, model, {"stage": "stda", "targets": list(targets)})
+
+    def stda_stage(self) -> None:
+        for i, t in enumerate(self.p.targets):
+            start = self._stage(f"STDA {SOURCE} -> {t} ({self.p.stda.iters} it) from the shared weights")
+            self._stda(f"stda_{t}", self.models["source_only"], [t], self.seed + 100 + i)
+            self._done(f"stda_{t}", start)
+
+    def combination_stage(self) -> None:
+        a, b = self.p.targets[:2]
+        runs = [("combined_" + a + "_" + b, [a, b])]
+        if self.p.combine_all and len(self.p.targets) > 2:
+            runs.append(("combined_all", list(self.p.targets)))
+        for name, targets in runs:
+            start = self._stage(f"data combination: one STDA run on {'+'.join(targets)} ({self.p.stda.iters} it)")
+            self._stda(name, self.models["source_only"], targets, self.seed + 200)
+            self._done(name, start)
+
+    def different_init_stage(self) -> None:
+        b = self.p.targets[1]
+        start = self._stage(f"STDA {SOURCE} -> {b} from a different random initialisation (no shared weights)")
+        other = self.seed + 7919
+        self._source_only("source_only_diffinit", None, other)
+        self._stda(f"stda_{b}_diffinit", self.models["source_only_diffinit"], [b], other + 100)
+        self._done("different_init", start)
+
+    def evaluate_stage(self) -> None:
+        from domainmerge.merging import interpolate, merge_state_dicts, merge_state_dicts_per_head
+
+        p, targets = self.p, self.p.targets
+        a, b = targets[:2]
+        start = self._stage("merging and evaluating on every target's val split")
+        net = self._new_model(self.seed)
+        scores: dict[str, dict[str, float]] = {}
+
+        def score(name: str, sd: StateDict, domains: Sequence[str] = targets) -> dict[str, float]:
+            scores[name] = {d: evaluate(net, sd, self.val[d]) for d in domains}
+            return scores[name]
+
+        for name in ["source_only", *[f"stda_{t}" for t in targets], *[n for n in self.models
+                                                                       if n.startswith("combined_")]]:
+            score(name, self.models[name])
+        # Buffer rules and backbone-only merging on the two-target pair and on all targets.
+        groups = [(f"{a}+{b}", [a, b])] + ([("all", list(targets))] if len(targets) > 2 else [])
+        for label, names in groups:
+            sds = [self.models[f"stda_{t}"] for t in names]
+            for rule in ("gaussian", "mean", "first"):
+                score(f"merged_{label}_{rule}", merge_state_dicts(sds, buffers=rule))
+            # Each domain is evaluated with its own model's head (the domain is known at test time).
+            per_head = merge_state_dicts_per_head(sds, keep_heads=HEAD)
+            scores[f"merged_{label}_backbone_heads"] = {d: evaluate(net, sd, self.val[d])
+                                                        for d, sd in zip(names, per_head)}
+        # Every subset of two or more targets (the four-target table), Gaussian buffers.
+        subsets: dict[str, list[str]] = {}
+        for k in range(2, len(targets) + 1):
+            for combo in itertools.combinations(targets, k):
+                key = "+".join(combo)
+                subsets[key] = list(combo)
+                if k == len(targets) > 2:
+                    scores[f"merged_{key}_gaussian"] = scores["merged_all_gaussian"]
+                elif f"merged_{key}_gaussian" not in scores:
+                    score(f"merged_{key}_gaussian", merge_state_dicts([self.models[f"stda_{t}"] for t in combo]))
+        self.results["scores"] = scores
+        self.results["subsets"] = subsets
+        self._done("merge_evaluate", start)
+
+        start = self._stage(f"interpolation curves {a} <-> {b}: shared weights vs different initialisations "
+                            f"({p.lambdas} points each)")
+        lams = [i / (p.lambdas - 1) for i in range(p.lambdas)]
+        curves: dict[str, Any] = {"lambda": lams}
+        for label, end_b in [("shared_init", f"stda_{b}"), ("different_init", f"stda_{b}_diffinit")]:
+            rows = [{d: evaluate(net, interpolate(self.models[f"stda_{a}"], self.models[end_b], lam), self.val[d])
+                     for d in (a, b)} for lam in lams]
+            curve = {d: [r[d] for r in rows] for d in (a, b)}
+            curve["H"] = [harmonic_mean([r[a], r[b]]) for r in rows]
+            curve["barrier"] = {k: line_barrier(lams, v) for k, v in curve.items()}
+            curve["barrier_miou"] = max(curve["barrier"][a], curve["barrier"][b])
+            curves[label] = curve
+        self.results["interpolation"] = curves
+        self._done("interpolation", start)
+
+    # -- claims ------------------------------------------------------------------------------
+    def checks(self) -> list[dict[str, Any]]:
+        """The paper's claims and the world's sanity, measured: one dict per check."""
+        s, targets = self.results["scores"], self.p.targets
+        a, b = targets[:2]
+
+        def h(name: str, domains: Sequence[str] = (a, b)) -> float:
+            return harmonic_mean([s[name][d] for d in domains])
+
+        out: list[dict[str, Any]] = []
+
+        def check(cid: str, text: str, ok: bool, detail: str, kind: str = "claim") -> None:
+            out.append({"id": cid, "kind": kind, "claim": text, "pass": bool(ok), "detail": detail})
+
+        pair = f"{a}+{b}"
+        merged, best = h(f"merged_{pair}_gaussian"), max(h(f"stda_{a}"), h(f"stda_{b}"))
+        check("1", f"merged H >= best single STDA H + 2 ({pair})", merged >= best + 2,
+              f"merged {merged:.1f} vs best single {best:.1f}")
+        comb = h(f"combined_{a}_{b}")
+        check("2", f"merged H >= data-combination H - 1.5 ({pair})", merged >= comb - 1.5,
+              f"merged {merged:.1f} vs data combination {comb:.1f}")
+        group = "all" if len(targets) > 2 else pair
+        doms = list(targets) if group == "all" else [a, b]
+        g, m, f = (h(f"merged_{group}_{r}", doms) for r in ("gaussian", "mean", "first"))
+        check("3", f"gaussian >= mean >= first-model buffers in H ({'+'.join(doms)})", g >= m >= f,
+              f"gaussian {g:.1f}, mean {m:.1f}, first {f:.1f}")
+        cur = self.results["interpolation"]
+        sb, db = cur["shared_init"]["barrier_miou"], cur["different_init"]["barrier_miou"]
+        check("4", "interpolation barrier: shared init <= 1 mIoU, different init >= 10", sb <= 1 and db >= 10,
+              f"shared {sb:.2f}, different {db:.2f} (max over {a}, {b} mIoU curves)")
+        if len(targets) >= 4:
+            allh = h("merged_all_gaussian", targets)
+            singles = {t: h(f"stda_{t}", targets) for t in targets}
+            check("5", f"merging all {len(targets)} beats every single STDA model on the {len(targets)}-way H",
+                  allh > max(singles.values()),
+                  f"all merged {allh:.1f} vs singles " + ", ".join(f"{t} {v:.1f}" for t, v in singles.items()))
+        else:
+            check("5", "merging all four beats every single STDA model (needs 4 targets)", False,
+                  f"not run: only {len(targets)} targets", kind="skipped")
+        gains = {t: s[f"stda_{t}"][t] - s["source_only"][t] for t in targets}
+        mean_gain = sum(gains.values()) / len(gains)
+        check("world-1", "adaptation gain over source-only >= 5 mIoU on average", mean_gain >= 5,
+              f"mean {mean_gain:.1f}: " + ", ".join(f"{t} {v:+.1f}" for t, v in gains.items()), kind="sanity")
+        gaps = {f"{o}->{t}": s[f"stda_{t}"][t] - s[f"stda_{o}"][t] for t in targets for o in targets if o != t}
+        worst = min(gaps.values())
+        mean_gap = sum(gaps.values()) / len(gaps)
+        check("world-2", "a model adapted to another target is worse than the target's own model "
+              "(every pair, mean gap >= 3 mIoU)", worst > 0 and mean_gap >= 3,
+              f"mean gap {mean_gap:.1f}, smallest {worst:.1f} ({min(gaps, key=gaps.__getitem__)})", kind="sanity")
+        self.results["checks"] = out
+        return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """results.md: the paper's two-target table, the buffer rules, the all-subsets table, checks."""
+    from domainmerge.reporting import domain_table
+
+    s, targets = results["scores"], results["targets"]
+    a, b = targets[:2]
+    pair = f"{a}+{b}"
+    two = {
+        f"Data combination ({pair})": s[f"combined_{a}_{b}"],
+        f"STDA {SOURCE}->{a}": s[f"stda_{a}"],
+        f"STDA {SOURCE}->{b}": s[f"stda_{b}"],
+        "Merged (params + buffers)": s[f"merged_{pair}_gaussian"],
+        "Merged backbone, separate heads": s[f"merged_{pair}_backbone_heads"],
+    }
+    two = {k: {d: v[d] for d in (a, b)} for k, v in two.items()}
+    parts = [f"# domainmerge demo ({results['preset']} preset, seed {results['seed']})", "",
+             f"mIoU (%) on each target's val split; H = harmonic mean. Source: {SOURCE}.", "",
+             f"## Two targets ({a}, {b})", "", domain_table(two, domains=[a, b], name="Method"), ""]
+    groups = [pair] + (["all"] if len(targets) > 2 else [])
+    for g in groups:
+        doms = [a, b] if g == pair else list(targets)
+        rows = {f"{r}": {d: s[f"merged_{g}_{r}"][d] for d in doms} for r in ("gaussian", "mean", "first")}
+        title = "all targets" if g == "all" else pair
+        parts += [f"## Buffer rules, merging {title}", "", domain_table(rows, domains=doms, name="Buffers"), ""]
+    if len(targets) > 2:
+        rows = {"Source only": s["source_only"]}
+        rows.update({f"STDA ->{t}": s[f"stda_{t}"] for t in targets})
+        if "combined_all" in s:
+            rows["Data combination (all)"] = s["combined_all"]
+        for key in results["subsets"]:
+            rows[f"Merged {key}"] = s[f"merged_{key}_gaussian"]
+        parts += [f"## {len(targets)} targets (Gaussian buffers)", "",
+                  domain_table(rows, domains=list(targets), name="Model"), ""]
+    cur = results["interpolation"]
+    parts += ["## Interpolation barriers (mIoU points below the straight line)", "",
+              "| Curve | " + " | ".join([a, b, "H"]) + " |", "|---|---:|---:|---:|"]
+    for label in ("shared_init", "different_init"):
+        bar = cur[label]["barrier"]
+        parts.append(f"| {label.replace('_', ' ')} | " + " | ".join(f"{bar[k]:.2f}" for k in (a, b, "H")) + " |")
+    parts += ["", "## Checks", ""]
+    for c in results["checks"]:
+        status = "SKIP" if c["kind"] == "skipped" else ("PASS" if c["pass"] else "FAIL")
+        parts.append(f"- {status} [{c['id']}] {c['claim']}: {c['detail']}")
+    t = results["timings_s"]
+    parts += ["", f"Wall time {sum(t.values()):.0f} s: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()), ""]
+    return "\n".join(parts)
+
+
+def plot(results: Mapping[str, Any], out: Path) -> list[Path]:
+    """interpolation.png (shared vs different init) and merging.png (bar chart of the variants)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from domainmerge.fsutil import atomic_path
+
+    s, targets = results["scores"], results["targets"]
+    a, b = targets[:2]
+    cur = results["interpolation"]
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, label in zip(axes, ("shared_init", "different_init")):
+        for key, style in ((a, "-o"), (b, "-s"), ("H", "-k^")):
+            ax.plot(cur["lambda"], cur[label][key], style, label=f"{key} (barrier {cur[label]['barrier'][key]:.1f})")
+        ax.set_title(f"{label.replace('_', ' ')}: STDA->{a} to STDA->{b}")
+        ax.set_xlabel("lambda")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("mIoU (%)")
+    fig.tight_layout()
+    path = out / "interpolation.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    pair = f"{a}+{b}"
+    bars = {f"STDA->{a}": s[f"stda_{a}"], f"STDA->{b}": s[f"stda_{b}"], "data comb.": s[f"combined_{a}_{b}"],
+            "gaussian": s[f"merged_{pair}_gaussian"], "mean": s[f"merged_{pair}_mean"],
+            "first": s[f"merged_{pair}_first"], "backbone+heads": s[f"merged_{pair}_backbone_heads"]}
+    names = list(bars)
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.27
+    for i, key in enumerate((a, b, "H")):
+        vals = [harmonic_mean([v[a], v[b]]) if key == "H" else v[key] for v in bars.values()]
+        ax.bar([x + (i - 1) * width for x in range(len(names))], vals, width, label=key)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(f"Merging variants, {pair}")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "merging.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = False,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage, write results.json, results.md and the plots to ``out``; return the results."""
+    from domainmerge.reporting import write_json, write_markdown
+
+    out = Path(out)
+    if (out / "results.json").exists() and not force:
+        raise UserError(f"{out}/results.json exists; pass --force to overwrite the demo's outputs")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    demo = Demo(preset, out, seed, log)
+    demo.build_world()
+    demo.pretrain_stage()
+    demo.source_stage()
+    demo.stda_stage()
+    demo.combination_stage()
+    demo.different_init_stage()
+    demo.evaluate_stage()
+    checks = demo.checks()
+    demo.results["wall_time_s"] = round(time.perf_counter() - demo.t0, 1)
+    write_json(out / "results.json", demo.results)
+    write_markdown(out / "results.md", render_markdown(demo.results))
+    plot(demo.results, out)
+    for c in checks:
+        status = "SKIP" if c["kind"] == "skipped" else ("PASS" if c["pass"] else "FAIL")
+        log(f"{status} [{c['id']}] {c['claim']}: {c['detail']}")
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, interpolation.png, merging.png "
+        f"({demo.results['wall_time_s']:.0f} s)")
+    return demo.results
+
+
+def preset_with(name: str, targets: str | None = None) -> Preset:
+    """A named preset, with ``--targets`` applied."""
+    if name not in PRESETS:
+        raise UserError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return replace(p, targets=parse_targets(targets, p.targets))
+
+
+__all__ = ["PRESETS", "Demo", "Preset", "evaluate", "line_barrier", "parse_targets", "plot", "preset_with",
+           "render_markdown", "run_demo"]
