@@ -24,6 +24,7 @@ COMMANDS = [
     "evaluate",
     "recalibrate",
     "lmc",
+    "demo",
 ]
 
 
