@@ -12,10 +12,13 @@ tensor by tensor (:class:`SafetensorsWriter`), so merging K checkpoints never ho
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import pickle
 import struct
+import sys
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -106,6 +109,7 @@ class Checkpoint:
     extras: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     infos: dict[str, TensorInfo] = field(default_factory=dict)
+    mapped: bool = False
     _tensors: Mapping[str, torch.Tensor] | None = None
     _st_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
     _st_data_start: int = 0
@@ -140,6 +144,15 @@ class Checkpoint:
             raise UserError(f"{self.path}: truncated data for tensor {key!r}; the file is damaged")
         return buf.view(info.dtype).reshape(info.shape)
 
+    def release(self, key: str) -> None:
+        """Tell the kernel a mapped tensor's pages are no longer needed (pickles read with mmap).
+
+        The pages are clean copies of the file, so dropping them loses nothing (a later read
+        maps them in again); it keeps the resident memory of a merge near one model, not K.
+        """
+        if self._tensors is not None and self.mapped:
+            _drop_pages(self._tensors[key])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All tensors as a dict (reads everything)."""
         return {k: self.get(k) for k in self.infos}
@@ -156,6 +169,26 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _drop_pages(tensor: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) over the pages of a tensor in a private file mapping (Linux)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    _LIBC.madvise(start, end - start, 4)  # 4 = MADV_DONTNEED; failure only means memory stays
+
+
+_LIBC: Any = None
 
 
 def _open_safetensors(path: Path) -> Checkpoint:
@@ -219,6 +252,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         extras = {k: v for k, v in obj.items() if k != container_key}
     ck = Checkpoint(path=p, format="pickle", container_key=container_key, extras=extras)
     ck._tensors = sd
+    ck.mapped = zipfile.is_zipfile(p) and sys.platform.startswith("linux")
     ck.infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in sd.items()}
     return ck
 

@@ -177,6 +177,13 @@ class _Reader:
     def get(self, i: int, key: str) -> torch.Tensor:
         return self.sources[i].get(key)
 
+    def release(self, key: str, inputs: Sequence[int]) -> None:
+        """Let sources free what they hold for a key that is done (mapped pages of a pickle)."""
+        for i in inputs:
+            release = getattr(self.sources[i], "release", None)
+            if release is not None:
+                release(key)
+
     def check(self, key: str, result: torch.Tensor, inputs: Sequence[int]) -> None:
         """Raise naming the input file when a merged tensor is not finite.
 
@@ -262,6 +269,7 @@ def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[st
                 reader.check(key, t, [i])
             plan.stats["head (kept per model)"] += 1
             yield key, own
+            reader.release(key, plan.holders[key])
             continue
         if plan.merged[key]:
             tensor = _merge_key(plan, reader, key, bn_cache)
@@ -272,6 +280,7 @@ def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[st
             reader.check(key, tensor, plan.holders[key][:1])
             plan.stats["copied from first"] += 1
         yield key, [tensor] * n_out
+        reader.release(key, plan.holders[key])
 
 
 def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None,
