@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from domainmerge.evaluation.lmc import barrier, barriers, lambda_grid, scan, simplex_grid
+from domainmerge.evaluation.lmc import barrier, barriers, dip_below_line, lambda_grid, scan, simplex_grid
 
 
 def test_barrier_by_hand() -> None:
@@ -25,6 +25,18 @@ def test_barrier_by_hand() -> None:
     # Simplex: mean of three vertices (30 + 60 + 90) / 3 = 60, minimum 20.
     assert barrier([30.0, 20.0, 60.0, 90.0], endpoints=[30.0, 60.0, 90.0]) == 40.0
     assert math.isnan(barrier([1.0, math.nan, 2.0]))
+
+
+def test_dip_below_line_by_hand() -> None:
+    lams = [0.0, 0.25, 0.5, 0.75, 1.0]
+    w = [(1 - t, t) for t in lams]
+    # Line from 40 to 60: 40, 45, 50, 55, 60; the curve sits 10 below it at 0.5.
+    assert dip_below_line([40.0, 44.0, 40.0, 56.0, 60.0], w, [40.0, 60.0]) == pytest.approx(10.0)
+    # Above the line everywhere: the largest "dip" is at an end point, 0.
+    assert dip_below_line([40.0, 50.0, 55.0, 60.0, 60.0], w, [40.0, 60.0]) == pytest.approx(0.0)
+    # Simplex: vertices 30, 60, 90; centre-of-edge point (0.5, 0, 0.5) scores 40 against a line value 60.
+    assert dip_below_line([30.0, 60.0, 90.0, 40.0], [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0.5, 0, 0.5)],
+                          [30.0, 60.0, 90.0]) == pytest.approx(20.0)
 
 
 def test_grids() -> None:
@@ -58,6 +70,7 @@ def test_scan_uses_the_merge_rules_for_parameters_and_bn_statistics() -> None:
     assert rows[2]["H"] == pytest.approx(45.0)
     s = barriers(rows)
     assert s["x"]["barrier"] == pytest.approx(5.0)  # linear 50 -> 40: half the gap
+    assert s["x"]["dip_below_line"] == pytest.approx(0.0)  # ... but never below the line
     h = [2 * (50 - 10 * t) * (40 + 10 * t) / (90) for t in lambda_grid(5)]
     assert s["H"]["barrier"] == pytest.approx((h[0] + h[-1]) / 2 - min(h))
     assert s["H"]["argmax"] == [0.5, 0.5]

@@ -9,6 +9,11 @@ Barrier, Git Re-Basin's form (PAPER.md): for a loss, B = max_lambda L(theta_lamb
 minimum below the mean of its end points, B = (m_0 + m_1) / 2 - min_lambda m_lambda. Since the
 end points lie on the curve, B >= 0, and B equals |m_0 - m_1| / 2 for a monotone curve without
 a dip. Over a simplex of K models the end points become its K vertices.
+
+Because per-domain curves of models adapted to different domains have very different end
+points, the tables also give the dip below the straight line between the end points
+(Frankle et al.'s form): max_lambda ((1 - lambda) m_0 + lambda m_1 - m_lambda), over a simplex
+max_w (sum_k w_k m_k - m_w); <= 0 when the curve never falls below that line.
 """
 
 from __future__ import annotations
@@ -36,6 +41,15 @@ def barrier(values: Sequence[float], endpoints: Sequence[float] | None = None, *
         return math.nan
     mean_ends = sum(ends) / len(ends)
     return mean_ends - min(values) if higher_is_better else max(values) - mean_ends
+
+
+def dip_below_line(values: Sequence[float], weights: Sequence[Sequence[float]],
+                   vertex_values: Sequence[float]) -> float:
+    """max over points of (sum_k w_k * vertex_values[k] - value): how far the scores fall below the
+    linear interpolation of the models' own scores (NaN if any value is NaN)."""
+    if any(math.isnan(v) for v in [*values, *vertex_values]):
+        return math.nan
+    return max(sum(wk * vk for wk, vk in zip(w, vertex_values)) - v for v, w in zip(values, weights))
 
 
 def lambda_grid(steps: int) -> list[float]:
@@ -88,7 +102,7 @@ def barriers(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per domain and for H: the barrier, the mean of the end points (the simplex's vertices),
     the curve's minimum and where it lies, and the best point."""
     k = len(rows[0]["weights"])
-    vertices = [r for r in rows if max(r["weights"]) == 1.0]
+    vertices = sorted((r for r in rows if max(r["weights"]) == 1.0), key=lambda r: list(r["weights"]).index(1.0))
     if len(vertices) != k:
         raise ValueError("the grid must contain every model itself (its vertices)")
     out = {}
@@ -100,7 +114,9 @@ def barriers(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         finite = [r for r in rows if not math.isnan(value(r))]
         worst = min(finite, key=value) if finite else rows[0]
         best = max(finite, key=value) if finite else rows[0]
-        out[metric] = {"barrier": barrier(values, ends), "endpoint_mean": sum(ends) / k, "min": value(worst),
+        out[metric] = {"barrier": barrier(values, ends), "endpoint_mean": sum(ends) / k,
+                       "dip_below_line": dip_below_line(values, [r["weights"] for r in rows], ends),
+                       "min": value(worst),
                        "argmin": worst["weights"], "max": value(best), "argmax": best["weights"]}
     return out
 
@@ -122,15 +138,16 @@ def render(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str,
     table = markdown_table([first, *domains, "H"], body)
     where = "lambda" if k == 2 else "weights"
     brows = [[m, fmt(s["endpoint_mean"]), fmt(s["min"]), point_label(s["argmin"]), fmt(s["barrier"]),
-              fmt(s["max"]), point_label(s["argmax"])] for m, s in summary.items()]
-    btable = markdown_table(["metric", "mean of ends", "min", f"min at {where}", "barrier", "max",
-                             f"max at {where}"], brows)
+              fmt(s["dip_below_line"]), fmt(s["max"]), point_label(s["argmax"])] for m, s in summary.items()]
+    btable = markdown_table(["metric", "mean of ends", "min", f"min at {where}", "barrier", "dip below line",
+                             "max", f"max at {where}"], brows)
     ends = "end points" if k == 2 else "vertices"
     head = (f"Interpolation between {' and '.join(names)}" if k == 2
             else f"Simplex of {', '.join(names)}")
     return (f"{head} (mIoU %, H = harmonic mean over domains)\n\n{table}\n\n"
-            f"Barrier = mean of the {ends} - minimum over the {'curve' if k == 2 else 'grid'} "
-            f"(Git Re-Basin's form; 0 = no dip)\n\n{btable}\n")
+            f"Barrier = mean of the {ends} - minimum over the {'curve' if k == 2 else 'grid'} (Git Re-Basin's "
+            f"form). Dip below line = largest drop below the linear interpolation of the {ends}' own scores "
+            f"(<= 0: never below it).\n\n{btable}\n")
 
 
 def plot_curve(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
