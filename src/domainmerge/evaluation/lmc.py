@@ -151,8 +151,8 @@ def render(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str,
 
 
 def plot_curve(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
-    """PNG: mIoU per domain and H against lambda; dashed, each curve's end-point mean (the level
-    the barrier is measured from)."""
+    """PNG: mIoU per domain and H against lambda; dashed, the straight line between each curve's
+    end points (its midpoint is the level the barrier is measured from)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +165,7 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: st
     for metric in [*rows[0]["scores"], "H"]:
         ys = [r["H"] if metric == "H" else r["scores"][metric] for r in rows]
         line, = ax.plot(lams, ys, marker="o", lw=2.5 if metric == "H" else 1.5, label=metric)
-        ax.axhline((ys[0] + ys[-1]) / 2, ls="--", lw=0.8, color=line.get_color())
+        ax.plot([0, 1], [ys[0], ys[-1]], ls="--", lw=0.8, color=line.get_color())
     ax.set_xlabel(f"lambda  ({names[0]} -> {names[1]})")
     ax.set_ylabel("mIoU (%)")
     ax.set_xlim(0, 1)
