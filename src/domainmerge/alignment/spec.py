@@ -27,8 +27,6 @@ from torch import Tensor
 from domainmerge.errors import UserError
 
 NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
-# Tensors that never carry a unit axis (counters).
-_IGNORED_SUFFIXES = (".num_batches_tracked",)
 _PREFERRED_PREFIXES = ("model.backbone.", "backbone.", "module.backbone.", "model.", "module.", "")
 
 
@@ -130,11 +128,18 @@ def _chain(builder: _Builder, modules: list[tuple[str, str]], in_perm: str | Non
             current = out
 
 
+def _children(mods: Mapping[str, Mapping[str, Tensor]], parent: str) -> list[tuple[str, str]]:
+    """(module, kind) of the integer-indexed children ``parent.N`` in index order (a Sequential)."""
+    found = [(int(m.group(1)), k) for k in mods if (m := re.fullmatch(rf"{re.escape(parent)}\.(\d+)", k))]
+    return [(k, _kind(mods[k])) for _, k in sorted(found)]
+
+
 def _resnet_spec(state_dict: Mapping[str, Tensor], prefix: str) -> PermutationSpec:
     mods = _modules(state_dict, prefix)
     b = _Builder(state_dict, prefix)
-    stages = sorted({int(m.group(1)) for k in mods if (m := re.match(r"layer(\d+)\.\d+\.", k + "."))})
-    blocks = {s: sorted({int(k.split(".")[1]) for k in mods if k.startswith(f"layer{s}.")}) for s in stages}
+    stages = sorted({int(m.group(1)) for k in mods if (m := re.match(r"layer(\d+)\.\d+\.", k))})
+    blocks = {s: sorted({int(m.group(1)) for k in mods if (m := re.match(rf"layer{s}\.(\d+)\.", k))})
+              for s in stages}
 
     # Residual streams: a stage opens a new stream only where its first block has a downsample.
     streams = ["stream.stem"]
@@ -157,9 +162,8 @@ def _resnet_spec(state_dict: Mapping[str, Tensor], prefix: str) -> PermutationSp
         return None if name in fixed else f"{prefix}{name}"
 
     # Stem: deep stem (stem.N) or single conv1/bn1.
-    stem = [(k, _kind(v)) for k, v in mods.items() if k.startswith("stem.")]
+    stem = _children(mods, "stem")
     if stem:
-        stem.sort(key=lambda mk: int(mk[0].split(".")[1]))
         _chain(b, stem, None, perm(streams[0]))
     else:
         b.linear("conv1", None, perm(streams[0]))
@@ -177,9 +181,8 @@ def _resnet_spec(state_dict: Mapping[str, Tensor], prefix: str) -> PermutationSp
                 b.linear(f"{block}.conv{n}", current, out)
                 b.norm(f"{block}.bn{n}", out)
                 current = out
-            down = [(k, _kind(v)) for k, v in mods.items() if k.startswith(f"{block}.downsample.")]
+            down = _children(mods, f"{block}.downsample")
             if down:
-                down.sort(key=lambda mk: int(mk[0].split(".")[-1]))
                 _chain(b, down, perm(stream_in), perm(stream_out))
             stream_in = stream_out
     if fc is not None:
