@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import pytest
@@ -108,6 +109,7 @@ def test_recalibrate_command_on_a_model_package_network(tmp_path) -> None:  # ty
     torch.save({"meta": {"domainmerge": {"inputs": ["a", "b"]}}, "state_dict": sd}, tmp_path / "merged.pth")
     d1 = write_cityscapes(tmp_path / "d1", 3, seed=1)
     d2 = write_cityscapes(tmp_path / "d2", 2, seed=2, size=(32, 24))
+    shutil.rmtree(tmp_path / "d2" / "gtFine")  # an unlabeled training split must do
     out = tmp_path / "recal.pth"
     assert main(["recalibrate", str(tmp_path / "merged.pth"), "--images", "4", "-o", str(out), "--quiet",
                  "--domain", "one", "cityscapes", str(tmp_path / "d1"), "train",

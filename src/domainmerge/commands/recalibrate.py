@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from domainmerge.checkpoint import detect_prefixes, open_checkpoint, save_checkpoint, strip_model_prefix
-    from domainmerge.data import build_dataset
+    from domainmerge.data import LAYOUTS, build_dataset
     from domainmerge.evaluation.recalibrate import image_batches, recalibrate_bn, spread_indices
     from domainmerge.fsutil import check_output_path
     from domainmerge.models import model_from_state_dict
@@ -93,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     check_output_path(args.output, force=args.force, inputs=(args.checkpoint,))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    datasets: dict[str, Any] = {name: build_dataset(kind, root, split, strict=not args.no_strict)
-                                for name, kind, root, split in domains}
+    # Images only: the readers that can skip labels do, so unlabeled training splits work too.
+    datasets: dict[str, Any] = {
+        name: build_dataset(kind, root, split, strict=not args.no_strict,
+                            **({"labels": False} if kind in LAYOUTS or kind == "folder" else {}))
+        for name, kind, root, split in domains}
     indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, args.images)
     with open_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle) as ck:
         full = ck.state_dict()
