@@ -256,3 +256,34 @@ def test_inspect_reports_modules_and_distance(tmp_path, capsys):
     expected = 0.1 * float(a["backbone.conv1.weight"].norm()) / norm_all
     assert dist["rel_l2"] == pytest.approx(expected, rel=1e-6)
     assert dist["bn_mean_abs_diff"] == 0
+
+
+def test_merge_align_undoes_a_hidden_unit_permutation(tmp_path, capsys):
+    """B is A with its backbone's hidden units shuffled: the same function, different weights.
+    Plain averaging mixes unrelated units; --align must recover A exactly."""
+    from domainmerge.alignment.matching import apply_permutation
+    from domainmerge.alignment.spec import spec_from_state_dict
+    from domainmerge.models import build_model
+
+    torch.manual_seed(0)
+    a = {"model." + k: v for k, v in build_model("tiny_daformer_r").state_dict().items()}
+    spec = spec_from_state_dict(a)
+    g = torch.Generator().manual_seed(1)
+    perms = {p: torch.randperm(n, generator=g) for p, n in spec.sizes.items()}
+    b = apply_permutation(a, spec, perms)
+    conv = next(k for k in spec.perms_of_key() if k.endswith("conv1.weight"))
+    assert not torch.equal(a[conv], b[conv])
+    torch.save({"state_dict": a}, tmp_path / "a.pth")
+    torch.save({"state_dict": b}, tmp_path / "b.pth")
+    for flag, out in (([], "plain.pth"), (["--align"], "aligned.pth")):
+        assert main(["merge", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), "-o", str(tmp_path / out),
+                     *flag]) == 0
+    assert "100.0% of units kept in place" not in capsys.readouterr().out  # a real permutation was found
+    plain = torch.load(tmp_path / "plain.pth", weights_only=True)["state_dict"]
+    aligned = torch.load(tmp_path / "aligned.pth", weights_only=True)["state_dict"]
+    assert not torch.allclose(plain[conv], a[conv])
+    for k, v in a.items():
+        if k.endswith("num_batches_tracked"):
+            assert int(aligned[k]) == 2 * int(v)
+        else:
+            torch.testing.assert_close(aligned[k], v, rtol=1e-6, atol=1e-6, msg=k)

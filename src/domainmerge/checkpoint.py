@@ -408,3 +408,18 @@ def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch
                 obj = build_container(state_dict, template=template, record=record)
             torch.save(obj, tmp)
     return out
+
+
+def updated_record(ck: Checkpoint, **entries: Any) -> dict[str, Any]:
+    """The checkpoint's domainmerge record (a merge's, say) with ``entries`` added, so writing a
+    derived checkpoint keeps the history instead of replacing it."""
+    previous: Any = None
+    meta = ck.extras.get("meta")
+    if isinstance(meta, dict):
+        previous = meta.get("domainmerge")
+    elif "domainmerge" in ck.metadata:
+        try:
+            previous = json.loads(ck.metadata["domainmerge"])
+        except json.JSONDecodeError:
+            previous = None
+    return {**(previous if isinstance(previous, dict) else {}), **entries}

@@ -38,9 +38,8 @@ def render(report: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from domainmerge.alignment.matching import align_state_dicts
-    from domainmerge.checkpoint import detect_prefixes, open_checkpoint
+    from domainmerge.checkpoint import detect_prefixes, open_checkpoint, updated_record
     from domainmerge.checkpoint import save_checkpoint as save
-    from domainmerge.commands.recalibrate import updated_record
     from domainmerge.fsutil import check_output_path
     from domainmerge.reporting import write_json
 

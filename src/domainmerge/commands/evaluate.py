@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domainmerge.commands._common import add_domain_argument, parse_domains
 from domainmerge.errors import UserError
 
 DESCRIPTION = """\
@@ -74,9 +75,8 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate checkpoints on domains (mIoU per domain, H)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoint files (.pth/.pt/.bin/.safetensors)")
-    p.add_argument("--domain", nargs="+", action="append", default=[], metavar="NAME DATASET ROOT [SPLIT]",
-                   help="a domain to score on: its name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, "
-                        "folder), root folder and split (default val); repeatable")
+    add_domain_argument(p, "a domain to score on: its name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, "
+                           "folder, synthetic), root folder and split (default val); repeatable")
     p.add_argument("--per-domain", action="store_true",
                    help="score the i-th checkpoint on the i-th domain only (separate-head checkpoints)")
     p.add_argument("--arch", default="auto", help="architecture name, or auto (default) to detect it")
@@ -105,21 +105,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-def _parse_domains(specs: list[list[str]]) -> list[tuple[str, str, str, str]]:
-    out = []
-    for spec in specs:
-        if len(spec) not in (3, 4):
-            raise UserError(f"--domain {' '.join(spec)}: give NAME DATASET ROOT [SPLIT]")
-        name, kind, root = spec[:3]
-        out.append((name, kind, root, spec[3] if len(spec) == 4 else "val"))
-    names = [d[0] for d in out]
-    if not out:
-        raise UserError("nothing to evaluate on; give --domain NAME DATASET ROOT [SPLIT]")
-    if len(set(names)) != len(names):
-        raise UserError(f"domain names must differ, got {names}")
-    return out
 
 
 def _prediction_writer(folder: Path) -> Any:
@@ -159,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.evaluation.inference import evaluate_model
     from domainmerge.fsutil import check_output_path
 
-    domains = _parse_domains(args.domain)
+    domains = parse_domains(args.domain, "val")
     jobs, note = plan_jobs(list(args.ckpts), [d[0] for d in domains], args.per_domain)
     for c in args.ckpts:
         if not Path(c).is_file():

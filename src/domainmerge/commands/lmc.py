@@ -21,7 +21,7 @@ for 3 models a ternary heat map) under --out. Data-parallel under torchrun; rank
 
 
 def add_parser(sub: Any) -> None:
-    from domainmerge.commands.recalibrate import add_domain_argument
+    from domainmerge.commands._common import add_domain_argument
 
     p = sub.add_parser("lmc", help="interpolation curves between checkpoints and their barriers",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +61,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from domainmerge.commands.recalibrate import parse_domains
+    from domainmerge.commands._common import parse_domains
     from domainmerge.evaluation import distributed, lmc
     from domainmerge.fsutil import check_output_path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from domainmerge.commands._common import add_domain_argument, parse_domains
 from domainmerge.errors import UserError
 
 DESCRIPTION = """\
@@ -14,44 +15,6 @@ average (momentum None) with BN layers in training mode, without gradients; noth
 changes. This uses target data, unlike the training-free Gaussian merge of BN statistics: use
 it as the data-driven reference to compare against.
 """
-
-
-def add_domain_argument(p: argparse.ArgumentParser, help_text: str) -> None:
-    """The repeatable ``--domain NAME DATASET ROOT [SPLIT]`` option."""
-    p.add_argument("--domain", nargs="+", action="append", default=[], metavar="NAME DATASET ROOT [SPLIT]",
-                   help=help_text)
-
-
-def parse_domains(specs: list[list[str]], default_split: str) -> list[tuple[str, str, str, str]]:
-    """``--domain`` values -> (name, dataset kind, root, split); names must be unique."""
-    out = []
-    for spec in specs:
-        if len(spec) not in (3, 4):
-            raise UserError(f"--domain {' '.join(spec)}: give NAME DATASET ROOT [SPLIT]")
-        out.append((spec[0], spec[1], spec[2], spec[3] if len(spec) == 4 else default_split))
-    if not out:
-        raise UserError("no domain given; add --domain NAME DATASET ROOT [SPLIT]")
-    names = [d[0] for d in out]
-    if len(set(names)) != len(names):
-        raise UserError(f"--domain: names must differ, got {names}")
-    return out
-
-
-def updated_record(ck: Any, **entries: Any) -> dict[str, Any]:
-    """The checkpoint's domainmerge record (a merge's, say) with ``entries`` added, so writing a
-    derived checkpoint keeps the history instead of replacing it."""
-    import json
-
-    previous: Any = None
-    meta = ck.extras.get("meta")
-    if isinstance(meta, dict):
-        previous = meta.get("domainmerge")
-    elif "domainmerge" in ck.metadata:
-        try:
-            previous = json.loads(ck.metadata["domainmerge"])
-        except json.JSONDecodeError:
-            previous = None
-    return {**(previous if isinstance(previous, dict) else {}), **entries}
 
 
 def add_parser(sub: Any) -> None:
@@ -82,7 +45,13 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from domainmerge.checkpoint import detect_prefixes, open_checkpoint, save_checkpoint, strip_model_prefix
+    from domainmerge.checkpoint import (
+        detect_prefixes,
+        open_checkpoint,
+        save_checkpoint,
+        strip_model_prefix,
+        updated_record,
+    )
     from domainmerge.data import LAYOUTS, build_dataset
     from domainmerge.evaluation.recalibrate import image_batches, recalibrate_bn, spread_indices
     from domainmerge.fsutil import check_output_path
