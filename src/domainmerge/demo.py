@@ -149,7 +149,7 @@ class Demo:
         p = self.p
         start = self._stage(f"world: {p.n_pretrain} pretrain, {p.n_source} {SOURCE}, "
                             f"{p.n_target}+{p.n_val} per target ({', '.join(p.targets)}) at {p.size}")
-        kw = {"seed": self.seed, "size": p.size}
+        kw: dict[str, Any] = {"seed": self.seed, "size": p.size}
         self.pretrain_data = SyntheticDataset("pretrain", "train", p.n_pretrain, **kw)
         self.source = SyntheticDataset(SOURCE, "train", p.n_source, **kw)
         self.train = {t: SyntheticDataset(t, "train", p.n_target, **kw) for t in p.targets}
@@ -266,9 +266,9 @@ class Demo:
         for label, end_b in [("shared_init", f"stda_{b}"), ("different_init", f"stda_{b}_diffinit")]:
             rows = [{d: evaluate(net, interpolate(self.models[f"stda_{a}"], self.models[end_b], lam), self.val[d])
                      for d in (a, b)} for lam in lams]
-            curve = {d: [r[d] for r in rows] for d in (a, b)}
+            curve: dict[str, Any] = {d: [r[d] for r in rows] for d in (a, b)}
             curve["H"] = [harmonic_mean([r[a], r[b]]) for r in rows]
-            curve["barrier"] = {k: line_barrier(lams, v) for k, v in curve.items()}
+            curve["barrier"] = {k: line_barrier(lams, curve[k]) for k in (a, b, "H")}
             curve["barrier_miou"] = max(curve["barrier"][a], curve["barrier"][b])
             curves[label] = curve
         self.results["interpolation"] = curves

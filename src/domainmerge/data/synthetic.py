@@ -125,8 +125,8 @@ def _street(rng: np.random.Generator, content: Content, h: int, w: int
     Returns (label [H, W] int64, shade [H, W] float in [-1, 1], lights [(y, x, kind)], horizon).
     """
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    horizon = h * rng.uniform(0.36, 0.5)
-    vx = w * rng.uniform(0.4, 0.6)                       # vanishing point column
+    horizon = float(h * rng.uniform(0.36, 0.5))
+    vx = float(w * rng.uniform(0.4, 0.6))                       # vanishing point column
     label = np.full((h, w), SKY, np.int64)
     shade = np.zeros((h, w))
     lights: list[tuple[int, int, int]] = []
@@ -137,8 +137,8 @@ def _street(rng: np.random.Generator, content: Content, h: int, w: int
         bw = rng.uniform(0.08, 0.25) * w
         if rng.random() < content.building:
             top = horizon * (1 - rng.uniform(*content.building_height))
-            a, b, c, d = _rect(label, top, horizon + 1, x, x + bw, BUILDING)
-            shade[a:b, c:d] = rng.uniform(-0.6, 0.6)
+            a, b, c, e = _rect(label, top, horizon + 1, x, x + bw, BUILDING)
+            shade[a:b, c:e] = rng.uniform(-0.6, 0.6)
         x += bw
     for _ in range(rng.integers(content.trees[0], content.trees[1] + 1)):
         cx, cy = rng.uniform(0, w), horizon * rng.uniform(0.5, 0.95)
@@ -169,10 +169,11 @@ def _street(rng: np.random.Generator, content: Content, h: int, w: int
     for kind, (lo, hi) in (("pole", content.poles), ("car", content.cars), ("truck", content.trucks),
                            ("person", content.persons), ("moto", content.motorcycles)):
         objects += [(rng.uniform(0.05, 0.95), kind) for _ in range(rng.integers(lo, hi + 1))]
-    for d, kind in sorted(objects):
+    for dd, kind in sorted(objects):
+        d = float(dd)
         base = horizon + d * (h - horizon)                   # ground row of the object
         scale = 0.15 + 0.85 * d                              # perspective size
-        half_road = (0.02 + np.mean(content.road_width)) * w * d
+        half_road = (0.02 + float(np.mean(content.road_width))) * w * d
         if kind == "pole":
             x0 = vx + rng.choice([-1, 1]) * half_road * rng.uniform(1.2, 1.8)
             top = base - scale * h * 0.9
@@ -330,3 +331,19 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
         return (self[i] for i in range(len(self)))
+
+
+def _factory(root: str | object, split: str, *, strict: bool = True, length: int = 100, seed: int = 0,
+             size: tuple[int, int] = DEFAULT_SIZE) -> SyntheticDataset:
+    """``build_dataset('synthetic', DOMAIN, split, length=..., seed=..., size=...)``: the root names the domain."""
+    del strict  # generated scenes are always complete
+    return SyntheticDataset(str(root), split, length, seed=seed, size=tuple(size))  # type: ignore[arg-type]
+
+
+def _register() -> None:
+    from domainmerge.data.readers import register_dataset
+
+    register_dataset("synthetic", _factory, overwrite=True)
+
+
+_register()

@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Cityscapes/ImageNet normalisation, RGB on the 0-255 scale (the data package's MEAN/STD).
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
-IGNORE = 255
+from domainmerge.data.classes import IGNORE_INDEX as IGNORE
+from domainmerge.data.classes import MEAN, STD
 
 
 def seed_everything(seed: int) -> torch.Generator:
