@@ -81,6 +81,11 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--make"]:
+        path, params, seed, fmt = sys.argv[2:6]
+        n = make_checkpoint(Path(path), float(params), int(seed), fmt)
+        print(f"wrote {path} ({n / 1e6:.1f}M parameters)", file=sys.stderr)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=70.0, help="millions of parameters per checkpoint")
     ap.add_argument("--repeats", type=int, default=3)
@@ -97,8 +102,10 @@ def main() -> None:
         a, b = work / f"a{suffix}", work / f"b{suffix}"
         for path, seed in ((a, 0), (b, 1)):
             if not path.exists():
-                n = make_checkpoint(path, args.params, seed, fmt)
-                print(f"wrote {path} ({n / 1e6:.1f}M parameters)", file=sys.stderr)
+                # In a child process: the peak RSS a measured child reports includes whatever its
+                # parent held when it was spawned, so this process must stay small.
+                subprocess.run([sys.executable, __file__, "--make", str(path), str(args.params), str(seed), fmt],
+                               check=True)
         out = work / f"out{suffix}"
         methods = {
             "domainmerge merge": dm + ["merge", str(a), str(b), "-o", str(out), "--force", "--quiet"],

@@ -113,7 +113,7 @@ class Checkpoint:
     _tensors: Mapping[str, torch.Tensor] | None = None
     _st_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
     _st_data_start: int = 0
-    _fh: Any = None
+    _mm: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         """Tensor names in stored order."""
@@ -126,7 +126,8 @@ class Checkpoint:
         return len(self.infos)
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor for safetensors, a mapped view for pickles)."""
+        """Read one tensor: a copy-on-write view of the mapped file (safetensors and zip pickles,
+        so writing to it never touches the file) or the loaded tensor (legacy pickles)."""
         if key not in self.infos:
             raise UserError(f"{self.path}: has no tensor {key!r}")
         if self._tensors is not None:
@@ -136,32 +137,38 @@ class Checkpoint:
     def _read_st(self, key: str) -> torch.Tensor:
         info = self.infos[key]
         begin, end = self._st_offsets[key]
-        if self._fh is None:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        self._fh.seek(self._st_data_start + begin)
-        if end > begin and self._fh.readinto(buf.numpy().data) != end - begin:
-            raise UserError(f"{self.path}: truncated data for tensor {key!r}; the file is damaged")
-        return buf.view(info.dtype).reshape(info.shape)
+        if end == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if self._mm is None:
+            with open(self.path, "rb") as fh:
+                # A private (copy-on-write) mapping: no read copy, pages shared with the page cache.
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - begin, offset=self._st_data_start + begin)
+        return flat.view(info.dtype).reshape(info.shape)
 
     def release(self, key: str) -> None:
-        """Tell the kernel a mapped tensor's pages are no longer needed (pickles read with mmap).
+        """Tell the kernel a mapped tensor's pages are no longer needed.
 
         The pages are clean copies of the file, so dropping them loses nothing (a later read
         maps them in again); it keeps the resident memory of a merge near one model, not K.
         """
         if self._tensors is not None and self.mapped:
             _drop_pages(self._tensors[key])
+        elif self._mm is not None and key in self._st_offsets:
+            _drop_pages(self._read_st(key))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All tensors as a dict (reads everything)."""
         return {k: self.get(k) for k in self.infos}
 
     def close(self) -> None:
-        """Release the file handle and mapped tensors."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        """Release the mapping and loaded tensors (tensors still referenced stay valid)."""
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # tensors handed out still view it; it closes when they are freed
+                pass
+            self._mm = None
         self._tensors = None
 
     def __enter__(self) -> Checkpoint:
