@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/domainmerge demo --preset $(PRESET) --out demo_out
+	$(BIN)/domainmerge demo --preset $(PRESET) --out demo_out --force
 
 test: venv
 	$(BIN)/python -m pytest -n 2 tests

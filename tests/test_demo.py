@@ -7,7 +7,7 @@ import torch
 
 from domainmerge.checkpoint import load_state_dict, strip_model_prefix
 from domainmerge.cli import main
-from domainmerge.demo import PRESETS, line_barrier, parse_targets
+from domainmerge.demo import PRESETS, line_barrier, mean_barrier, parse_targets
 from domainmerge.errors import UserError
 from domainmerge.models import build_model
 
@@ -18,6 +18,17 @@ def test_line_barrier_by_hand():
     assert line_barrier(lams, [40, 35, 20, 25, 20]) == pytest.approx(10.0)
     assert line_barrier(lams, [40, 38, 36, 30, 20]) == 0.0          # above the line: no barrier
     assert line_barrier(lams, [30, 30, 30, 30, 30]) == 0.0
+
+
+def test_mean_barrier_by_hand():
+    # End points 40 and 20 average 30; the curve's minimum is 18: barrier 12.
+    assert mean_barrier([40, 35, 18, 25, 20]) == pytest.approx(12.0)
+    # A hump above equal end points: no barrier.
+    assert mean_barrier([30, 35, 40, 35, 30]) == pytest.approx(0.0)
+    # Unequal end points: the lower end itself lies below their mean, so even a curve that is
+    # above the straight line everywhere has a positive barrier in this form (the line form has none).
+    assert mean_barrier([20, 35, 40, 35, 30]) == pytest.approx(5.0)
+    assert line_barrier([0, 0.25, 0.5, 0.75, 1], [20, 35, 40, 35, 30]) == 0.0
 
 
 def test_parse_targets():
@@ -38,7 +49,8 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
     a, b = targets
     scores = res["scores"]
     for name in ["source_only", f"stda_{a}", f"stda_{b}", f"combined_{a}_{b}", f"merged_{a}+{b}_gaussian",
-                 f"merged_{a}+{b}_mean", f"merged_{a}+{b}_first", f"merged_{a}+{b}_backbone_heads"]:
+                 f"merged_{a}+{b}_mean", f"merged_{a}+{b}_first", f"merged_{a}+{b}_backbone_heads",
+                 f"merged_{a}+{b}_recalibrated"]:
         assert set(scores[name]) == set(targets), name
         assert all(0.0 <= v <= 100.0 for v in scores[name].values())
     for stage in ["world", "pretrain", "source_only", f"stda_{a}", f"stda_{b}", "different_init",
@@ -56,6 +68,7 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
         assert (out / f).stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "Merged (params + buffers)" in md and "Merged backbone, separate heads" in md
+    assert "(uses data)" in md  # the recalibration baseline is marked as not training-free
     printed = capsys.readouterr().out
     assert "PASS" in printed or "FAIL" in printed
     # Checkpoints are mmseg containers that load like users' files into the model package's network.

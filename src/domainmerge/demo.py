@@ -50,6 +50,7 @@ class Preset:
     source: TrainConfig = field(default_factory=lambda: TrainConfig(iters=250, lr=1e-3, warmup=20))
     stda: STDAConfig = field(default_factory=lambda: STDAConfig(iters=150, warmup=10))
     lambdas: int = 5
+    recal_images: int = 64          # unlabeled target images for the BN-recalibration baseline (uses data)
     combine_all: bool = False       # also a data-combination run over all targets (four-target table)
     arch: str = "tiny_daformer_r"
 
@@ -86,6 +87,12 @@ def line_barrier(lams: Sequence[float], values: Sequence[float]) -> float:
     between its end points, max_l [(1 - l) v_0 + l v_1 - v_l] (0 for a curve on or above the line)."""
     v0, v1 = values[0], values[-1]
     return max(0.0, max((1 - lam) * v0 + lam * v1 - v for lam, v in zip(lams, values)))
+
+
+def mean_barrier(values: Sequence[float]) -> float:
+    """PAPER.md's form of the barrier for a score: the mean of the end points minus the curve's
+    minimum, (v_0 + v_1) / 2 - min_l v_l (negative when the whole curve lies above that mean)."""
+    return (values[0] + values[-1]) / 2 - min(values)
 
 
 def to_checkpoint_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -219,6 +226,18 @@ class Demo:
         self._stda(f"stda_{b}_diffinit", self.models["source_only_diffinit"], [b], other + 100)
         self._done("different_init", start)
 
+    def _recalibrated(self, net: nn.Module, state_dict: StateDict, targets: Sequence[str]) -> StateDict:
+        """``state_dict`` with BN statistics re-estimated (cumulative average) on ``recal_images``
+        unlabeled training images spread evenly over ``targets``, in batches of 8."""
+        from domainmerge.evaluation.recalibrate import recalibrate_bn, spread_indices
+        from domainmerge.training.loop import normalise
+
+        idx = spread_indices({t: len(self.train[t]) for t in targets}, self.p.recal_images)
+        images = torch.cat([self.train[t].images[i] for t in targets for i in [idx[t]]])
+        net.load_state_dict(state_dict)
+        recalibrate_bn(net, (normalise(images[i:i + 8]) for i in range(0, len(images), 8)))
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
     def evaluate_stage(self) -> None:
         from domainmerge.merging import interpolate, merge_state_dicts, merge_state_dicts_per_head
 
@@ -241,6 +260,13 @@ class Demo:
             sds = [self.models[f"stda_{t}"] for t in names]
             for rule in ("gaussian", "mean", "first"):
                 score(f"merged_{label}_{rule}", merge_state_dicts(sds, buffers=rule))
+            # The data-driven baseline the paper avoids: the same parameters, BN statistics
+            # re-estimated on unlabeled training images of the merged targets.
+            score(f"merged_{label}_recalibrated", self._recalibrated(net, merge_state_dicts(sds), names))
+            # 'first' depends on which model comes first: every choice, so the comparison is not an
+            # accident of the input order.
+            for i, t in enumerate(names[1:], 1):
+                score(f"merged_{label}_first={t}", merge_state_dicts([sds[i]] + sds[:i] + sds[i + 1:], buffers="first"))
             # Each domain is evaluated with its own model's head (the domain is known at test time).
             per_head = merge_state_dicts_per_head(sds, keep_heads=HEAD)
             scores[f"merged_{label}_backbone_heads"] = {d: evaluate(net, sd, self.val[d])
@@ -269,6 +295,7 @@ class Demo:
             curve: dict[str, Any] = {d: [r[d] for r in rows] for d in (a, b)}
             curve["H"] = [harmonic_mean([r[a], r[b]]) for r in rows]
             curve["barrier"] = {k: line_barrier(lams, curve[k]) for k in (a, b, "H")}
+            curve["barrier_paper"] = {k: mean_barrier(curve[k]) for k in (a, b, "H")}
             curve["barrier_miou"] = max(curve["barrier"][a], curve["barrier"][b])
             curves[label] = curve
         self.results["interpolation"] = curves
@@ -298,8 +325,11 @@ class Demo:
         group = "all" if len(targets) > 2 else pair
         doms = list(targets) if group == "all" else [a, b]
         g, m, f = (h(f"merged_{group}_{r}", doms) for r in ("gaussian", "mean", "first"))
+        others = ", ".join(f"{t} {h(f'merged_{group}_first={t}', doms):.1f}" for t in doms[1:]
+                           if f"merged_{group}_first={t}" in s)
         check("3", f"gaussian >= mean >= first-model buffers in H ({'+'.join(doms)})", g >= m >= f,
-              f"gaussian {g:.1f}, mean {m:.1f}, first {f:.1f}")
+              f"gaussian {g:.1f}, mean {m:.1f}, first ({doms[0]}) {f:.1f}"
+              + (f"; first with the statistics of {others}" if others else ""))
         cur = self.results["interpolation"]
         sb, db = cur["shared_init"]["barrier_miou"], cur["different_init"]["barrier_miou"]
         check("4", "interpolation barrier: shared init <= 1 mIoU, different init >= 10", sb <= 1 and db >= 10,
@@ -356,7 +386,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     groups = [pair] + (["all"] if len(targets) > 2 else [])
     for g in groups:
         doms = [a, b] if g == pair else list(targets)
-        rows = {f"{r}": {d: s[f"merged_{g}_{r}"][d] for d in doms} for r in ("gaussian", "mean", "first")}
+        rows = {r: {d: s[f"merged_{g}_{r}"][d] for d in doms} for r in ("gaussian", "mean")}
+        rows[f"first, {doms[0]}'s statistics"] = {d: s[f"merged_{g}_first"][d] for d in doms}
+        for t in doms[1:]:
+            if f"merged_{g}_first={t}" in s:
+                rows[f"first, {t}'s statistics"] = {d: s[f"merged_{g}_first={t}"][d] for d in doms}
+        recal = s.get(f"merged_{g}_recalibrated")
+        if recal is not None:  # older results.json files lack the baseline
+            rows[f"recalibrated on {results['config']['recal_images']} target images (uses data)"] = {
+                d: recal[d] for d in doms}
         title = "all targets" if g == "all" else pair
         parts += [f"## Buffer rules, merging {title}", "", domain_table(rows, domains=doms, name="Buffers"), ""]
     if len(targets) > 2:
@@ -369,11 +407,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         parts += [f"## {len(targets)} targets (Gaussian buffers)", "",
                   domain_table(rows, domains=list(targets), name="Model"), ""]
     cur = results["interpolation"]
-    parts += ["## Interpolation barriers (mIoU points below the straight line)", "",
-              "| Curve | " + " | ".join([a, b, "H"]) + " |", "|---|---:|---:|---:|"]
+    parts += ["## Interpolation barriers (mIoU points)", "",
+              "Below the straight line between the end points (max over lambda), and in PAPER.md's form "
+              "(mean of the end points minus the curve's minimum).", "",
+              "| Curve | " + " | ".join([f"{k} (line)" for k in (a, b, "H")] + [f"{k} (paper)" for k in (a, b, "H")])
+              + " |", "|---|" + "---:|" * 6]
     for label in ("shared_init", "different_init"):
-        bar = cur[label]["barrier"]
-        parts.append(f"| {label.replace('_', ' ')} | " + " | ".join(f"{bar[k]:.2f}" for k in (a, b, "H")) + " |")
+        bar, pap = cur[label]["barrier"], cur[label].get("barrier_paper", {})
+        cells = [f"{bar[k]:.2f}" for k in (a, b, "H")] + [f"{pap[k]:.2f}" if k in pap else "-" for k in (a, b, "H")]
+        parts.append(f"| {label.replace('_', ' ')} | " + " | ".join(cells) + " |")
     parts += ["", "## Checks", ""]
     for c in results["checks"]:
         status = "SKIP" if c["kind"] == "skipped" else ("PASS" if c["pass"] else "FAIL")
@@ -415,7 +457,8 @@ def plot(results: Mapping[str, Any], out: Path) -> list[Path]:
     pair = f"{a}+{b}"
     bars = {f"STDA->{a}": s[f"stda_{a}"], f"STDA->{b}": s[f"stda_{b}"], "data comb.": s[f"combined_{a}_{b}"],
             "gaussian": s[f"merged_{pair}_gaussian"], "mean": s[f"merged_{pair}_mean"],
-            "first": s[f"merged_{pair}_first"], "backbone+heads": s[f"merged_{pair}_backbone_heads"]}
+            "first": s[f"merged_{pair}_first"], "backbone+heads": s[f"merged_{pair}_backbone_heads"],
+            "BN recal. (data)": s[f"merged_{pair}_recalibrated"]}
     names = list(bars)
     fig, ax = plt.subplots(figsize=(10, 3.8))
     width = 0.27
@@ -474,5 +517,5 @@ def preset_with(name: str, targets: str | None = None) -> Preset:
     return replace(p, targets=parse_targets(targets, p.targets))
 
 
-__all__ = ["PRESETS", "Demo", "Preset", "evaluate", "line_barrier", "parse_targets", "plot", "preset_with",
-           "render_markdown", "run_demo"]
+__all__ = ["PRESETS", "Demo", "Preset", "evaluate", "line_barrier", "mean_barrier", "parse_targets", "plot",
+           "preset_with", "render_markdown", "run_demo"]

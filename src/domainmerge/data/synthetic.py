@@ -68,7 +68,7 @@ class Look:
     gain: float = 1.0              # global brightness factor
     fog: float = 0.0               # haze strength at the horizon
     rain: int = 0                  # number of rain streaks
-    night: bool = False            # lamps, lit windows, head/tail lights, black sky
+    night: bool = False            # lamps, lit windows, head/tail lights, dark sky
 
 
 _GAME = {ROAD: (70, 68, 84), SIDEWALK: (226, 140, 190), BUILDING: (190, 92, 64), FENCE: (200, 160, 150),
@@ -230,7 +230,9 @@ def _render(rng: np.random.Generator, label: np.ndarray, shade: np.ndarray,
     img = grey + look.saturation * (img - grey)
     img = img * np.asarray(look.tint) * look.gain
     if look.night:
-        img[sky] = np.asarray([6.0, 8.0, 18.0])
+        # A dark sky, brightest at the horizon (city glow): dark, yet still a smooth sky-like region.
+        glow_sky = 0.35 + 0.65 * (yy[sky] / max(horizon, 1.0))
+        img[sky] = glow_sky[:, None] * np.asarray([22.0, 28.0, 58.0])
         lit = windows & (rng.random((h, w)) < 0.25)
         img[lit] = np.asarray([230.0, 190.0, 90.0])
         for y, x, kind in lights:
