@@ -6,7 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DESCRIPTION = """\
 Convert a dataset's raw label ids to the 19 Cityscapes train ids (255 = ignored), writing
@@ -14,7 +17,8 @@ Convert a dataset's raw label ids to the 19 Cityscapes train ids (255 = ignored)
   gta         labels/*.png (Cityscapes ids)
   cityscapes  gtFine/**/*_gtFine_labelIds.png
   idd         gtFine/**/*_gtFine_labelcsTrainIds.png (from the IDD tools), else
-              *_gtFine_labellevel3Ids.png (level-3 ids; lossy, see domainmerge.data.labels)
+              *_gtFine_labellevel3Ids.png (level-3 ids; lossy, see domainmerge.data.labels), else
+              *_gtFine_polygons.json (the release as downloaded; polygons drawn in file order)
   acdc        gt/**/*_gt_labelIds.png
   darkzurich  gt/**/*_gt_labelIds.png
 Up-to-date outputs (newer than their source) are skipped, so rerunning is cheap.
@@ -32,8 +36,11 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def plan_conversions(dataset: str, root: Path) -> list[tuple[Path, Path, dict[int, int]]]:
-    """(source, target, id mapping) for every raw label file of ``dataset`` under ``root``."""
+LabelMapping = dict[int, int] | dict[str, int]   # ids (PNG sources) or label names (JSON sources) -> train ids
+
+
+def plan_conversions(dataset: str, root: Path) -> list[tuple[Path, Path, LabelMapping]]:
+    """(source, target, mapping) for every raw label file of ``dataset`` under ``root``."""
     from domainmerge.data.readers import LAYOUTS
     from domainmerge.errors import UserError
 
@@ -45,7 +52,7 @@ def plan_conversions(dataset: str, root: Path) -> list[tuple[Path, Path, dict[in
     label_root = root / layout.label_dir.split("{split}")[0]
     if not label_root.is_dir():
         raise UserError(f"{label_root}: folder not found; expected {layout.describe(dataset)}")
-    plan: dict[Path, tuple[Path, dict[int, int]]] = {}
+    plan: dict[Path, tuple[Path, LabelMapping]] = {}
     for raw in layout.raw_labels:   # earlier sources win when several exist for one image
         for src in sorted(label_root.rglob(f"*{raw.suffix}")):
             if not src.is_file() or src.name.endswith(layout.label_suffix):
@@ -58,17 +65,46 @@ def plan_conversions(dataset: str, root: Path) -> list[tuple[Path, Path, dict[in
     return [(src, target, mapping) for target, (src, mapping) in sorted(plan.items())]
 
 
-def convert_one(src: Path, target: Path, mapping: dict[int, int]) -> bool:
-    """Write ``target`` from ``src`` unless it is already newer; True if written."""
+def convert_one(src: Path, target: Path, mapping: LabelMapping) -> bool:
+    """Write ``target`` from ``src`` unless it is already newer; True if written.
+
+    ``src`` is an id PNG (``mapping``: id -> train id) or, if it ends in .json, a polygon
+    annotation (``mapping``: label name -> train id)."""
+    from PIL import Image
+
+    from domainmerge.fsutil import atomic_path
+
+    if target.exists() and target.stat().st_mtime >= src.stat().st_mtime:
+        return False
+    if src.suffix == ".json":
+        train_ids = _from_polygons(src, cast("dict[str, int]", mapping))
+    else:
+        train_ids = _from_ids_png(src, cast("dict[int, int]", mapping))
+    with atomic_path(target) as tmp:
+        Image.fromarray(train_ids).save(tmp, format="PNG")
+    return True
+
+
+def _from_polygons(src: Path, name_to_id: dict[str, int]) -> np.ndarray:
+    import json
+
+    from domainmerge.data.labels import rasterize_polygons
+    from domainmerge.errors import UserError
+
+    try:
+        obj = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{src}: cannot read polygon JSON ({exc}); replace or remove the file") from exc
+    return rasterize_polygons(obj, name_to_id, source=src)
+
+
+def _from_ids_png(src: Path, mapping: dict[int, int]) -> np.ndarray:
     import numpy as np
     from PIL import Image
 
     from domainmerge.data.labels import remap
     from domainmerge.errors import UserError
-    from domainmerge.fsutil import atomic_path
 
-    if target.exists() and target.stat().st_mtime >= src.stat().st_mtime:
-        return False
     try:
         with Image.open(src) as im:
             if im.mode not in ("L", "P", "I", "I;16"):
@@ -77,12 +113,10 @@ def convert_one(src: Path, target: Path, mapping: dict[int, int]) -> bool:
         train_ids = remap(ids, mapping)
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{src}: cannot convert ({exc}); replace or remove the file") from exc
-    with atomic_path(target) as tmp:
-        Image.fromarray(train_ids).save(tmp, format="PNG")
-    return True
+    return train_ids
 
 
-def _convert_job(job: tuple[Path, Path, dict[int, int]]) -> bool:
+def _convert_job(job: tuple[Path, Path, LabelMapping]) -> bool:
     return convert_one(*job)
 
 

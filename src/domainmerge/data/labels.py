@@ -10,13 +10,20 @@
   the label that names the level-3 class (3 'non-drivable fallback' -> terrain, 4 'person',
   12 'vehicle fallback' -> ignored (train is inseparable from caravan/trailer there), 20 'pole'
   (includes polegroup), 25 'sky' (includes fallback background)).
+- IDD polygons (*_gtFine_polygons.json, the release as downloaded): each object's label name
+  maps to its ``csTrainId`` (IDD_NAME_TO_TRAIN_ID); ``rasterize_polygons`` draws them as the
+  IDD tools' json2labelImg does (see its docstring).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from domainmerge.data.classes import IGNORE_INDEX
+from domainmerge.errors import UserError
 
 # Cityscapes label id -> train id; every id not listed maps to 255.
 CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
@@ -56,6 +63,73 @@ IDD_LEVEL3_TO_TRAIN_ID: dict[int, int] = {
 
 # IDD csTrainId -> train id: 0-18 stay, anything else (19-22 in some releases, 255) is ignored.
 IDD_CS_TRAIN_ID_TO_TRAIN_ID: dict[int, int] = {i: i for i in range(19)}
+
+# IDD label name -> Cityscapes train id: the csTrainId column of the IDD tools' anue_labels.py
+# (identical in its releases). 'train' keeps train id 16; IDD-only and void labels are ignored.
+IDD_NAME_TO_TRAIN_ID: dict[str, int] = {
+    "road": 0, "parking": 255, "drivable fallback": 255,
+    "sidewalk": 1, "rail track": 255, "non-drivable fallback": 9,
+    "person": 11, "animal": 255, "rider": 12,
+    "motorcycle": 17, "bicycle": 18, "autorickshaw": 255, "car": 13,
+    "truck": 14, "bus": 15, "caravan": 255, "trailer": 255, "train": 16, "vehicle fallback": 255,
+    "curb": 255, "wall": 3, "fence": 4, "guard rail": 255,
+    "billboard": 255, "traffic sign": 7, "traffic light": 6, "pole": 5, "polegroup": 255,
+    "obs-str-bar-fallback": 255,
+    "building": 2, "bridge": 255, "tunnel": 255,
+    "vegetation": 8, "sky": 10, "fallback background": 255,
+    "unlabeled": 255, "ego vehicle": 255, "rectification border": 255, "out of roi": 255,
+    "license plate": 255,
+}
+
+
+def rasterize_polygons(json_obj: Any, name_to_id: dict[str, int], *,
+                       source: str | Path = "polygon JSON") -> np.ndarray:
+    """A uint8 [imgHeight, imgWidth] label map drawn from a Cityscapes-style polygon annotation.
+
+    As the IDD/Cityscapes json2labelImg: the background is 255 (unlabeled); objects are drawn
+    in file order, later ones over earlier ones; objects with a true ``deleted`` are skipped;
+    a name that is unknown but ends in ``group`` (e.g. ``cargroup``) is read without that
+    suffix. Each polygon is filled and outlined with its id (PIL.ImageDraw), so its boundary
+    pixels belong to it whatever the Pillow version. An unknown label, or a malformed
+    annotation, raises UserError naming ``source``.
+    """
+    from PIL import Image, ImageDraw
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{source}: {what}; expected a polygon annotation "
+                         '{"imgHeight": H, "imgWidth": W, "objects": [{"label": ..., "polygon": [[x, y], ...]}]}')
+
+    if not isinstance(json_obj, dict):
+        raise bad(f"top level is {type(json_obj).__name__}, not an object")
+    for key in ("imgHeight", "imgWidth"):
+        value = json_obj.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise bad(f"{key} is {value!r}, not a positive integer")
+    objects = json_obj.get("objects")
+    if not isinstance(objects, list):
+        raise bad(f"objects is {type(objects).__name__}, not a list")
+    image = Image.new("L", (json_obj["imgWidth"], json_obj["imgHeight"]), IGNORE_INDEX)
+    draw = ImageDraw.Draw(image)
+    for index, obj in enumerate(objects):
+        if not isinstance(obj, dict) or not isinstance(obj.get("label"), str):
+            raise bad(f"object {index} has no string 'label'")
+        if obj.get("deleted"):
+            continue
+        name = obj["label"]
+        if name not in name_to_id and name.endswith("group"):
+            name = name[:-len("group")]
+        if name not in name_to_id:
+            raise UserError(f"{source}: object {index} has unknown label {obj['label']!r}; "
+                            "rename it to an IDD label (the IDD tools' anue_labels.py) or mark the object deleted")
+        value = name_to_id[name]
+        if not 0 <= value <= 255:
+            raise ValueError(f"label {name!r} maps to {value}, outside 0-255")
+        try:
+            points = [(float(x), float(y)) for x, y in obj["polygon"]]
+            draw.polygon(points, fill=value, outline=value)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"object {index} ({obj['label']!r}) has an unusable polygon ({exc})") from exc
+    return np.array(image, dtype=np.uint8)
 
 
 def lookup_table(mapping: dict[int, int], default: int = IGNORE_INDEX) -> np.ndarray:

@@ -25,6 +25,7 @@ from domainmerge.data.labels import (
     CITYSCAPES_ID_TO_TRAIN_ID,
     IDD_CS_TRAIN_ID_TO_TRAIN_ID,
     IDD_LEVEL3_TO_TRAIN_ID,
+    IDD_NAME_TO_TRAIN_ID,
 )
 from domainmerge.errors import UserError
 
@@ -33,10 +34,12 @@ Sample = tuple[torch.Tensor, torch.Tensor, str]
 
 @dataclass(frozen=True)
 class RawLabels:
-    """Label files in another id space that `convert-labels` turns into train-id files."""
+    """Label files in another id space that `convert-labels` turns into train-id files: id PNGs
+    with an id -> train id ``mapping``, or (suffix ``.json``) polygon annotations with a label
+    name -> train id ``mapping``."""
 
     suffix: str
-    mapping: dict[int, int]
+    mapping: dict[int, int] | dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ LAYOUTS: dict[str, Layout] = {
                          "_gtFine_labelTrainIds.png", (_CS,)),
     "idd": Layout("leftImg8bit/{split}", "gtFine/{split}", "_leftImg8bit.png", "_gtFine_labelTrainIds.png",
                   (RawLabels("_gtFine_labelcsTrainIds.png", IDD_CS_TRAIN_ID_TO_TRAIN_ID),
-                   RawLabels("_gtFine_labellevel3Ids.png", IDD_LEVEL3_TO_TRAIN_ID))),
+                   RawLabels("_gtFine_labellevel3Ids.png", IDD_LEVEL3_TO_TRAIN_ID),
+                   RawLabels("_gtFine_polygons.json", IDD_NAME_TO_TRAIN_ID))),
     "acdc": Layout("rgb_anon/{split}", "gt/{split}", "_rgb_anon.png", "_gt_labelTrainIds.png",
                    (RawLabels("_gt_labelIds.png", CITYSCAPES_ID_TO_TRAIN_ID),)),
     "darkzurich": Layout("rgb_anon/{split}", "gt/{split}", "_rgb_anon.png", "_gt_labelTrainIds.png",
