@@ -1,4 +1,4 @@
-"""Options shared by the commands that read datasets (evaluate, lmc, recalibrate)."""
+"""Options shared by the commands that run a network on datasets (evaluate, lmc, recalibrate)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,31 @@ def parse_domains(specs: list[list[str]], default_split: str) -> list[tuple[str,
     if len(set(names)) != len(names):
         raise UserError(f"--domain: names must differ, got {names}")
     return out
+
+
+def add_network_options(p: argparse.ArgumentParser, prefix_note: str = "") -> None:
+    """``--arch``, ``--prefix`` and ``--trust-pickle``: which network a checkpoint holds."""
+    p.add_argument("--arch", default="auto", help="architecture name, or auto (default) to detect it")
+    p.add_argument("--prefix", default="auto",
+                   help="key prefix of the network to take (auto: model. if present, else module., else none)"
+                        + prefix_note)
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of .pth files (only for files you trust)")
+
+
+def add_inference_options(p: argparse.ArgumentParser) -> None:
+    """How images go through the network: mode, windows, scale, device, batching, precision, loading."""
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="whole image or sliding window")
+    p.add_argument("--crop", nargs=2, type=int, default=[1024, 1024], metavar=("H", "W"),
+                   help="sliding window size (default 1024 1024)")
+    p.add_argument("--stride", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
+                   help="sliding window stride (default 512 512)")
+    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
+                   help="rescale images keeping their aspect ratio to fit LONG x SHORT (mmseg Resize; DAFormer "
+                        "evaluates at 1024 512); logits are resized back to the label size")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
+    p.add_argument("--amp", choices=["fp16", "bf16"], help="mixed precision for the forward pass")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
+    p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")

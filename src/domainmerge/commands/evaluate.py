@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domainmerge.commands._common import add_domain_argument, parse_domains
+from domainmerge.commands._common import (
+    add_domain_argument,
+    add_inference_options,
+    add_network_options,
+    parse_domains,
+)
 from domainmerge.errors import UserError
 
 DESCRIPTION = """\
@@ -79,27 +84,10 @@ def add_parser(subparsers: Any) -> None:
                            "folder, synthetic), root folder and split (default val); repeatable")
     p.add_argument("--per-domain", action="store_true",
                    help="score the i-th checkpoint on the i-th domain only (separate-head checkpoints)")
-    p.add_argument("--arch", default="auto", help="architecture name, or auto (default) to detect it")
-    p.add_argument("--prefix", default="auto",
-                   help="key prefix of the network to take (auto: model. if present, else module., else none)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow full unpickling of .pth files (only for files you trust)")
-    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="whole image or sliding window")
-    p.add_argument("--crop", nargs=2, type=int, default=[1024, 1024], metavar=("H", "W"),
-                   help="sliding window size (default 1024 1024)")
-    p.add_argument("--stride", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
-                   help="sliding window stride (default 512 512)")
-    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
-                   help="rescale images keeping their aspect ratio to fit LONG x SHORT (mmseg Resize; DAFormer "
-                        "evaluates at 1024 512); logits are resized back to the label size")
+    add_network_options(p)
+    add_inference_options(p)
     p.add_argument("--hr-crop", nargs=2, type=int, metavar=("H", "W"),
                    help="HRDA detail crop size (default 512 512, as HRDA trains)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
-    p.add_argument("--amp", choices=["fp16", "bf16"], help="mixed precision for the forward pass")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
-    p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
-    p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
     p.add_argument("--json", metavar="OUT", help="also write the scores as JSON")
     p.add_argument("--save-pred", metavar="DIR", help="write predicted train-id PNGs under DIR/[ROW/]DOMAIN/")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")

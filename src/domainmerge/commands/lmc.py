@@ -21,7 +21,7 @@ for 3 models a ternary heat map) under --out. Data-parallel under torchrun; rank
 
 
 def add_parser(sub: Any) -> None:
-    from domainmerge.commands._common import add_domain_argument
+    from domainmerge.commands._common import add_domain_argument, add_inference_options, add_network_options
 
     p = sub.add_parser("lmc", help="interpolation curves between checkpoints and their barriers",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,24 +35,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--align", action="store_true",
                    help="first permute every model onto the first (Git Re-Basin weight matching)")
     p.add_argument("--out", metavar="DIR", help="write lmc.json, lmc.md and the plot here")
-    p.add_argument("--arch", default="auto", help="architecture name, or auto (default) to detect it")
-    p.add_argument("--prefix", default="auto",
-                   help="key prefix of the network (auto: model. if present, else module., else none)")
-    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="whole image or sliding window")
-    p.add_argument("--crop", nargs=2, type=int, default=[1024, 1024], metavar=("H", "W"),
-                   help="sliding window size (default 1024 1024)")
-    p.add_argument("--stride", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
-                   help="sliding window stride (default 512 512)")
-    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
-                   help="rescale images keeping their aspect ratio to fit LONG x SHORT (as evaluate)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
-    p.add_argument("--amp", choices=["fp16", "bf16"], help="mixed precision for the forward pass")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
-    p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
-    p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow full unpickling of .pth files (only for files you trust)")
+    add_network_options(p)
+    add_inference_options(p)
     p.add_argument("--force", action="store_true", help="overwrite existing files under --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

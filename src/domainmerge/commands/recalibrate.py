@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from domainmerge.commands._common import add_domain_argument, parse_domains
+from domainmerge.commands._common import add_domain_argument, add_network_options, parse_domains
 from domainmerge.errors import UserError
 
 DESCRIPTION = """\
@@ -29,14 +29,9 @@ def add_parser(sub: Any) -> None:
                    help="images per forward pass (equal-size images only; default 1)")
     p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
                    help="rescale images keeping their aspect ratio to fit LONG x SHORT, as evaluate does")
-    p.add_argument("--arch", default="auto", help="architecture name, or auto (default) to detect it")
-    p.add_argument("--prefix", default="auto",
-                   help="key prefix of the network (auto: model. if present, else module., else none); "
-                        "other keys are copied unchanged")
+    add_network_options(p, prefix_note="; other keys are copied unchanged")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow full unpickling of .pth files (only for files you trust)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
