@@ -27,6 +27,7 @@ from torch import nn
 from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
 from domainmerge.errors import UserError
 from domainmerge.evaluation.metrics import SegMetric, harmonic_mean
+from domainmerge.reporting import jsonable, save_figure
 from domainmerge.training.loop import TrainConfig, seed_everything, train_supervised
 from domainmerge.training.pretrain import pretrain, reset_head
 from domainmerge.training.stda import STDAConfig, train_stda
@@ -122,7 +123,7 @@ class Demo:
                  log: Callable[[str], None] = print) -> None:
         self.p, self.out, self.seed, self.log = preset, out, seed, log
         self.results: dict[str, Any] = {"preset": preset.name, "seed": seed, "targets": list(preset.targets),
-                                        "config": _jsonable(asdict(preset)), "timings_s": {}}
+                                        "config": jsonable(asdict(preset)), "timings_s": {}}
         self.models: dict[str, StateDict] = {}
         self.stage = 0
         self.t0 = time.perf_counter()
@@ -357,14 +358,6 @@ class Demo:
         return out
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def render_markdown(results: Mapping[str, Any]) -> str:
     """results.md: the paper's two-target table, the buffer rules, the all-subsets table, checks."""
     from domainmerge.reporting import domain_table
@@ -432,8 +425,6 @@ def plot(results: Mapping[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from domainmerge.fsutil import atomic_path
-
     s, targets = results["scores"], results["targets"]
     a, b = targets[:2]
     cur = results["interpolation"]
@@ -449,9 +440,7 @@ def plot(results: Mapping[str, Any], out: Path) -> list[Path]:
     axes[0].set_ylabel("mIoU (%)")
     fig.tight_layout()
     path = out / "interpolation.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     written.append(path)
 
     pair = f"{a}+{b}"
@@ -472,9 +461,7 @@ def plot(results: Mapping[str, Any], out: Path) -> list[Path]:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = out / "merging.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     written.append(path)
     return written
 

@@ -114,24 +114,24 @@ def _class_names(scores_by_domain: Mapping[str, SegScores]) -> tuple[str, ...]:
     return names.pop()
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """``obj`` with NaN/inf floats as None and SegScores/tuples/mappings made plain."""
     if isinstance(obj, SegScores):
         return obj.to_dict()
     if isinstance(obj, float):
         return None if not math.isfinite(obj) else obj
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     return obj
 
 
 def to_json(obj: Any) -> str:
     """Strict JSON text (no NaN tokens: they become null), indented, newline-terminated."""
-    return json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -166,3 +166,16 @@ def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -
 def write_markdown(path: str | os.PathLike[str], text: str) -> None:
     """Write Markdown ``text`` to ``path`` atomically (newline-terminated)."""
     write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    from domainmerge.fsutil import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)

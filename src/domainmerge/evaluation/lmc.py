@@ -158,7 +158,7 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from domainmerge.fsutil import atomic_path
+    from domainmerge.reporting import save_figure
 
     lams = [r["weights"][1] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -172,9 +172,7 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: st
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ternary(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
@@ -185,7 +183,7 @@ def plot_ternary(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: 
     import matplotlib.pyplot as plt
     import matplotlib.tri as mtri
 
-    from domainmerge.fsutil import atomic_path
+    from domainmerge.reporting import save_figure
 
     corners = [(0.0, 0.0), (1.0, 0.0), (0.5, math.sqrt(3) / 2)]
     xs = [sum(w * c[0] for w, c in zip(r["weights"], corners)) for r in rows]
@@ -204,6 +202,4 @@ def plot_ternary(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: 
         ax.axis("off")
         fig.colorbar(art, ax=ax, shrink=0.8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
