@@ -182,6 +182,10 @@ def test_user_errors(world, tmp_path, capsys):
     torch.save({"state_dict": {"foo.weight": torch.zeros(2)}}, bad)
     assert main(["evaluate", str(bad), "--domain", "cs", "cityscapes", str(world["cs"]), *FAST]) == 2
     assert "unknown backbone" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the CI machine: asking for a GPU is a one-line error, not a traceback
+        argv = ["evaluate", str(world["a"]), "--domain", "cs", "cityscapes", str(world["cs"]), "--workers", "0"]
+        assert main([*argv, "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def _free_port() -> int:

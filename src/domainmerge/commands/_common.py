@@ -7,10 +7,12 @@ import argparse
 from domainmerge.errors import UserError
 
 
-def add_domain_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+def add_domain_argument(p: argparse.ArgumentParser, purpose: str = "a domain to score on",
+                        default_split: str = "val") -> None:
     """The repeatable ``--domain NAME DATASET ROOT [SPLIT]`` option."""
     p.add_argument("--domain", nargs="+", action="append", default=[], metavar="NAME DATASET ROOT [SPLIT]",
-                   help=help_text)
+                   help=f"{purpose}: its name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, folder, "
+                        f"synthetic), root folder and split (default {default_split}); repeatable")
 
 
 def parse_domains(specs: list[list[str]], default_split: str) -> list[tuple[str, str, str, str]]:
@@ -54,3 +56,16 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
     p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
     p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
+
+
+def resolve_device(requested: str | None) -> str:
+    """``--device``: cuda when available unless given; ``cuda`` becomes this process's current device
+    (torchrun sets it per rank); a clear error when CUDA is asked for but absent."""
+    import torch
+
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    return device

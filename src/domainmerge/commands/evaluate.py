@@ -13,6 +13,7 @@ from domainmerge.commands._common import (
     add_inference_options,
     add_network_options,
     parse_domains,
+    resolve_device,
 )
 from domainmerge.errors import UserError
 
@@ -80,8 +81,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate checkpoints on domains (mIoU per domain, H)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs="+", metavar="CKPT", help="checkpoint files (.pth/.pt/.bin/.safetensors)")
-    add_domain_argument(p, "a domain to score on: its name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, "
-                           "folder, synthetic), root folder and split (default val); repeatable")
+    add_domain_argument(p)
     p.add_argument("--per-domain", action="store_true",
                    help="score the i-th checkpoint on the i-th domain only (separate-head checkpoints)")
     add_network_options(p)
@@ -144,11 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
     started_here = not distributed.is_dist() and distributed.init_from_env()
     main = distributed.is_main_process()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-        device = f"cuda:{torch.cuda.current_device()}"
+    device = resolve_device(args.device)
     overrides = {"hr_crop_size": tuple(args.hr_crop)} if args.hr_crop else {}
     if note and main:
         print(note, file=sys.stderr)

@@ -26,8 +26,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("lmc", help="interpolation curves between checkpoints and their barriers",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs="+", metavar="CKPT", help="2 checkpoints (a curve) or more (a simplex grid)")
-    add_domain_argument(p, "a domain to score on: name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, "
-                           "folder, synthetic), root and split (default val); repeatable")
+    add_domain_argument(p)
     p.add_argument("--steps", type=int, default=11, help="lambdas from 0 to 1 for 2 models (default 11)")
     p.add_argument("--grid", type=int, default=5, help="points per simplex edge for 3+ models (default 5)")
     p.add_argument("--buffers", choices=["gaussian", "mean", "first"], default="gaussian",
@@ -83,17 +82,14 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
 
     from domainmerge import reporting
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
+    from domainmerge.commands._common import resolve_device
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed, lmc
     from domainmerge.evaluation.inference import evaluate_model
     from domainmerge.models import model_from_state_dict
 
     main = distributed.is_main_process()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-        device = f"cuda:{torch.cuda.current_device()}"
+    device = resolve_device(args.device)
     datasets = {name: build_dataset(kind, root, split, strict=not args.no_strict)
                 for name, kind, root, split in domains}
     state_dicts = [strip_model_prefix(load_state_dict(c, trust_pickle=args.trust_pickle), args.prefix)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from domainmerge.commands._common import add_domain_argument, add_network_options, parse_domains
+from domainmerge.commands._common import add_domain_argument, add_network_options, parse_domains, resolve_device
 from domainmerge.errors import UserError
 
 DESCRIPTION = """\
@@ -21,8 +21,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("recalibrate", help="re-estimate BN statistics from unlabeled images (uses data)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="MERGED", help="checkpoint whose BN statistics to re-estimate")
-    add_domain_argument(p, "images to use: name, dataset kind (cityscapes, idd, acdc, darkzurich, gta, folder, "
-                           "synthetic), root and split (default train); repeatable")
+    add_domain_argument(p, "images to use", default_split="train")
     p.add_argument("--images", type=int, required=True, metavar="N", help="number of images over all domains")
     p.add_argument("-o", "--output", required=True, help="output checkpoint (same container as the input)")
     p.add_argument("--batch-size", type=int, default=1,
@@ -38,7 +37,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from domainmerge.checkpoint import (
         detect_prefixes,
@@ -56,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     check_output_path(args.output, force=args.force, inputs=(args.checkpoint,))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     # Images only: the readers that can skip labels do, so unlabeled training splits work too.
     datasets: dict[str, Any] = {
         name: build_dataset(kind, root, split, strict=not args.no_strict,
