@@ -144,6 +144,13 @@ def test_acdc_and_dark_zurich_layouts(tmp_path: Path) -> None:
     assert name == "GOPR0475_frame_0000val"
     np.testing.assert_array_equal(label.numpy(), train_ids(3))
 
+    # ACDC as downloaded keeps a folder per condition above the split: the split names the path.
+    rgb(acdc / "rgb_anon/fog/val/GOPR0476/GOPR0476_frame_000001_rgb_anon.png", 5)
+    ids_png(acdc / "gt/fog/val/GOPR0476/GOPR0476_frame_000001_gt_labelTrainIds.png", train_ids(5))
+    fog = build_dataset("acdc", acdc, "fog/val")
+    assert len(fog) == 1 and fog[0][2] == "GOPR0476/GOPR0476_frame_000001"
+    np.testing.assert_array_equal(fog[0][1].numpy(), train_ids(5))
+
     dz = tmp_path / "dark_zurich"
     rgb(dz / "rgb_anon/val/night/GOPR0356/GOPR0356_000000_rgb_anon.png", 4)
     ids_png(dz / "gt/val/night/GOPR0356/GOPR0356_000000_gt_labelTrainIds.png", train_ids(4))
