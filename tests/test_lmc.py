@@ -167,3 +167,16 @@ def test_lmc_command_simplex(world) -> None:  # type: ignore[no-untyped-def]
     # A second run without --force refuses to overwrite.
     assert main(["lmc", *map(str, paths), "--grid", "3", "--out", str(out), "--quiet",
                  "--domain", "cs", "cityscapes", str(root / "cs")]) == 2
+
+
+def test_lmc_under_two_gloo_processes_matches_one(world, run_ranks) -> None:  # type: ignore[no-untyped-def]
+    from domainmerge.cli import main
+
+    root, paths = world
+    argv = ["lmc", str(paths[0]), str(paths[1]), "--steps", "3", "--quiet", "--device", "cpu", "--workers", "0",
+            "--domain", "cs", "cityscapes", str(root / "cs"), "--domain", "idd", "cityscapes", str(root / "idd")]
+    assert main([*argv, "--out", str(root / "one")]) == 0
+    run_ranks([*argv, "--out", str(root / "two")], 2)
+    one = json.loads((root / "one" / "lmc.json").read_text())
+    two = json.loads((root / "two" / "lmc.json").read_text())
+    assert two["points"] == one["points"] and two["barriers"] == one["barriers"]

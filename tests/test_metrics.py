@@ -92,6 +92,7 @@ def test_random_cases_match_torchmetrics_and_mmseg(seed: int) -> None:
     np.testing.assert_allclose(np.array(scores.acc), ref["acc"], rtol=1e-12, equal_nan=True)
     assert scores.miou == pytest.approx(ref["miou"], rel=1e-12, nan_ok=True)
     assert scores.aacc == pytest.approx(ref["aacc"], rel=1e-12, nan_ok=True)
+    assert scores.pixels == int((gt != IGNORE).sum())   # labelled pixels, counted by hand
 
 
 def test_counts_over_the_split_not_mean_of_images() -> None:
@@ -145,6 +146,7 @@ def test_all_pixels_ignored_gives_nan_like_torchmetrics() -> None:
     scores = metric.compute()
     assert int(metric.confusion.sum()) == 0
     assert math.isnan(scores.miou) and math.isnan(scores.aacc) and math.isnan(scores.macc)
+    assert scores.pixels == 0 and scores.to_dict()["pixels"] == 0
     tm = MulticlassJaccardIndex(4, average="macro", ignore_index=IGNORE)
     tm.update(pred, gt)
     assert math.isnan(float(tm.compute()))

@@ -32,6 +32,7 @@ class SegScores:
     macc: float
     aacc: float
     class_names: tuple[str, ...] = field(default=CLASSES)
+    pixels: int = 0                 # labelled (not ignored) pixels scored
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: NaN becomes None, per-class values are keyed by class name."""
@@ -39,6 +40,7 @@ class SegScores:
             "miou": _json_float(self.miou),
             "macc": _json_float(self.macc),
             "aacc": _json_float(self.aacc),
+            "pixels": self.pixels,
             "iou": {n: _json_float(v) for n, v in zip(self.class_names, self.iou)},
             "acc": {n: _json_float(v) for n, v in zip(self.class_names, self.acc)},
         }
@@ -84,7 +86,7 @@ def scores_from_confusion(confusion: torch.Tensor | np.ndarray,
     total = conf.sum()
     aacc = float(tp.sum() / total * 100.0) if total > 0 else math.nan
     return SegScores(iou=tuple(float(v) for v in iou), acc=tuple(float(v) for v in acc),
-                     miou=_nanmean(iou), macc=_nanmean(acc), aacc=aacc, class_names=names)
+                     miou=_nanmean(iou), macc=_nanmean(acc), aacc=aacc, class_names=names, pixels=int(total))
 
 
 class SegMetric:
