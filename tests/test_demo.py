@@ -79,3 +79,16 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
     assert set(raw) >= {"meta", "state_dict"} and all(k.startswith("model.") for k in raw["state_dict"])
     # A second run refuses to overwrite without --force.
     assert main(["demo", "--preset", "tiny", "--out", str(out), "--threads", "1"]) == 2
+
+
+def test_tiny_demo_with_the_layernorm_backbone(tmp_path):
+    """MiT backbone (LayerNorm, no running statistics) + BN head: the pipeline runs, and the only
+    running statistics its checkpoints hold (so the only ones the buffer rules touch) are the head's."""
+    torch.set_num_threads(1)
+    out = tmp_path / "mit"
+    assert main(["demo", "--preset", "tiny", "--arch", "tiny_daformer_mit", "--out", str(out), "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["arch"] == "tiny_daformer_mit"
+    sd = strip_model_prefix(load_state_dict(out / "checkpoints" / "stda_city.pth"))
+    running = [k for k in sd if k.endswith("running_mean")]
+    assert running and all(k.startswith("decode_head.") for k in running)

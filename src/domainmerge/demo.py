@@ -496,12 +496,12 @@ def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = Fa
     return demo.results
 
 
-def preset_with(name: str, targets: str | None = None) -> Preset:
-    """A named preset, with ``--targets`` applied."""
+def preset_with(name: str, targets: str | None = None, arch: str | None = None) -> Preset:
+    """A named preset, with ``--targets`` and ``--arch`` applied."""
     if name not in PRESETS:
         raise UserError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
     p = PRESETS[name]
-    return replace(p, targets=parse_targets(targets, p.targets))
+    return replace(p, targets=parse_targets(targets, p.targets), arch=arch or p.arch)
 
 
 __all__ = ["PRESETS", "Demo", "Preset", "evaluate", "line_barrier", "mean_barrier", "parse_targets", "plot",

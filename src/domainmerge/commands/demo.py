@@ -20,6 +20,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--targets", default=None,
                    help="comma-separated targets from city,idd,fog,night (the first two form the "
                         "two-target table; default: all four)")
+    p.add_argument("--arch", default=None, choices=["tiny_daformer_r", "tiny_daformer_mit"],
+                   help="network: ResNetV1c backbone + DAFormer head, BatchNorm throughout (default), or the "
+                        "MiT (LayerNorm) backbone + DAFormer head, where only the head's BN statistics are merged")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the initialisation and sampling")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -37,5 +40,5 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
     torch.set_num_threads(args.threads)
-    run_demo(preset_with(args.preset, args.targets), args.out, seed=args.seed, force=args.force)
+    run_demo(preset_with(args.preset, args.targets, args.arch), args.out, seed=args.seed, force=args.force)
     return 0
