@@ -11,7 +11,9 @@ def add_parser(sub: Any) -> None:
         "align", help="permute B's hidden units to match A (Git Re-Basin weight matching)",
         description="Find the permutation of B's backbone units that best matches A (weight matching), write "
                     "B permuted (it computes the same function) and report, per permutation, the fraction "
-                    "of units mapped to themselves: near 100%% for models adapted from shared weights.")
+                    "of units mapped to themselves: near 100% for models adapted from shared weights. Units "
+                    "feeding the decode head stay in place (the head is not permuted), so for models from "
+                    "different initialisations alignment lowers but need not remove the interpolation barrier.")
     p.add_argument("reference", metavar="A", help="reference checkpoint (kept as is)")
     p.add_argument("other", metavar="B", help="checkpoint to permute")
     p.add_argument("-o", "--output", required=True, help="aligned B; its suffix picks the format")
