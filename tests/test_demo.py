@@ -7,28 +7,9 @@ import torch
 
 from domainmerge.checkpoint import load_state_dict, strip_model_prefix
 from domainmerge.cli import main
-from domainmerge.demo import PRESETS, line_barrier, mean_barrier, parse_targets
+from domainmerge.demo import PRESETS, parse_targets
 from domainmerge.errors import UserError
 from domainmerge.models import build_model
-
-
-def test_line_barrier_by_hand():
-    lams = [0.0, 0.25, 0.5, 0.75, 1.0]
-    # Straight line from 40 to 20: 35, 30, 25 on the line; the curve dips 10 below at 0.5.
-    assert line_barrier(lams, [40, 35, 20, 25, 20]) == pytest.approx(10.0)
-    assert line_barrier(lams, [40, 38, 36, 30, 20]) == 0.0          # above the line: no barrier
-    assert line_barrier(lams, [30, 30, 30, 30, 30]) == 0.0
-
-
-def test_mean_barrier_by_hand():
-    # End points 40 and 20 average 30; the curve's minimum is 18: barrier 12.
-    assert mean_barrier([40, 35, 18, 25, 20]) == pytest.approx(12.0)
-    # A hump above equal end points: no barrier.
-    assert mean_barrier([30, 35, 40, 35, 30]) == pytest.approx(0.0)
-    # Unequal end points: the lower end itself lies below their mean, so even a curve that is
-    # above the straight line everywhere has a positive barrier in this form (the line form has none).
-    assert mean_barrier([20, 35, 40, 35, 30]) == pytest.approx(5.0)
-    assert line_barrier([0, 0.25, 0.5, 0.75, 1], [20, 35, 40, 35, 30]) == 0.0
 
 
 def test_parse_targets():
@@ -60,6 +41,15 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
     assert len(curve["lambda"]) == PRESETS["tiny"].lambdas
     for label in ("shared_init", "different_init"):
         assert len(curve[label]["H"]) == len(curve["lambda"]) and "barrier_miou" in curve[label]
+    # Barriers recomputed by hand from the recorded curves: the largest drop below the chord
+    # between the end points, and PAPER.md's mean of the end points minus the minimum.
+    lams = curve["lambda"]
+    for label in ("shared_init", "different_init"):
+        for key in (a, b, "H"):
+            v = curve[label][key]
+            chord = max((1 - lam) * v[0] + lam * v[-1] - x for lam, x in zip(lams, v))
+            assert curve[label]["barrier"][key] == pytest.approx(chord)
+            assert curve[label]["barrier_paper"][key] == pytest.approx((v[0] + v[-1]) / 2 - min(v))
     # The interpolation end points are the two models themselves (lambda 0 and 1).
     assert curve["shared_init"][a][0] == pytest.approx(scores[f"stda_{a}"][a])
     assert curve["shared_init"][b][-1] == pytest.approx(scores[f"stda_{b}"][b])

@@ -39,6 +39,14 @@ def test_dip_below_line_by_hand() -> None:
                           [30.0, 60.0, 90.0]) == pytest.approx(20.0)
 
 
+def test_paper_form_is_inflated_by_unequal_end_points() -> None:
+    # A curve above its chord everywhere (20 -> 30, humped): no dip below the line, yet the lower
+    # end point itself lies 5 below the mean of the ends, so the paper's form reports 5.
+    values, lams = [20.0, 35.0, 40.0, 35.0, 30.0], [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert barrier(values) == pytest.approx(5.0)
+    assert dip_below_line(values, [(1 - lam, lam) for lam in lams], [20.0, 30.0]) == pytest.approx(0.0)
+
+
 def test_grids() -> None:
     assert lambda_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
     got = simplex_grid(3, 3)

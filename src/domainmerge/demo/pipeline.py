@@ -1,4 +1,4 @@
-"""The paper end to end in the synthetic world: pretrain, adapt, merge, evaluate, check.
+"""The demo pipeline: pretrain, adapt, merge, evaluate, check.
 
 Stages: (1) generate the world; (2) pretrain a network on the generic ``pretrain`` family
 (stands in for ImageNet); (3) source-only training on the labeled ``game`` domain from the
@@ -26,8 +26,9 @@ from torch import nn
 
 from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
 from domainmerge.errors import UserError
+from domainmerge.evaluation.lmc import barrier, dip_below_line, lambda_grid
 from domainmerge.evaluation.metrics import SegMetric, harmonic_mean
-from domainmerge.reporting import jsonable, save_figure
+from domainmerge.reporting import jsonable
 from domainmerge.training.loop import TrainConfig, seed_everything, train_supervised
 from domainmerge.training.pretrain import pretrain, reset_head
 from domainmerge.training.stda import STDAConfig, train_stda
@@ -81,19 +82,6 @@ def parse_targets(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names) or len(names) < 2:
         raise UserError(f"--targets {text!r}: give at least two different targets, e.g. city,idd")
     return names
-
-
-def line_barrier(lams: Sequence[float], values: Sequence[float]) -> float:
-    """Git Re-Basin barrier of a score curve: max over lambda of the drop below the straight line
-    between its end points, max_l [(1 - l) v_0 + l v_1 - v_l] (0 for a curve on or above the line)."""
-    v0, v1 = values[0], values[-1]
-    return max(0.0, max((1 - lam) * v0 + lam * v1 - v for lam, v in zip(lams, values)))
-
-
-def mean_barrier(values: Sequence[float]) -> float:
-    """PAPER.md's form of the barrier for a score: the mean of the end points minus the curve's
-    minimum, (v_0 + v_1) / 2 - min_l v_l (negative when the whole curve lies above that mean)."""
-    return (values[0] + values[-1]) / 2 - min(values)
 
 
 def to_checkpoint_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -288,15 +276,17 @@ class Demo:
 
         start = self._stage(f"interpolation curves {a} <-> {b}: shared weights vs different initialisations "
                             f"({p.lambdas} points each)")
-        lams = [i / (p.lambdas - 1) for i in range(p.lambdas)]
+        lams = lambda_grid(p.lambdas)
         curves: dict[str, Any] = {"lambda": lams}
         for label, end_b in [("shared_init", f"stda_{b}"), ("different_init", f"stda_{b}_diffinit")]:
             rows = [{d: evaluate(net, interpolate(self.models[f"stda_{a}"], self.models[end_b], lam), self.val[d])
                      for d in (a, b)} for lam in lams]
             curve: dict[str, Any] = {d: [r[d] for r in rows] for d in (a, b)}
             curve["H"] = [harmonic_mean([r[a], r[b]]) for r in rows]
-            curve["barrier"] = {k: line_barrier(lams, curve[k]) for k in (a, b, "H")}
-            curve["barrier_paper"] = {k: mean_barrier(curve[k]) for k in (a, b, "H")}
+            # Below the chord between the end points, and PAPER.md's form (mean of the ends - minimum).
+            curve["barrier"] = {k: dip_below_line(curve[k], [(1 - lam, lam) for lam in lams],
+                                                  [curve[k][0], curve[k][-1]]) for k in (a, b, "H")}
+            curve["barrier_paper"] = {k: barrier(curve[k]) for k in (a, b, "H")}
             curve["barrier_miou"] = max(curve["barrier"][a], curve["barrier"][b])
             curves[label] = curve
         self.results["interpolation"] = curves
@@ -358,117 +348,10 @@ class Demo:
         return out
 
 
-def render_markdown(results: Mapping[str, Any]) -> str:
-    """results.md: the paper's two-target table, the buffer rules, the all-subsets table, checks."""
-    from domainmerge.reporting import domain_table
-
-    s, targets = results["scores"], results["targets"]
-    a, b = targets[:2]
-    pair = f"{a}+{b}"
-    two = {
-        f"Data combination ({pair})": s[f"combined_{a}_{b}"],
-        f"STDA {SOURCE}->{a}": s[f"stda_{a}"],
-        f"STDA {SOURCE}->{b}": s[f"stda_{b}"],
-        "Merged (params + buffers)": s[f"merged_{pair}_gaussian"],
-        "Merged backbone, separate heads": s[f"merged_{pair}_backbone_heads"],
-    }
-    two = {k: {d: v[d] for d in (a, b)} for k, v in two.items()}
-    parts = [f"# domainmerge demo ({results['preset']} preset, seed {results['seed']})", "",
-             f"mIoU (%) on each target's val split; H = harmonic mean. Source: {SOURCE}.", "",
-             f"## Two targets ({a}, {b})", "", domain_table(two, domains=[a, b], name="Method"), ""]
-    groups = [pair] + (["all"] if len(targets) > 2 else [])
-    for g in groups:
-        doms = [a, b] if g == pair else list(targets)
-        rows = {r: {d: s[f"merged_{g}_{r}"][d] for d in doms} for r in ("gaussian", "mean")}
-        rows[f"first, {doms[0]}'s statistics"] = {d: s[f"merged_{g}_first"][d] for d in doms}
-        for t in doms[1:]:
-            if f"merged_{g}_first={t}" in s:
-                rows[f"first, {t}'s statistics"] = {d: s[f"merged_{g}_first={t}"][d] for d in doms}
-        recal = s.get(f"merged_{g}_recalibrated")
-        if recal is not None:  # older results.json files lack the baseline
-            rows[f"recalibrated on {results['config']['recal_images']} target images (uses data)"] = {
-                d: recal[d] for d in doms}
-        title = "all targets" if g == "all" else pair
-        parts += [f"## Buffer rules, merging {title}", "", domain_table(rows, domains=doms, name="Buffers"), ""]
-    if len(targets) > 2:
-        rows = {"Source only": s["source_only"]}
-        rows.update({f"STDA ->{t}": s[f"stda_{t}"] for t in targets})
-        if "combined_all" in s:
-            rows["Data combination (all)"] = s["combined_all"]
-        for key in results["subsets"]:
-            rows[f"Merged {key}"] = s[f"merged_{key}_gaussian"]
-        parts += [f"## {len(targets)} targets (Gaussian buffers)", "",
-                  domain_table(rows, domains=list(targets), name="Model"), ""]
-    cur = results["interpolation"]
-    parts += ["## Interpolation barriers (mIoU points)", "",
-              "Below the straight line between the end points (max over lambda), and in PAPER.md's form "
-              "(mean of the end points minus the curve's minimum).", "",
-              "| Curve | " + " | ".join([f"{k} (line)" for k in (a, b, "H")] + [f"{k} (paper)" for k in (a, b, "H")])
-              + " |", "|---|" + "---:|" * 6]
-    for label in ("shared_init", "different_init"):
-        bar, pap = cur[label]["barrier"], cur[label].get("barrier_paper", {})
-        cells = [f"{bar[k]:.2f}" for k in (a, b, "H")] + [f"{pap[k]:.2f}" if k in pap else "-" for k in (a, b, "H")]
-        parts.append(f"| {label.replace('_', ' ')} | " + " | ".join(cells) + " |")
-    parts += ["", "## Checks", ""]
-    for c in results["checks"]:
-        status = "SKIP" if c["kind"] == "skipped" else ("PASS" if c["pass"] else "FAIL")
-        parts.append(f"- {status} [{c['id']}] {c['claim']}: {c['detail']}")
-    t = results["timings_s"]
-    parts += ["", f"Wall time {sum(t.values()):.0f} s: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()), ""]
-    return "\n".join(parts)
-
-
-def plot(results: Mapping[str, Any], out: Path) -> list[Path]:
-    """interpolation.png (shared vs different init) and merging.png (bar chart of the variants)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s, targets = results["scores"], results["targets"]
-    a, b = targets[:2]
-    cur = results["interpolation"]
-    written = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, label in zip(axes, ("shared_init", "different_init")):
-        for key, style in ((a, "-o"), (b, "-s"), ("H", "-k^")):
-            ax.plot(cur["lambda"], cur[label][key], style, label=f"{key} (barrier {cur[label]['barrier'][key]:.1f})")
-        ax.set_title(f"{label.replace('_', ' ')}: STDA->{a} to STDA->{b}")
-        ax.set_xlabel("lambda")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("mIoU (%)")
-    fig.tight_layout()
-    path = out / "interpolation.png"
-    save_figure(fig, path, dpi=110)
-    written.append(path)
-
-    pair = f"{a}+{b}"
-    bars = {f"STDA->{a}": s[f"stda_{a}"], f"STDA->{b}": s[f"stda_{b}"], "data comb.": s[f"combined_{a}_{b}"],
-            "gaussian": s[f"merged_{pair}_gaussian"], "mean": s[f"merged_{pair}_mean"],
-            "first": s[f"merged_{pair}_first"], "backbone+heads": s[f"merged_{pair}_backbone_heads"],
-            "BN recal. (data)": s[f"merged_{pair}_recalibrated"]}
-    names = list(bars)
-    fig, ax = plt.subplots(figsize=(10, 3.8))
-    width = 0.27
-    for i, key in enumerate((a, b, "H")):
-        vals = [harmonic_mean([v[a], v[b]]) if key == "H" else v[key] for v in bars.values()]
-        ax.bar([x + (i - 1) * width for x in range(len(names))], vals, width, label=key)
-    ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(f"Merging variants, {pair}")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "merging.png"
-    save_figure(fig, path, dpi=110)
-    written.append(path)
-    return written
-
-
 def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = False,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage, write results.json, results.md and the plots to ``out``; return the results."""
+    from domainmerge.demo.report import plot, render_markdown
     from domainmerge.reporting import write_json, write_markdown
 
     out = Path(out)
@@ -504,5 +387,4 @@ def preset_with(name: str, targets: str | None = None, arch: str | None = None) 
     return replace(p, targets=parse_targets(targets, p.targets), arch=arch or p.arch)
 
 
-__all__ = ["PRESETS", "Demo", "Preset", "evaluate", "line_barrier", "mean_barrier", "parse_targets", "plot",
-           "preset_with", "render_markdown", "run_demo"]
+__all__ = ["PRESETS", "Demo", "Preset", "evaluate", "parse_targets", "preset_with", "run_demo"]
