@@ -37,7 +37,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from domainmerge.checkpoint import (
         detect_prefixes,
         open_checkpoint,

@@ -222,7 +222,7 @@ class Demo:
         from domainmerge.training.loop import normalise
 
         idx = spread_indices({t: len(self.train[t]) for t in targets}, self.p.recal_images)
-        images = torch.cat([self.train[t].images[i] for t in targets for i in [idx[t]]])
+        images = torch.cat([self.train[t].images[idx[t]] for t in targets])
         net.load_state_dict(state_dict)
         recalibrate_bn(net, (normalise(images[i:i + 8]) for i in range(0, len(images), 8)))
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -247,11 +247,12 @@ class Demo:
         groups = [(f"{a}+{b}", [a, b])] + ([("all", list(targets))] if len(targets) > 2 else [])
         for label, names in groups:
             sds = [self.models[f"stda_{t}"] for t in names]
-            for rule in ("gaussian", "mean", "first"):
-                score(f"merged_{label}_{rule}", merge_state_dicts(sds, buffers=rule))
+            merged = {rule: merge_state_dicts(sds, buffers=rule) for rule in ("gaussian", "mean", "first")}
+            for rule, sd in merged.items():
+                score(f"merged_{label}_{rule}", sd)
             # The data-driven baseline the paper avoids: the same parameters, BN statistics
             # re-estimated on unlabeled training images of the merged targets.
-            score(f"merged_{label}_recalibrated", self._recalibrated(net, merge_state_dicts(sds), names))
+            score(f"merged_{label}_recalibrated", self._recalibrated(net, merged["gaussian"], names))
             # 'first' depends on which model comes first: every choice, so the comparison is not an
             # accident of the input order.
             for i, t in enumerate(names[1:], 1):
