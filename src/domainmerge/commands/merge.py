@@ -24,6 +24,20 @@ def add_parser(sub: Any) -> None:
                    help="BN statistics: pooled Gaussians (default, the paper), plain mean, or first model's")
     p.add_argument("--counts", nargs="+", type=float, metavar="N",
                    help="samples behind each input's BN statistics (default: each layer's num_batches_tracked)")
+    p.add_argument("--method", default="linear",
+                   choices=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"],
+                   help="parameter rule: weighted average (default, the paper's) or a task-vector method "
+                        "(needs --base): task arithmetic, TIES, DARE + linear / + TIES")
+    p.add_argument("--base", metavar="CKPT",
+                   help="the weights the models were adapted from (e.g. source-only or ImageNet); task "
+                        "vectors are taken against it; parameters it lacks are averaged")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, metavar="L",
+                   help="task-vector scaling (default 1: the weighted average of the models)")
+    p.add_argument("--density", type=float, default=0.2, metavar="D",
+                   help="TIES / dare_ties: share of each task vector kept by magnitude (default 0.2)")
+    p.add_argument("--drop", type=float, default=0.9, metavar="P",
+                   help="DARE: probability of dropping a task-vector entry (default 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="DARE: seed of the drop masks (default 0)")
     p.add_argument("--keep-heads", metavar="PREFIX",
                    help="merge everything outside PREFIX (e.g. decode_head.), write one checkpoint per input "
                         "with its own head")
@@ -84,15 +98,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--names only applies with --keep-heads")
     output = Path(args.output)
     outputs = head_output_paths(output, len(args.inputs), args.names) if args.keep_heads else [output]
+    inputs = (*args.inputs, args.base) if args.base else tuple(args.inputs)
     for out in outputs:
         output_format(out)
-        check_output_path(out, force=args.force, inputs=tuple(args.inputs))
+        check_output_path(out, force=args.force, inputs=inputs)
     fmt = output_format(outputs[0])
 
     checkpoints: list[Checkpoint] = []
     with contextlib.ExitStack() as stack:
         for path in args.inputs:
             checkpoints.append(stack.enter_context(open_checkpoint(path, trust_pickle=args.trust_pickle)))
+        base = stack.enter_context(open_checkpoint(args.base, trust_pickle=args.trust_pickle)) if args.base else None
         sources: list[Any] = list(checkpoints)
         align_report: dict[str, Any] = {}
         if args.align:
@@ -106,8 +122,10 @@ def run(args: argparse.Namespace) -> int:
                 sources.append(DictSource(aligned, str(ck.path)))
                 align_report[ck.path.name] = report
         options = MergeOptions(weights=args.weights, buffers=args.buffers, counts=args.counts,
-                               keep_heads=args.keep_heads, only=args.only, allow_missing=args.allow_missing)
-        plan = plan_merge(sources, options)
+                               keep_heads=args.keep_heads, only=args.only, allow_missing=args.allow_missing,
+                               method=args.method, lam=args.lam, density=args.density, drop=args.drop,
+                               seed=args.seed)
+        plan = plan_merge(sources, options, base=base)
         record = {
             "tool": f"domainmerge {__version__}",
             "inputs": [Path(p).name for p in args.inputs],
@@ -117,7 +135,14 @@ def run(args: argparse.Namespace) -> int:
             "keep_heads": args.keep_heads,
             "only": args.only,
             "aligned": bool(args.align),
+            "method": args.method,
         }
+        if args.method != "linear":
+            record.update({"base": Path(args.base).name, "lambda": args.lam})
+            if args.method in ("ties", "dare_ties"):
+                record["density"] = args.density
+            if args.method.startswith("dare"):
+                record.update({"drop": args.drop, "seed": args.seed})
         infos = {k: TensorInfo(plan.shapes[k], plan.dtypes[k]) for k in plan.keys}
         bar = tqdm(plan.keys, desc="merging", unit="tensor", disable=True if args.quiet else None)
         with contextlib.ExitStack() as outs:
@@ -152,8 +177,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         elapsed = time.perf_counter() - start
         roles = ", ".join(f"{n} {role}" for role, n in plan.stats.items() if role != "bn_layers")
+        method = "" if args.method == "linear" else \
+            f"; method: {args.method} from {Path(args.base).name} (lambda {args.lam:g})"
         print(f"merged {len(args.inputs)} models with weights "
-              f"{', '.join(f'{w:.3g}' for w in plan.weights)}; buffers: {args.buffers}")
+              f"{', '.join(f'{w:.3g}' for w in plan.weights)}; buffers: {args.buffers}{method}")
         print(f"tensors: {roles}")
         print(f"BatchNorm layers merged: {plan.stats.get('bn_layers', 0)}")
         if align_report:

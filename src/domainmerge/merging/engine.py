@@ -16,9 +16,21 @@ import torch
 from domainmerge.errors import UserError
 from domainmerge.merging.buffers import gaussian_pool, mixture_proportions, pooled_count
 from domainmerge.merging.parameters import normalise_weights, weighted_average
-from domainmerge.merging.roles import COUNT_SUFFIX, MEAN_SUFFIX, VAR_SUFFIX, Role, assign_roles, layer_of, under_prefix
+from domainmerge.merging.roles import (
+    COUNT_SUFFIX,
+    MEAN_SUFFIX,
+    VAR_SUFFIX,
+    WRAPPERS,
+    Role,
+    assign_roles,
+    layer_of,
+    under_prefix,
+)
+from domainmerge.merging.taskvector import dare, key_generator, task_arithmetic, ties
 
 BUFFER_RULES = ("gaussian", "mean", "first")
+# Parameter rules: the paper's weighted average, and the task-vector rules (they need a base).
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 
 class Source(Protocol):
@@ -53,6 +65,11 @@ class MergeOptions:
     only: str | None = None
     allow_missing: bool = False
     check_finite: bool = True
+    method: str = "linear"           # one of METHODS; all but 'linear' read task vectors from a base
+    lam: float = 1.0                 # task-vector scaling (1: weighted average of the models)
+    density: float = 0.2             # TIES: share of each task vector kept
+    drop: float = 0.9                # DARE: drop probability
+    seed: int = 0                    # DARE: masks are a function of (seed, key, model)
 
 
 @dataclass
@@ -69,6 +86,8 @@ class MergePlan:
     weights: list[float]
     options: MergeOptions
     stats: Counter[str] = field(default_factory=Counter)
+    base: Source | None = None       # the weights task vectors are taken from (method != 'linear')
+    base_keys: dict[str, str] = field(default_factory=dict)  # output key -> the base's key for it
 
     @property
     def n_outputs(self) -> int:
@@ -91,12 +110,30 @@ def _examples(keys: Sequence[str], n: int = 3) -> str:
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def plan_merge(sources: Sequence[Source], options: MergeOptions) -> MergePlan:
-    """Check that the inputs can be merged and decide the rule for every key."""
+def _check_method(options: MergeOptions, base: Source | None) -> None:
+    if options.method not in METHODS:
+        raise UserError(f"unknown merge method {options.method!r}; use one of {', '.join(METHODS)}")
+    if options.method != "linear" and base is None:
+        raise UserError(f"method {options.method!r} merges task vectors and needs the base weights the "
+                        "models were adapted from (--base)")
+    if options.method == "linear" and base is not None:
+        raise UserError("a base checkpoint is only used by the task-vector methods; pick --method")
+    if not (options.lam == options.lam and abs(options.lam) != float("inf")):
+        raise UserError(f"--lambda must be a finite number, got {options.lam}")
+    if not 0.0 < options.density <= 1.0:
+        raise UserError(f"--density must lie in (0, 1], got {options.density}")
+    if not 0.0 <= options.drop < 1.0:
+        raise UserError(f"--drop must lie in [0, 1), got {options.drop}")
+
+
+def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | None = None) -> MergePlan:
+    """Check that the inputs (and ``base``, for the task-vector methods) can be merged and decide
+    the rule for every key."""
     if not sources:
         raise UserError("no inputs to merge")
     if options.buffers not in BUFFER_RULES:
         raise UserError(f"unknown buffer rule {options.buffers!r}; use one of {', '.join(BUFFER_RULES)}")
+    _check_method(options, base)
     try:
         weights = normalise_weights(options.weights, len(sources))
     except ValueError as exc:
@@ -151,7 +188,34 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions) -> MergePlan:
     if options.only and not any(under_prefix(k, options.only) for k in order):
         raise UserError(f"--only {options.only!r}: no key lies under this prefix; "
                         "check the prefixes with `domainmerge inspect`")
-    return MergePlan(order, roles, merged, per_model, holders, shapes, dtypes, weights, options)
+    base_keys = _match_base(base, order, roles, shapes) if base is not None else {}
+    return MergePlan(order, roles, merged, per_model, holders, shapes, dtypes, weights, options,
+                     base=base, base_keys=base_keys)
+
+
+def _match_base(base: Source, order: Sequence[str], roles: Mapping[str, Role],
+                shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """Model key -> base key for every parameter the base holds, under the same name or with a
+    training wrapper ('model.', 'module.', ...) added or removed (a source-only checkpoint is
+    often a plain state dict, the adapted ones DA training containers)."""
+    infos = _infos(base)
+    found: dict[str, str] = {}
+    for k in order:
+        if roles[k] != Role.PARAM:
+            continue
+        bare = next((k[len(w):] for w in WRAPPERS if k.startswith(w)), k)
+        candidates = [k, bare, *(w + bare for w in WRAPPERS)]
+        bk = next((c for c in candidates if c in infos), None)
+        if bk is None:
+            continue
+        if infos[bk][0] != shapes[k]:
+            raise UserError(f"key {k!r}: shape {list(shapes[k])} in the models but {list(infos[bk][0])} in the "
+                            f"base {_name(base, -1)}; the base must be the weights the models were adapted from")
+        found[k] = bk
+    if not found:
+        raise UserError(f"the base {_name(base, -1)} shares no parameter with the models; check its "
+                        "prefixes with `domainmerge inspect`")
+    return found
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -240,7 +304,13 @@ def _merge_key(plan: MergePlan, reader: _Reader, key: str,
             plan.stats["bn_layers"] += 1
         return bn_cache.pop(key)
     if role == Role.PARAM:
-        return weighted_average([reader.get(i, key) for i in idx], w)
+        tensors = [reader.get(i, key) for i in idx]
+        if plan.options.method == "linear":
+            return weighted_average(tensors, w)
+        if plan.base is None or key not in plan.base_keys:
+            plan.stats["linear, not in base"] += 1   # e.g. a freshly initialised head
+            return weighted_average(tensors, w)
+        return _task_vector_merge(plan.options, key, tensors, plan.base.get(plan.base_keys[key]), w, idx)
     if role == Role.COUNTER and plan.options.buffers != "first":
         values = [int(reader.get(i, key).item()) for i in idx]
         first = reader.get(idx[0], key)
@@ -252,6 +322,21 @@ def _merge_key(plan: MergePlan, reader: _Reader, key: str,
             n = round(sum(v * x for v, x in zip(values, w)) / sum(w))
         return torch.full_like(first, n)
     return reader.get(idx[0], key).clone()
+
+
+def _task_vector_merge(opts: MergeOptions, key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor,
+                       weights: Sequence[float], inputs: Sequence[int]) -> torch.Tensor:
+    """One parameter under a task-vector method (see domainmerge.merging.taskvector)."""
+    total = sum(weights)
+    w = [x / total for x in weights]
+    if opts.method == "task_arithmetic":
+        return task_arithmetic(tensors, base, w, opts.lam)
+    if opts.method == "ties":
+        return ties(tensors, base, w, opts.lam, opts.density)
+    gens = [key_generator(opts.seed, key, i) for i in inputs]
+    then = "ties" if opts.method == "dare_ties" else "linear"
+    return dare(tensors, base, w, opts.lam, opts.drop, gens, then=then,
+                density=opts.density if then == "ties" else 1.0)
 
 
 def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[str, list[torch.Tensor]]]:
@@ -281,22 +366,39 @@ def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[st
             plan.stats["copied from first"] += 1
         yield key, [tensor] * n_out
         reader.release(key, plan.holders[key])
+        release_base = getattr(plan.base, "release", None)
+        if release_base is not None and key in plan.base_keys:
+            release_base(plan.base_keys[key])
 
 
 def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None,
                       buffers: str = "gaussian", counts: Sequence[float] | None = None,
+                      base: Mapping[str, torch.Tensor] | None = None,
                       **options: object) -> dict[str, torch.Tensor]:
     """Merge state dicts in memory with the paper's rules (see :class:`MergeOptions`).
 
-    Parameters are averaged with ``weights`` (uniform by default); BatchNorm running statistics
-    follow ``buffers``: 'gaussian' (pooled Gaussians weighted by num_batches_tracked or
+    Parameters are averaged with ``weights`` (uniform by default), or merged as task vectors
+    from ``base`` with ``method='task_arithmetic'|'ties'|'dare_linear'|'dare_ties'`` (and
+    ``lam``, ``density``, ``drop``, ``seed``); BatchNorm running statistics follow ``buffers``
+    in every method: 'gaussian' (pooled Gaussians weighted by num_batches_tracked or
     ``counts``), 'mean' or 'first'.
+
+    Example:
+        >>> import torch
+        >>> base = {"w": torch.zeros(3)}
+        >>> a, b = {"w": torch.tensor([1., 0., 2.])}, {"w": torch.tensor([3., 0., -2.])}
+        >>> merge_state_dicts([a, b])["w"]
+        tensor([2., 0., 0.])
+        >>> merge_state_dicts([a, b], base=base, method="ties", density=1.0)["w"]
+        tensor([2., 0., 0.])
+        >>> merge_state_dicts([a, b], base=base, method="task_arithmetic", lam=2.0)["w"]
+        tensor([4., 0., 0.])
     """
     if options.get("keep_heads"):
         raise ValueError("merge_state_dicts returns one model; use merge_state_dicts_per_head")
     sources = [DictSource(sd, f"input {i + 1}") for i, sd in enumerate(state_dicts)]
     opts = MergeOptions(weights=weights, buffers=buffers, counts=counts, **options)  # type: ignore[arg-type]
-    plan = plan_merge(sources, opts)
+    plan = plan_merge(sources, opts, base=DictSource(base, "base") if base is not None else None)
     return {k: ts[0] for k, ts in iter_merged(sources, plan)}
 
 

@@ -10,6 +10,8 @@ import torch
 MEAN_SUFFIX = "running_mean"
 VAR_SUFFIX = "running_var"
 COUNT_SUFFIX = "num_batches_tracked"
+# Prefixes that training wrappers put in front of a network's keys (mmseg DA training, DDP).
+WRAPPERS = ("model.", "ema_model.", "imnet_model.", "module.")
 
 
 class Role(enum.Enum):
@@ -54,8 +56,7 @@ def assign_roles(dtypes: Mapping[str, torch.dtype]) -> dict[str, Role]:
     return roles
 
 
-def under_prefix(key: str, prefix: str, wrappers: Iterable[str] = ("model.", "ema_model.",
-                                                                  "imnet_model.", "module.")) -> bool:
+def under_prefix(key: str, prefix: str, wrappers: Iterable[str] = WRAPPERS) -> bool:
     """Whether ``key`` lies under ``prefix``, directly or inside a wrapper such as ``model.``.
 
     So ``--keep-heads decode_head.`` matches 'decode_head.x' and 'model.decode_head.x' alike.
