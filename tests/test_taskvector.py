@@ -271,7 +271,8 @@ def test_merge_command_ties_from_a_base(tmp_path, capsys) -> None:
     torch.testing.assert_close(out["model.backbone.bn.running_mean"], torch.tensor([3.0]))   # 0.25*0 + 0.75*4
     torch.testing.assert_close(out["model.backbone.bn.running_var"], torch.tensor([4.0]))    # 1 + .25*9 + .75*1
     record = torch.load(tmp_path / "m.pth", weights_only=True)["meta"]["domainmerge"]
-    assert record["method"] == "ties" and record["base"] == "base.pth" and record["density"] == 0.5
+    assert record["method"] == "ties"
+    assert record["recipe"]["base"] == "base.pth" and record["recipe"]["density"] == 0.5
 
 
 def test_merge_command_method_without_base_is_one_line_error(tmp_path, capsys) -> None:

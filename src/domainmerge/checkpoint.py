@@ -413,8 +413,15 @@ def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch
                 obj = dict(state_dict)
             else:
                 obj = build_container(state_dict, template=template, record=record)
-            torch.save(obj, tmp)
+            save_pickle(obj, tmp)
     return out
+
+
+def save_pickle(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through an open file: the zip's inner folder is then 'archive' rather than
+    the (random) temporary file's name, so the same content always gives the same bytes."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def updated_record(ck: Checkpoint, **entries: Any) -> dict[str, Any]:

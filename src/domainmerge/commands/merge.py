@@ -16,7 +16,10 @@ def add_parser(sub: Any) -> None:
         "merge", help="merge N checkpoints (parameters averaged, BN statistics pooled)",
         description="Merge checkpoints adapted from the same pretrained weights: parameters are averaged, "
                     "BatchNorm statistics merged as pooled Gaussians weighted by num_batches_tracked.")
-    p.add_argument("inputs", nargs="+", metavar="CKPT", help="checkpoints (.pth/.pt/.bin/.safetensors), 2 or more")
+    p.add_argument("inputs", nargs="*", metavar="CKPT", help="checkpoints (.pth/.pt/.bin/.safetensors), 2 or more")
+    p.add_argument("--config", metavar="RECIPE",
+                   help="a YAML recipe: models, weights, base, method and knobs, buffers, per-module rules "
+                        "(see domainmerge.merging.recipe); replaces the inputs and the merge options")
     p.add_argument("-o", "--output", required=True, help="output file; its suffix picks the format")
     p.add_argument("--weights", nargs="+", type=float, metavar="W",
                    help="one weight per input (non-negative, normalised to sum 1; default uniform)")
@@ -53,7 +56,39 @@ def add_parser(sub: Any) -> None:
                    help="allow full unpickling of .pth files (only for files you trust)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, recipe_defaults={dest: p.get_default(dest) for dest in RECIPE_FLAGS})
+
+
+# Options a recipe sets; giving one beside --config is refused rather than silently overridden.
+RECIPE_FLAGS = {"weights": "--weights", "buffers": "--buffers", "counts": "--counts", "keep_heads": "--keep-heads",
+                "names": "--names", "only": "--only", "allow_missing": "--allow-missing", "align": "--align",
+                "method": "--method", "base": "--base", "lam": "--lambda", "density": "--density",
+                "drop": "--drop", "seed": "--seed"}
+
+
+def _apply_recipe(args: argparse.Namespace) -> Any:
+    """Fill ``args`` from ``--config`` (or build the recipe equal to the command line)."""
+    from domainmerge.merging import MergeOptions
+    from domainmerge.merging.recipe import load_recipe, recipe_from_options
+
+    if args.config is None:
+        options = MergeOptions(weights=args.weights, buffers=args.buffers, counts=args.counts,
+                               keep_heads=args.keep_heads, only=args.only, allow_missing=args.allow_missing,
+                               method=args.method, lam=args.lam, density=args.density, drop=args.drop,
+                               seed=args.seed)
+        return recipe_from_options(args.inputs, options, base=args.base, align=args.align, names=args.names)
+    if args.inputs:
+        raise UserError(f"--config {args.config}: the recipe lists the models; give no checkpoints beside it")
+    defaults = getattr(args, "recipe_defaults", {})
+    for dest, flag in RECIPE_FLAGS.items():
+        if dest in defaults and getattr(args, dest) != defaults[dest]:
+            raise UserError(f"{flag} is given beside --config {args.config}; set it in the recipe instead")
+    recipe = load_recipe(args.config)
+    args.inputs = recipe.models
+    for dest in ("weights", "buffers", "counts", "keep_heads", "names", "only", "allow_missing", "align",
+                 "method", "base", "lam", "density", "drop", "seed"):
+        setattr(args, dest, getattr(recipe, dest))
+    return recipe
 
 
 def head_output_paths(output: Path, n: int, names: list[str] | None) -> list[Path]:
@@ -85,19 +120,22 @@ def run(args: argparse.Namespace) -> int:
         build_container,
         open_checkpoint,
         output_format,
+        save_pickle,
     )
     from domainmerge.fsutil import atomic_path, check_output_path
-    from domainmerge.merging import DictSource, MergeOptions, iter_merged, plan_merge
+    from domainmerge.merging import DictSource, iter_merged, plan_merge
 
     start = time.perf_counter()
+    recipe = _apply_recipe(args)
     if len(args.inputs) < 2:
         raise UserError("give at least two checkpoints to merge")
     if len(set(Path(p).resolve() for p in args.inputs)) != len(args.inputs):
         raise UserError("the same checkpoint is given twice; use --weights to weigh a model more")
-    if args.names and not args.keep_heads:
-        raise UserError("--names only applies with --keep-heads")
+    if args.names and not (args.keep_heads or any(r.keep_own for r in recipe.rules)):
+        raise UserError("--names only applies with --keep-heads (or a recipe rule with keep: own)")
     output = Path(args.output)
-    outputs = head_output_paths(output, len(args.inputs), args.names) if args.keep_heads else [output]
+    per_model = bool(args.keep_heads) or any(r.keep_own for r in recipe.rules)
+    outputs = head_output_paths(output, len(args.inputs), args.names) if per_model else [output]
     inputs = (*args.inputs, args.base) if args.base else tuple(args.inputs)
     for out in outputs:
         output_format(out)
@@ -121,11 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 aligned, report = align_state_dicts(ref, ck.state_dict())
                 sources.append(DictSource(aligned, str(ck.path)))
                 align_report[ck.path.name] = report
-        options = MergeOptions(weights=args.weights, buffers=args.buffers, counts=args.counts,
-                               keep_heads=args.keep_heads, only=args.only, allow_missing=args.allow_missing,
-                               method=args.method, lam=args.lam, density=args.density, drop=args.drop,
-                               seed=args.seed)
-        plan = plan_merge(sources, options, base=base)
+        plan = plan_merge(sources, recipe.options(), base=base)
         record = {
             "tool": f"domainmerge {__version__}",
             "inputs": [Path(p).name for p in args.inputs],
@@ -136,13 +170,8 @@ def run(args: argparse.Namespace) -> int:
             "only": args.only,
             "aligned": bool(args.align),
             "method": args.method,
+            "recipe": recipe.record(),
         }
-        if args.method != "linear":
-            record.update({"base": Path(args.base).name, "lambda": args.lam})
-            if args.method in ("ties", "dare_ties"):
-                record["density"] = args.density
-            if args.method.startswith("dare"):
-                record.update({"drop": args.drop, "seed": args.seed})
         infos = {k: TensorInfo(plan.shapes[k], plan.dtypes[k]) for k in plan.keys}
         bar = tqdm(plan.keys, desc="merging", unit="tensor", disable=True if args.quiet else None)
         with contextlib.ExitStack() as outs:
@@ -162,15 +191,13 @@ def run(args: argparse.Namespace) -> int:
                 for fh in handles:
                     fh.close()
             else:
-                import torch
-
                 results: list[dict[str, Any]] = [{} for _ in outputs]
                 for key, tensors in iter_merged(sources, plan):
                     for res, t in zip(results, tensors):
                         res[key] = t
                     bar.update()
                 for tmp, res in zip(tmps, results):
-                    torch.save(build_container(res, template=checkpoints[0], record=record), tmp)
+                    save_pickle(build_container(res, template=checkpoints[0], record=record), tmp)
                     res.clear()
         bar.close()
 

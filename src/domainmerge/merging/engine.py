@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -21,9 +21,11 @@ from domainmerge.merging.roles import (
     MEAN_SUFFIX,
     VAR_SUFFIX,
     WRAPPERS,
+    KeyRule,
     Role,
     assign_roles,
     layer_of,
+    rule_for,
     under_prefix,
 )
 from domainmerge.merging.taskvector import dare, key_generator, task_arithmetic, ties
@@ -70,6 +72,18 @@ class MergeOptions:
     density: float = 0.2             # TIES: share of each task vector kept
     drop: float = 0.9                # DARE: drop probability
     seed: int = 0                    # DARE: masks are a function of (seed, key, model)
+    rules: Sequence[KeyRule] = ()    # per-module overrides, first match wins (see KeyRule)
+
+    def for_key(self, key: str) -> MergeOptions:
+        """These options with the first matching rule's method and knobs applied."""
+        rule = rule_for(key, self.rules)
+        return self if rule is None or rule.method is None else self.with_rule(rule)
+
+    def with_rule(self, rule: KeyRule) -> MergeOptions:
+        """These options with ``rule``'s method and the knobs it sets."""
+        knobs = {k: v for k, v in (("lam", rule.lam), ("density", rule.density), ("drop", rule.drop))
+                 if v is not None}
+        return replace(self, method=rule.method or self.method, rules=(), **knobs)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -91,7 +105,7 @@ class MergePlan:
 
     @property
     def n_outputs(self) -> int:
-        return len(self.weights) if self.options.keep_heads else 1
+        return len(self.weights) if any(self.per_model.values()) else 1
 
 
 def _name(src: object, i: int) -> str:
@@ -110,20 +124,21 @@ def _examples(keys: Sequence[str], n: int = 3) -> str:
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _check_method(options: MergeOptions, base: Source | None) -> None:
+def _check_method(options: MergeOptions, base: Source | None, where: str = "") -> None:
     if options.method not in METHODS:
-        raise UserError(f"unknown merge method {options.method!r}; use one of {', '.join(METHODS)}")
-    if options.method != "linear" and base is None:
-        raise UserError(f"method {options.method!r} merges task vectors and needs the base weights the "
+        raise UserError(f"{where}unknown merge method {options.method!r}; use one of {', '.join(METHODS)}")
+    uses_base = options.method != "linear" or any(r.method not in (None, "linear") for r in options.rules)
+    if uses_base and base is None:
+        raise UserError(f"{where}method {options.method!r} merges task vectors and needs the base weights the "
                         "models were adapted from (--base)")
-    if options.method == "linear" and base is not None:
+    if not uses_base and base is not None and not where:
         raise UserError("a base checkpoint is only used by the task-vector methods; pick --method")
     if not (options.lam == options.lam and abs(options.lam) != float("inf")):
-        raise UserError(f"--lambda must be a finite number, got {options.lam}")
+        raise UserError(f"{where}--lambda must be a finite number, got {options.lam}")
     if not 0.0 < options.density <= 1.0:
-        raise UserError(f"--density must lie in (0, 1], got {options.density}")
+        raise UserError(f"{where}--density must lie in (0, 1], got {options.density}")
     if not 0.0 <= options.drop < 1.0:
-        raise UserError(f"--drop must lie in [0, 1), got {options.drop}")
+        raise UserError(f"{where}--drop must lie in [0, 1), got {options.drop}")
 
 
 def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | None = None) -> MergePlan:
@@ -134,6 +149,11 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
     if options.buffers not in BUFFER_RULES:
         raise UserError(f"unknown buffer rule {options.buffers!r}; use one of {', '.join(BUFFER_RULES)}")
     _check_method(options, base)
+    for rule in options.rules:
+        if rule.method is not None and rule.keep_own:
+            raise UserError(f"rule {rule.pattern!r}: give either a method or keep_own, not both")
+        if rule.method is not None:
+            _check_method(options.with_rule(rule), base, where=f"rule {rule.pattern!r}: ")
     try:
         weights = normalise_weights(options.weights, len(sources))
     except ValueError as exc:
@@ -177,7 +197,9 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
     roles = assign_roles(dtypes)
     merged, per_model = {}, {}
     for k in order:
-        head = bool(options.keep_heads) and under_prefix(k, options.keep_heads or "")
+        matched = rule_for(k, options.rules)
+        head = (bool(options.keep_heads) and under_prefix(k, options.keep_heads or "")) or \
+            (matched is not None and matched.keep_own)
         outside = bool(options.only) and not under_prefix(k, options.only or "")
         shared = len(holders[k]) == len(sources)
         per_model[k] = head
@@ -305,12 +327,13 @@ def _merge_key(plan: MergePlan, reader: _Reader, key: str,
         return bn_cache.pop(key)
     if role == Role.PARAM:
         tensors = [reader.get(i, key) for i in idx]
-        if plan.options.method == "linear":
+        opts = plan.options.for_key(key)
+        if opts.method == "linear":
             return weighted_average(tensors, w)
         if plan.base is None or key not in plan.base_keys:
             plan.stats["linear, not in base"] += 1   # e.g. a freshly initialised head
             return weighted_average(tensors, w)
-        return _task_vector_merge(plan.options, key, tensors, plan.base.get(plan.base_keys[key]), w, idx)
+        return _task_vector_merge(opts, key, tensors, plan.base.get(plan.base_keys[key]), w, idx)
     if role == Role.COUNTER and plan.options.buffers != "first":
         values = [int(reader.get(i, key).item()) for i in idx]
         first = reader.get(idx[0], key)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -64,3 +66,27 @@ def under_prefix(key: str, prefix: str, wrappers: Iterable[str] = WRAPPERS) -> b
     if key.startswith(prefix):
         return True
     return any(key.startswith(w) and key[len(w):].startswith(prefix) for w in wrappers)
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """A per-module override, matched by a glob pattern on the key (with or without a training
+    wrapper such as ``model.``): another parameter method and its knobs, or ``keep_own`` to keep
+    each model's own tensor (one output per model, like the paper's separate heads)."""
+
+    pattern: str
+    method: str | None = None
+    lam: float | None = None
+    density: float | None = None
+    drop: float | None = None
+    keep_own: bool = False
+
+    def matches(self, key: str, wrappers: Iterable[str] = WRAPPERS) -> bool:
+        if fnmatch.fnmatchcase(key, self.pattern):
+            return True
+        return any(key.startswith(w) and fnmatch.fnmatchcase(key[len(w):], self.pattern) for w in wrappers)
+
+
+def rule_for(key: str, rules: Sequence[KeyRule]) -> KeyRule | None:
+    """The first rule whose pattern matches ``key``, or None."""
+    return next((r for r in rules if r.matches(key)), None)

@@ -1,0 +1,233 @@
+"""Merge recipes: a YAML (or JSON) file that says which models to merge and how.
+
+```yaml
+models:                       # two or more; a path, or {path: ..., weight: ...}
+  - {path: cs.pth, weight: 2}
+  - idd.pth
+base: source_only.pth         # for the task-vector methods
+method: ties                  # linear | task_arithmetic | ties | dare_linear | dare_ties
+lambda: 1.0
+density: 0.2
+buffers: gaussian             # gaussian | mean | first
+only: model.
+rules:                        # per-module overrides, first match wins
+  - {match: "backbone.*", method: ties, density: 0.3}
+  - {match: "decode_head.*", keep: own}     # each model keeps its own head: one output per model
+```
+
+Relative paths are read from the recipe's folder. Every field is validated before any tensor is
+read; a wrong one is a one-line error naming the field and the file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from domainmerge.errors import UserError
+from domainmerge.merging.engine import BUFFER_RULES, METHODS, MergeOptions
+from domainmerge.merging.roles import KeyRule
+
+_TOP = {"models", "base", "method", "lambda", "density", "drop", "seed", "buffers", "counts", "only",
+        "allow_missing", "align", "keep_heads", "names", "rules"}
+_RULE = {"match", "method", "lambda", "density", "drop", "keep"}
+
+
+@dataclass
+class Recipe:
+    """A validated merge recipe; paths are absolute or relative to the working folder."""
+
+    models: list[str]
+    weights: list[float] | None = None
+    base: str | None = None
+    method: str = "linear"
+    lam: float = 1.0
+    density: float = 0.2
+    drop: float = 0.9
+    seed: int = 0
+    buffers: str = "gaussian"
+    counts: list[float] | None = None
+    only: str | None = None
+    allow_missing: bool = False
+    align: bool = False
+    keep_heads: str | None = None
+    names: list[str] | None = None
+    rules: list[KeyRule] = field(default_factory=list)
+
+    def options(self) -> MergeOptions:
+        """The engine's options for this recipe."""
+        return MergeOptions(weights=self.weights, buffers=self.buffers, counts=self.counts,
+                            keep_heads=self.keep_heads, only=self.only, allow_missing=self.allow_missing,
+                            method=self.method, lam=self.lam, density=self.density, drop=self.drop,
+                            seed=self.seed, rules=tuple(self.rules))
+
+    def record(self) -> dict[str, Any]:
+        """The resolved recipe as written into a merged file (file names, not folders)."""
+        out: dict[str, Any] = {
+            "models": [Path(m).name for m in self.models], "weights": self.weights, "method": self.method,
+            "buffers": self.buffers, "counts": self.counts, "only": self.only, "keep_heads": self.keep_heads,
+            "allow_missing": self.allow_missing, "align": self.align}
+        if self.method != "linear" or self.base:
+            out.update({"base": Path(self.base).name if self.base else None, "lambda": self.lam,
+                        "density": self.density, "drop": self.drop, "seed": self.seed})
+        if self.rules:
+            out["rules"] = [{k: v for k, v in vars(r).items() if v not in (None, False)} for r in self.rules]
+        return out
+
+
+def _number(value: Any, name: str, where: str, *, integer: bool = False) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a finite number"
+        raise UserError(f"{where}: field {name!r} must be {kind}, got {value!r}")
+    return value
+
+
+def _text(value: Any, name: str, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _flag(value: Any, name: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: field {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def _unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise UserError(f"{where}: unknown field {extra[0]!r}; known fields: {', '.join(sorted(allowed))}")
+
+
+def _models(value: Any, where: str, folder: Path) -> tuple[list[str], list[float] | None]:
+    if not isinstance(value, list) or len(value) < 2:
+        raise UserError(f"{where}: field 'models' must list two or more checkpoints")
+    paths: list[str] = []
+    weights: list[float] = []
+    for i, item in enumerate(value):
+        at = f"models[{i}]"
+        if isinstance(item, str):
+            path, weight = item, None
+        elif isinstance(item, dict):
+            _unknown(item, {"path", "weight"}, f"{where}: {at}")
+            path = _text(item.get("path"), f"{at}.path", where)
+            weight = _number(item["weight"], f"{at}.weight", where) if "weight" in item else None
+            if weight is not None and weight < 0:
+                raise UserError(f"{where}: field '{at}.weight' must be non-negative, got {weight}")
+        else:
+            raise UserError(f"{where}: field {at!r} must be a path or {{path, weight}}, got {item!r}")
+        resolved = Path(path) if Path(path).is_absolute() else folder / path
+        paths.append(str(resolved))
+        weights.append(1.0 if weight is None else float(weight))
+    given = any(isinstance(m, dict) and "weight" in m for m in value)
+    return paths, (weights if given else None)
+
+
+def _rule(item: Any, i: int, where: str) -> KeyRule:
+    at = f"rules[{i}]"
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: field {at!r} must be a mapping with 'match', got {item!r}")
+    _unknown(item, _RULE, f"{where}: {at}")
+    pattern = _text(item.get("match"), f"{at}.match", where)
+    keep = item.get("keep")
+    if keep is not None and keep != "own":
+        raise UserError(f"{where}: field '{at}.keep' must be 'own', got {keep!r}")
+    method = item.get("method")
+    if method is not None and method not in METHODS:
+        raise UserError(f"{where}: field '{at}.method': unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method is None and keep is None:
+        raise UserError(f"{where}: field {at!r} needs 'method' or 'keep: own'")
+    if method is not None and keep is not None:
+        raise UserError(f"{where}: field {at!r} gives both 'method' and 'keep'; choose one")
+    knobs = {k: float(_number(item[y], f"{at}.{y}", where)) for k, y in
+             (("lam", "lambda"), ("density", "density"), ("drop", "drop")) if y in item}
+    return KeyRule(pattern=pattern, method=method, keep_own=keep == "own", **knobs)
+
+
+def parse_recipe(data: Any, where: str = "<recipe>", folder: str | Path = ".") -> Recipe:
+    """Validate a recipe already loaded into Python objects (see the module docstring)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: a recipe is a mapping of fields (models, method, ...), got {type(data).__name__}")
+    _unknown(data, _TOP, where)
+    folder = Path(folder)
+    if "models" not in data:
+        raise UserError(f"{where}: field 'models' is missing; list two or more checkpoints")
+    models, weights = _models(data["models"], where, folder)
+    r = Recipe(models=models, weights=weights)
+    if weights is not None and sum(weights) <= 0:
+        raise UserError(f"{where}: the models' weights sum to zero; give at least one positive weight")
+    if "base" in data:
+        base = _text(data["base"], "base", where)
+        r.base = base if Path(base).is_absolute() else str(folder / base)
+    if "method" in data:
+        r.method = _text(data["method"], "method", where)
+        if r.method not in METHODS:
+            raise UserError(f"{where}: field 'method': unknown method {r.method!r}; use one of {', '.join(METHODS)}")
+    for key, attr in (("lambda", "lam"), ("density", "density"), ("drop", "drop")):
+        if key in data:
+            setattr(r, attr, float(_number(data[key], key, where)))
+    if "seed" in data:
+        r.seed = int(_number(data["seed"], "seed", where, integer=True))
+    if "buffers" in data:
+        r.buffers = _text(data["buffers"], "buffers", where)
+        if r.buffers not in BUFFER_RULES:
+            raise UserError(f"{where}: field 'buffers' must be one of {', '.join(BUFFER_RULES)}, got {r.buffers!r}")
+    if "counts" in data:
+        counts = data["counts"]
+        if not isinstance(counts, list) or len(counts) != len(models):
+            raise UserError(f"{where}: field 'counts' must list one number per model ({len(models)})")
+        r.counts = [float(_number(c, f"counts[{i}]", where)) for i, c in enumerate(counts)]
+        if any(c < 0 for c in r.counts):
+            raise UserError(f"{where}: field 'counts' must be non-negative, got {r.counts}")
+    for key in ("only", "keep_heads"):
+        if key in data:
+            setattr(r, key, _text(data[key], key, where))
+    for key in ("allow_missing", "align"):
+        if key in data:
+            setattr(r, key, _flag(data[key], key, where))
+    if "names" in data:
+        names = data["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise UserError(f"{where}: field 'names' must list one name per model")
+        r.names = list(names)
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise UserError(f"{where}: field 'rules' must be a list of {{match: ..., method: ...}} mappings")
+    r.rules = [_rule(item, i, where) for i, item in enumerate(rules)]
+    return r
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML (or JSON) recipe; relative paths are taken from its folder."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{p}: recipe not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p}: cannot read the recipe ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{p}: not valid YAML{at}; check the recipe's syntax") from None
+    return parse_recipe(data, str(p), p.parent)
+
+
+def recipe_from_options(models: Sequence[str], options: MergeOptions, *, base: str | None = None,
+                        align: bool = False, names: Sequence[str] | None = None) -> Recipe:
+    """The recipe equal to a command line, so both write the same record."""
+    return Recipe(models=list(models), weights=list(options.weights) if options.weights else None, base=base,
+                  method=options.method, lam=options.lam, density=options.density, drop=options.drop,
+                  seed=options.seed, buffers=options.buffers,
+                  counts=list(options.counts) if options.counts else None, only=options.only,
+                  allow_missing=options.allow_missing, align=align, keep_heads=options.keep_heads,
+                  names=list(names) if names else None, rules=list(options.rules))
