@@ -8,7 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from domainmerge.commands._common import add_domain_argument, parse_domains, resolve_device
 from domainmerge.errors import UserError
+
+DATA_METHODS = ("fisher", "adamerging")
 
 
 def add_parser(sub: Any) -> None:
@@ -28,9 +31,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--counts", nargs="+", type=float, metavar="N",
                    help="samples behind each input's BN statistics (default: each layer's num_batches_tracked)")
     p.add_argument("--method", default="linear",
-                   choices=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"],
-                   help="parameter rule: weighted average (default, the paper's) or a task-vector method "
-                        "(needs --base): task arithmetic, TIES, DARE + linear / + TIES")
+                   choices=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "adamerging"],
+                   help="parameter rule: weighted average (default, the paper's); a task-vector method "
+                        "(needs --base): task arithmetic, TIES, DARE + linear / + TIES; or one that READS "
+                        "UNLABELED TARGET IMAGES (--domain, --images): fisher (one domain per model, in order), "
+                        "adamerging (needs --base)")
     p.add_argument("--base", metavar="CKPT",
                    help="the weights the models were adapted from (e.g. source-only or ImageNet); task "
                         "vectors are taken against it; parameters it lacks are averaged")
@@ -41,6 +46,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--drop", type=float, default=0.9, metavar="P",
                    help="DARE: probability of dropping a task-vector entry (default 0.9)")
     p.add_argument("--seed", type=int, default=0, help="DARE: seed of the drop masks (default 0)")
+    add_domain_argument(p, "fisher/adamerging: unlabeled images of a target", default_split="train")
+    p.add_argument("--images", type=int, default=64, metavar="N",
+                   help="fisher/adamerging: images over all domains (default 64)")
+    p.add_argument("--steps", type=int, default=100, help="adamerging: optimisation steps (default 100)")
+    p.add_argument("--lr", type=float, default=1e-3, help="adamerging: Adam learning rate (default 1e-3)")
+    p.add_argument("--granularity", choices=["layer", "model"], default="layer",
+                   help="adamerging: a coefficient per model and parameter tensor (default) or per model")
+    p.add_argument("--batch-size", type=int, default=4, help="fisher/adamerging: images per batch (default 4)")
+    p.add_argument("--device", default=None, help="fisher/adamerging: cpu or cuda (default: cuda when available)")
     p.add_argument("--keep-heads", metavar="PREFIX",
                    help="merge everything outside PREFIX (e.g. decode_head.), write one checkpoint per input "
                         "with its own head")
@@ -89,6 +103,96 @@ def _apply_recipe(args: argparse.Namespace) -> Any:
                  "method", "base", "lam", "density", "drop", "seed"):
         setattr(args, dest, getattr(recipe, dest))
     return recipe
+
+
+def _network_prefix(state_dict: Any) -> str:
+    """The student network's wrapper prefix: 'model.' (DA training), else 'module.' (DDP), else none."""
+    from domainmerge.checkpoint import detect_prefixes
+
+    found = detect_prefixes(state_dict)
+    return "model." if "model." in found else ("module." if "module." in found else "")
+
+
+def _merge_with_data(args: argparse.Namespace, output: Path, start: float) -> int:
+    """fisher / adamerging: build the network, read unlabeled target images, merge, write."""
+    import json
+
+    from domainmerge.checkpoint import open_checkpoint, save_checkpoint
+    from domainmerge.data import LAYOUTS, build_dataset
+    from domainmerge.evaluation.recalibrate import image_batches, spread_indices
+    from domainmerge.fsutil import check_output_path, write_text_atomic
+    from domainmerge.merging.learned import adamerging, fisher_diagonal, fisher_merge
+    from domainmerge.models import model_from_state_dict
+
+    if args.keep_heads or args.align or args.only or args.config:
+        raise UserError(f"--method {args.method} merges whole networks: it does not combine with --keep-heads, "
+                        "--align, --only or --config")
+    if args.method == "adamerging" and not args.base:
+        raise UserError("--method adamerging learns coefficients of task vectors; give the weights the models "
+                        "were adapted from with --base")
+    if args.method == "fisher" and args.base:
+        raise UserError("--method fisher needs no --base")
+    domains = parse_domains(args.domain, "train")
+    if args.method == "fisher" and len(domains) != len(args.inputs):
+        raise UserError(f"--method fisher estimates each model's Fisher on its own target: give one --domain per "
+                        f"model, in the order of the models ({len(args.inputs)}), got {len(domains)}")
+    for name, value in (("--images", args.images), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+    if args.steps < 0 or not args.lr > 0:
+        raise UserError(f"--steps must be >= 0 and --lr > 0, got {args.steps} and {args.lr}")
+    coef_path = output.with_name(output.stem + ".coefficients.json")
+    if args.method == "adamerging":
+        check_output_path(coef_path, force=args.force, inputs=tuple(args.inputs))
+    device = resolve_device(args.device)
+    # Images only: the readers that can skip labels do, so unlabeled training splits work.
+    datasets: dict[str, Any] = {
+        name: build_dataset(kind, root, split, **({"labels": False} if kind in LAYOUTS or kind == "folder" else {}))
+        for name, kind, root, split in domains}
+    indices = spread_indices({n: len(ds) for n, ds in datasets.items()}, args.images)
+
+    def batches(name: str) -> list[Any]:
+        return list(image_batches(datasets, {name: indices[name]}, batch_size=args.batch_size))
+
+    with contextlib.ExitStack() as stack:
+        cks = [stack.enter_context(open_checkpoint(p, trust_pickle=args.trust_pickle)) for p in args.inputs]
+        fulls = [ck.state_dict() for ck in cks]
+        prefix = _network_prefix(fulls[0])
+        nets = [{k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} for sd in fulls]
+        model = model_from_state_dict(nets[0])
+        print(f"--method {args.method} READS TARGET IMAGES: "
+              + ", ".join(f"{d} {len(v)}" for d, v in indices.items()), flush=True)
+        extra: dict[str, Any] = {}
+        if args.method == "fisher":
+            fishers = [fisher_diagonal(model, sd, batches(name), device=device)
+                       for sd, (name, *_rest) in zip(nets, domains)]
+            merged = fisher_merge(nets, fishers, args.weights, buffers=args.buffers, counts=args.counts)
+        else:
+            base_full = stack.enter_context(open_checkpoint(args.base, trust_pickle=args.trust_pickle)).state_dict()
+            bp = _network_prefix(base_full)
+            base = {k[len(bp):]: v for k, v in base_full.items() if k.startswith(bp)}
+            result = adamerging(model, nets, base, [batches(n) for n, *_ in domains], weights=args.weights,
+                                granularity=args.granularity, steps=args.steps, lr=args.lr, buffers=args.buffers,
+                                device=device, progress=not args.quiet)
+            merged = result.state_dict
+            extra = {"granularity": args.granularity, "steps": args.steps, "lr": args.lr,
+                     "base": Path(args.base).name, "entropy": [result.entropy[0], result.entropy[-1]]
+                     if result.entropy else []}
+        out = dict(fulls[0])
+        out.update({prefix + k: v for k, v in merged.items()})
+        record = {"tool": "domainmerge", "inputs": [Path(p).name for p in args.inputs], "method": args.method,
+                  "buffers": args.buffers, "uses_target_data": True,
+                  "images": {d: len(v) for d, v in indices.items()}, **extra}
+        if args.method == "adamerging":
+            write_text_atomic(coef_path, json.dumps({"models": record["inputs"], "granularity": args.granularity,
+                                                     "coefficients": result.coefficients,
+                                                     "entropy": result.entropy}, indent=1))
+        save_checkpoint(output, out, template=cks[0], record=record, force=args.force, inputs=tuple(args.inputs))
+    if not args.quiet:
+        print(f"merged {len(args.inputs)} models with {args.method} (uses target data); buffers: {args.buffers}")
+        print(f"wrote {output}" + (f" and {coef_path}" if args.method == "adamerging" else "")
+              + f"; time: {time.perf_counter() - start:.2f} s")
+    return 0
 
 
 def head_output_paths(output: Path, n: int, names: list[str] | None) -> list[Path]:
@@ -141,6 +245,11 @@ def run(args: argparse.Namespace) -> int:
         output_format(out)
         check_output_path(out, force=args.force, inputs=inputs)
     fmt = output_format(outputs[0])
+
+    if args.method in DATA_METHODS:
+        return _merge_with_data(args, outputs[0], start)
+    if args.domain:
+        raise UserError(f"--domain is only read by the methods that use data ({', '.join(DATA_METHODS)})")
 
     checkpoints: list[Checkpoint] = []
     with contextlib.ExitStack() as stack:
