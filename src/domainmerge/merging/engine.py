@@ -396,8 +396,10 @@ def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[st
 
 def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None,
                       buffers: str = "gaussian", counts: Sequence[float] | None = None,
-                      base: Mapping[str, torch.Tensor] | None = None,
-                      **options: object) -> dict[str, torch.Tensor]:
+                      base: Mapping[str, torch.Tensor] | None = None, *, method: str = "linear",
+                      lam: float = 1.0, density: float = 0.2, drop: float = 0.9, seed: int = 0,
+                      rules: Sequence[KeyRule] = (), only: str | None = None, allow_missing: bool = False,
+                      check_finite: bool = True) -> dict[str, torch.Tensor]:
     """Merge state dicts in memory with the paper's rules (see :class:`MergeOptions`).
 
     Parameters are averaged with ``weights`` (uniform by default), or merged as task vectors
@@ -417,10 +419,12 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights
         >>> merge_state_dicts([a, b], base=base, method="task_arithmetic", lam=2.0)["w"]
         tensor([4., 0., 0.])
     """
-    if options.get("keep_heads"):
+    if any(r.keep_own for r in rules):
         raise ValueError("merge_state_dicts returns one model; use merge_state_dicts_per_head")
     sources = [DictSource(sd, f"input {i + 1}") for i, sd in enumerate(state_dicts)]
-    opts = MergeOptions(weights=weights, buffers=buffers, counts=counts, **options)  # type: ignore[arg-type]
+    opts = MergeOptions(weights=weights, buffers=buffers, counts=counts, only=only, allow_missing=allow_missing,
+                        check_finite=check_finite, method=method, lam=lam, density=density, drop=drop, seed=seed,
+                        rules=tuple(rules))
     plan = plan_merge(sources, opts, base=DictSource(base, "base") if base is not None else None)
     return {k: ts[0] for k, ts in iter_merged(sources, plan)}
 
