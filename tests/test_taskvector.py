@@ -285,3 +285,10 @@ def test_merge_command_method_without_base_is_one_line_error(tmp_path, capsys) -
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--base" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m.pth").exists()
+
+
+def test_trim_with_tied_magnitudes_keeps_exactly_k() -> None:
+    tau = torch.tensor([1.0, -1.0, 1.0, 0.5, -2.0, 1.0])
+    out = trim(tau, 0.5)                      # k = 3: the 2 and two of the four 1s
+    assert int((out != 0).sum()) == 3 and out[4] == -2.0
+    assert set(out[out != 0].abs().tolist()) == {1.0, 2.0}
