@@ -12,8 +12,8 @@ the logits are then resized to the label's size before the argmax.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
