@@ -135,7 +135,7 @@ def test_tiny_demo_over_two_seeds(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "SKIP [3] gaussian >= mean >= first-model buffers in H (city+night): not tested by this preset, " \
            "run --preset full" in printed
-    assert "| [1]" in printed and "seed 0" in printed and "seed 1" in printed
+    assert "| [1] merged H >= best single" in printed and "seed 0" in printed and "seed 1" in printed
     assert "## Checks: verdict per seed" in (out / "results.md").read_text()
     # Outputs are checked before any run starts.
     assert main(["demo", "--preset", "tiny", "--seeds", "0,1", "--out", str(out), "--threads", "1"]) == 2

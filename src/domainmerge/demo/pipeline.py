@@ -7,7 +7,8 @@ pretrained backbone and a seeded head: the shared starting point of every adapta
 recipe, several targets' images at once); (6) one extra STDA run from a different random
 initialisation (for the interpolation ablation); (7) merges through ``domainmerge.merging``;
 (8) evaluation of everything on every target's labeled val split; (9) the paper's claims
-checked as PASS/FAIL lines, results.json, results.md and plots.
+judged from bootstrap intervals over val images (PASS/FAIL/TIE lines, ``claims``), results.json,
+results.md and plots.
 
 Every number is measured in the run; nothing is hard-coded but the hyper-parameters.
 """
@@ -449,4 +450,4 @@ def preset_with(name: str, targets: str | None = None, arch: str | None = None) 
     return replace(p, targets=parse_targets(targets, p.targets), arch=arch or p.arch)
 
 
-__all__ = ["PRESETS", "Demo", "Preset", "evaluate", "parse_targets", "preset_with", "run_demo"]
+__all__ = ["PRESETS", "Demo", "Preset", "evaluate", "image_stats", "parse_targets", "preset_with", "run_demo"]

@@ -91,7 +91,7 @@ def checks_table(summary: Mapping[str, Any]) -> str:
     rows = []
     for cid, c in summary["checks"].items():
         diffs = "; ".join(f"{label} {fmt(v['mean'], 2)} ± {fmt(v['std'], 2)}" for label, v in c["tests"].items())
-        rows.append([f"[{cid}]", *(c["verdicts"][str(s)] for s in seeds), diffs or "-"])
+        rows.append([f"[{cid}] {c['claim']}", *(c["verdicts"][str(s)] for s in seeds), diffs or "-"])
     return markdown_table(["Check", *(f"seed {s}" for s in seeds), "difference, mean ± std"], rows)
 
 
