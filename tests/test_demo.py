@@ -1,6 +1,7 @@
 """A miniature of the whole demo pipeline (every stage, seconds) and its pure helpers."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from domainmerge.checkpoint import load_state_dict, strip_model_prefix
 from domainmerge.cli import main
 from domainmerge.demo import PRESETS, parse_targets
 from domainmerge.errors import UserError
+from domainmerge.evaluation.bootstrap import verdict
 from domainmerge.models import build_model
 
 
@@ -53,14 +55,36 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
     # The interpolation end points are the two models themselves (lambda 0 and 1).
     assert curve["shared_init"][a][0] == pytest.approx(scores[f"stda_{a}"][a])
     assert curve["shared_init"][b][-1] == pytest.approx(scores[f"stda_{b}"][b])
-    assert {c["id"] for c in res["checks"]} >= {"1", "2", "3", "4", "5", "world-1", "world-2"}
+    checks = {c["id"]: c for c in res["checks"]}
+    assert set(checks) == {"1", "2", "3", "4", "5", "world-1", "world-2"}
+    # Claim 5 needs four targets: the two-target preset says so instead of judging it.
+    assert checks["5"]["verdict"] == "SKIP" and "not tested by this preset, run --preset full" in checks["5"]["detail"]
+    # Each verdict follows from its conditions' intervals, and the differences are the table's numbers.
+    for c in checks.values():
+        if c["verdict"] != "SKIP":
+            vs = [verdict(t["low"], t["high"], t["margin"], t["side"]) for t in c["tests"]]
+            assert [t["verdict"] for t in c["tests"]] == vs
+            assert c["verdict"] == ("FAIL" if "FAIL" in vs else "TIE" if "TIE" in vs else "PASS")
+            assert all(t["low"] <= t["high"] for t in c["tests"])
+
+    def h(name):
+        return 2 * scores[name][a] * scores[name][b] / (scores[name][a] + scores[name][b])
+
+    t1 = checks["1"]["tests"][0]
+    assert t1["estimate"] == pytest.approx(h(f"merged_{a}+{b}_gaussian") - max(h(f"stda_{a}"), h(f"stda_{b}")))
+    assert (t1["margin"], t1["side"]) == (2.0, ">=")
+    t4 = {t["label"]: t for t in checks["4"]["tests"]}
+    assert t4["shared-init barrier"]["estimate"] == pytest.approx(curve["shared_init"]["barrier_miou"])
+    assert t4["different-init barrier"]["estimate"] == pytest.approx(curve["different_init"]["barrier_miou"])
     for f in ("results.md", "interpolation.png", "merging.png"):
         assert (out / f).stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "Merged (params + buffers)" in md and "Merged backbone, separate heads" in md
     assert "(uses data)" in md  # the recalibration baseline is marked as not training-free
     printed = capsys.readouterr().out
-    assert "PASS" in printed or "FAIL" in printed
+    line = next(x for x in printed.splitlines() if " [1] merged H" in x)
+    assert line.startswith(checks["1"]["verdict"] + " [1] ")
+    assert f"merged - best single {t1['estimate']:+.2f} [95% {t1['low']:+.2f}, {t1['high']:+.2f}]" in line
     # Checkpoints are mmseg containers that load like users' files into the model package's network.
     sd = strip_model_prefix(load_state_dict(out / "checkpoints" / f"stda_{a}.pth"))
     net = build_model("tiny_daformer_r", num_classes=19)
@@ -82,3 +106,38 @@ def test_tiny_demo_with_the_layernorm_backbone(tmp_path):
     sd = strip_model_prefix(load_state_dict(out / "checkpoints" / "stda_city.pth"))
     running = [k for k in sd if k.endswith("running_mean")]
     assert running and all(k.startswith("decode_head.") for k in running)
+
+
+def test_tiny_demo_over_two_seeds(tmp_path, capsys, monkeypatch):
+    """--seeds runs the pipeline per seed in its own folder and reports mean, std and verdicts;
+    a claim the preset declares untested is printed as such."""
+    torch.set_num_threads(1)
+    monkeypatch.setitem(PRESETS, "tiny", replace(PRESETS["tiny"], claims=("1", "2", "4", "world-1", "world-2")))
+    out = tmp_path / "seeds"
+    assert main(["demo", "--preset", "tiny", "--seeds", "0,1", "--out", str(out), "--threads", "1"]) == 0
+    runs = {s: json.loads((out / f"seed{s}" / "results.json").read_text()) for s in (0, 1)}
+    assert [runs[s]["seed"] for s in (0, 1)] == [0, 1]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    a = PRESETS["tiny"].targets[0]
+    values = [runs[s]["scores"][f"stda_{a}"][a] for s in (0, 1)]
+    num = summary["numbers"][f"stda_{a} {a}"]
+    assert num["values"] == pytest.approx(values)
+    assert num["mean"] == pytest.approx((values[0] + values[1]) / 2)
+    assert num["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)   # n - 1 = 1
+    for cid in ("1", "2", "4", "world-1", "world-2"):
+        for s in (0, 1):
+            own = next(c for c in runs[s]["checks"] if c["id"] == cid)
+            assert summary["checks"][cid]["verdicts"][str(s)] == own["verdict"] in ("PASS", "FAIL", "TIE")
+    assert summary["checks"]["3"]["verdicts"] == {"0": "SKIP", "1": "SKIP"}
+    diffs = [next(c for c in runs[s]["checks"] if c["id"] == "1")["tests"][0]["estimate"] for s in (0, 1)]
+    assert summary["checks"]["1"]["tests"]["merged - best single"]["mean"] == pytest.approx(sum(diffs) / 2)
+    printed = capsys.readouterr().out
+    assert "SKIP [3] gaussian >= mean >= first-model buffers in H (city+night): not tested by this preset, " \
+           "run --preset full" in printed
+    assert "| [1] merged H >= best single" in printed and "seed 0" in printed and "seed 1" in printed
+    assert "## Checks: verdict per seed" in (out / "results.md").read_text()
+    # Outputs are checked before any run starts.
+    assert main(["demo", "--preset", "tiny", "--seeds", "0,1", "--out", str(out), "--threads", "1"]) == 2
+    assert main(["demo", "--preset", "tiny", "--seeds", "0,x", "--out", str(tmp_path / "bad")]) == 2
+    assert "--seeds" in capsys.readouterr().err

@@ -202,3 +202,90 @@ def test_two_gloo_processes_match_one(world, run_ranks):
                    for f in sorted((world["cs"] / "gtFine").rglob("*_labelTrainIds.png")))
     row = next(iter(single["results"].values()))
     assert row["domains"]["cs"]["pixels"] == labelled
+
+
+def image_confusions(sd: dict[str, torch.Tensor], root: Path) -> np.ndarray:
+    """Per-image confusion matrices [N, 19, 19] outside the package, images in the reader's
+    (sorted path) order."""
+    model = build_model("tiny_daformer_r")
+    model.load_state_dict(sd)
+    model.eval()
+    mean = np.array([123.675, 116.28, 103.53])[:, None, None]
+    std = np.array([58.395, 57.12, 57.375])[:, None, None]
+    out = []
+    for img_path in sorted((root / "leftImg8bit" / "val").rglob("*_leftImg8bit.png")):
+        lab_path = Path(str(img_path).replace("leftImg8bit", "gtFine").replace("gtFine.png",
+                                                                                   "gtFine_labelTrainIds.png"))
+        img = np.asarray(Image.open(img_path).convert("RGB")).transpose(2, 0, 1).astype(np.float64)
+        lab = np.asarray(Image.open(lab_path)).astype(np.int64)
+        with torch.no_grad():
+            logits = F.interpolate(model(torch.from_numpy((img - mean) / std).float()[None]), size=lab.shape,
+                                   mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0].numpy()
+        keep = lab != 255
+        conf = np.zeros((19, 19), dtype=np.int64)
+        np.add.at(conf, (lab[keep], pred[keep]), 1)
+        out.append(conf)
+    return np.stack(out)
+
+
+def hand_bootstrap(confs: dict[str, np.ndarray], resamples: int, seed: int, level: float) -> dict[str, tuple]:
+    """The resampling done with a loop: per domain in order, R draws of N image indices from one
+    generator; each resample's split confusion is the sum of the drawn images' matrices."""
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for dom, conf in confs.items():
+        draws = rng.integers(0, len(conf), size=(resamples, len(conf)))
+        vals = []
+        for idx in draws:
+            total = conf[idx].sum(0).astype(float)
+            tp = np.diag(total)
+            union = total.sum(0) + total.sum(1) - tp
+            vals.append(np.nanmean(np.where(union > 0, tp / np.maximum(union, 1), np.nan)) * 100)
+        samples[dom] = np.array(vals)
+    samples["H"] = len(confs) / sum(1 / samples[d] for d in confs)
+    q = [(1 - level) / 2, (1 + level) / 2]
+    return {k: tuple(np.quantile(v, q)) for k, v in samples.items()}, samples
+
+
+def test_ci_intervals_and_paired_differences(world, capsys):
+    res = run_json([str(world["a"]), str(world["b"]), *domains(world), "--ci", "--resamples", "300",
+                    "--level", "0.9", "--ci-seed", "3"], world["base"] / "ci.json")
+    assert res["settings"]["ci"]["resamples"] == 300 and res["settings"]["ci"]["reference"] == "a"
+    confs = {m: {d: image_confusions(world[f"sd{m}"], world[d]) for d in ("cs", "idd")} for m in ("a", "b")}
+    hand = {m: hand_bootstrap(confs[m], 300, 3, 0.9) for m in ("a", "b")}
+    for m in ("a", "b"):
+        row = res["results"][m]
+        for key in ("cs", "idd", "H"):
+            ci = row["ci"][key]
+            assert (ci["low"], ci["high"]) == pytest.approx(hand[m][0][key], abs=1e-9)
+            assert ci["estimate"] == pytest.approx(row["domains"][key]["miou"] if key != "H" else row["H"])
+            assert ci["level"] == 0.9
+    assert "difference_vs_reference" not in res["results"]["a"]
+    diff = res["results"]["b"]["difference_vs_reference"]
+    q = [0.05, 0.95]
+    for key in ("cs", "idd", "H"):
+        paired = hand["b"][1][key] - hand["a"][1][key]     # the same draws for both models
+        assert (diff[key]["low"], diff[key]["high"]) == pytest.approx(tuple(np.quantile(paired, q)), abs=1e-9)
+        assert diff[key]["estimate"] == pytest.approx(res["results"]["b"]["ci"][key]["estimate"]
+                                                      - res["results"]["a"]["ci"][key]["estimate"])
+    out = capsys.readouterr().out
+    assert "90% bootstrap intervals over images (300 resamples" in out
+    assert "Paired difference against a" in out
+    d = diff["H"]
+    assert f"{d['estimate']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" in out
+    a = res["results"]["a"]["ci"]["cs"]
+    assert f"{a['estimate']:.1f} [{a['low']:.1f}, {a['high']:.1f}]" in out
+
+
+def test_ci_bad_settings_and_two_gloo_processes(world, run_ranks, capsys):
+    base = world["base"]
+    assert main(["evaluate", str(world["a"]), *domains(world), "--ci", "--level", "95", *FAST]) == 2
+    assert "--level 95" in capsys.readouterr().err
+    assert main(["evaluate", str(world["a"]), *domains(world), "--ci", "--resamples", "0", *FAST]) == 2
+    assert "--resamples 0" in capsys.readouterr().err
+    # Under torchrun every rank's images are gathered in dataset order: identical intervals.
+    args = [str(world["a"]), str(world["b"]), *domains(world), "--ci", "--resamples", "100", *FAST]
+    single = run_json(args, base / "ci_single.json")
+    run_ranks(["evaluate", *args, "--json", str(base / "ci_ddp.json")], 2)
+    assert json.loads((base / "ci_ddp.json").read_text())["results"] == single["results"]

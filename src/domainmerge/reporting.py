@@ -89,6 +89,19 @@ def domain_table(results: Mapping[str, Mapping[str, float]], *, domains: Sequenc
     return markdown_table(header, body)
 
 
+def interval_table(intervals: Mapping[str, Mapping[str, Any]], *, columns: Sequence[str] | None = None,
+                   name: str = "Model", signed: bool = False) -> str:
+    """Markdown: one row per model, one cell per column, each 'estimate [low, high]'.
+
+    ``intervals[model][column]`` is a ``domainmerge.evaluation.bootstrap.Interval`` (a
+    difference when ``signed``: '+1.2 [-0.3, +2.8]'); a missing cell prints as n/a.
+    """
+    cols = _domains_of(intervals, columns)
+    body = [[str(model)] + [per[c].format(signed=signed) if c in per else MISSING for c in cols]
+            for model, per in intervals.items()]
+    return markdown_table([name, *cols], body)
+
+
 def class_rows(scores_by_domain: Mapping[str, SegScores]) -> list[dict[str, Any]]:
     """One dict per class with its IoU in each domain, then an 'mIoU' row."""
     domains = list(scores_by_domain)

@@ -14,7 +14,8 @@ def add_parser(subparsers: Any) -> None:
                     "pretraining, source-only training, one self-training (STDA) run per target from the "
                     "same weights, a data-combination run, merges (buffer rules, backbone-only, all "
                     "subsets), evaluation on every target, interpolation curves; checks the paper's "
-                    "claims and writes results.json, results.md and plots.")
+                    "claims (each judged from a bootstrap interval over val images: PASS, FAIL or TIE) and writes "
+                    "results.json, results.md and plots.")
     p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"],
                    help="quick (<= 3 min on 2 cores), full (<= 15 min) or tiny (seconds, for tests)")
     p.add_argument("--targets", default=None,
@@ -24,7 +25,11 @@ def add_parser(subparsers: Any) -> None:
                    help="network: ResNetV1c backbone + DAFormer head, BatchNorm throughout (default), or the "
                         "MiT (LayerNorm) backbone + DAFormer head, where only the head's BN statistics are merged")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world, the initialisation and sampling")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="seed of the world, the initialisation and sampling")
+    seeds.add_argument("--seeds", default=None,
+                       help="comma-separated seeds, e.g. 0,1,2: one full run per seed in OUT/seedS/, then the mean "
+                            "and std of every number and each check's verdict per seed in OUT/results.json/.md")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--force", action="store_true", help="overwrite an existing results.json in --out")
     p.set_defaults(func=run)
@@ -35,10 +40,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from domainmerge.demo import preset_with, run_demo
+    from domainmerge.demo.seeds import parse_seeds, run_seeds
     from domainmerge.errors import UserError
 
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
+    preset = preset_with(args.preset, args.targets, args.arch)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     torch.set_num_threads(args.threads)
-    run_demo(preset_with(args.preset, args.targets, args.arch), args.out, seed=args.seed, force=args.force)
+    if seeds is None:
+        run_demo(preset, args.out, seed=args.seed, force=args.force)
+    else:
+        run_seeds(preset, args.out, seeds, force=args.force)
     return 0

@@ -31,6 +31,10 @@ Protocols of the reference code: DAFormer evaluates whole images rescaled to 102
 (--img-scale 1024 512); HRDA and MIC evaluate full-resolution images with --mode slide
 --crop 1024 1024 --stride 512 512. Logits are always resized to the label size before argmax.
 
+--ci adds 95% bootstrap intervals over the val images (--resamples, --level): every mIoU and H,
+and with several checkpoints the paired difference of each against the first (the same
+resampled images for both), which tells a real gap from noise.
+
 Runs data-parallel under torchrun (each rank scores a shard; confusion matrices are summed):
   torchrun --nproc_per_node 4 -m domainmerge evaluate CKPT --domain cs cityscapes data/cityscapes
 """
@@ -90,6 +94,11 @@ def add_parser(subparsers: Any) -> None:
                    help="HRDA detail crop size (default 512 512, as HRDA trains)")
     p.add_argument("--json", metavar="OUT", help="also write the scores as JSON")
     p.add_argument("--save-pred", metavar="DIR", help="write predicted train-id PNGs under DIR/[ROW/]DOMAIN/")
+    p.add_argument("--ci", action="store_true",
+                   help="bootstrap confidence intervals over images for every mIoU, H and paired difference")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for --ci (default 1000)")
+    p.add_argument("--level", type=float, default=0.95, help="interval level for --ci (default 0.95)")
+    p.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -122,6 +131,23 @@ def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]
         raise UserError(f"{ckpt}: {exc}") from None
 
 
+def _intervals(scores_of: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Bootstrap intervals of every row's scores (and differences against the first row); prints them."""
+    from domainmerge import reporting
+    from domainmerge.evaluation.bootstrap import compare
+
+    stats = {r: {d: s.per_image for d, s in per.items()} for r, per in scores_of.items()}
+    ci = compare(stats, resamples=args.resamples, level=args.level, seed=args.ci_seed)
+    pct = f"{args.level * 100:g}%"
+    print(f"\n{pct} bootstrap intervals over images ({args.resamples} resamples, percentile):")
+    print(reporting.interval_table(ci["intervals"]))
+    if ci["differences"]:
+        print(f"\nPaired difference against {ci['reference']} (the same resampled images for both), "
+              f"{pct} interval:")
+        print(reporting.interval_table(ci["differences"], name=f"Model - {ci['reference']}", signed=True))
+    return ci
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate every job, print the table on rank 0, write the requested files."""
     import torch
@@ -129,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge import reporting
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed
+    from domainmerge.evaluation.bootstrap import check_settings
     from domainmerge.evaluation.inference import evaluate_model
     from domainmerge.fsutil import check_output_path
 
@@ -141,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.json, force=args.force, inputs=tuple(args.ckpts))
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.ci:
+        check_settings(args.resamples, args.level)
 
     started_here = not distributed.is_dist() and distributed.init_from_env()
     main = distributed.is_main_process()
@@ -172,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
                 device=device, batch_size=args.batch_size, num_classes=args.num_classes,
                 img_scale=tuple(args.img_scale) if args.img_scale else None, amp=args.amp,
                 workers=args.workers, progress=not args.quiet, desc=f"{job.row} | {job.domain}",
-                on_prediction=save)
+                on_prediction=save, per_image=args.ci)
             row = results.setdefault(job.row, {"checkpoints": {}, "arch": {}, "domains": {}})
             row["checkpoints"][job.domain] = job.ckpt
             row["arch"][job.domain] = loaded[2]
@@ -189,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         print(reporting.class_table(next(iter(scores_of.values()))))
         print()
     print(reporting.domain_table(mious, domains=[d[0] for d in domains]))
+    ci = _intervals(scores_of, args) if args.ci else None
     if args.json:
         out = {
             "settings": {"mode": args.mode, "crop": args.crop, "stride": args.stride, "img_scale": args.img_scale,
@@ -198,6 +228,13 @@ def run(args: argparse.Namespace) -> int:
                             **(reporting.summarize(mious[r]) if len(mious[r]) > 1 else {})}
                         for r, res in results.items()},
         }
+        if ci is not None:
+            out["settings"]["ci"] = {"resamples": args.resamples, "level": args.level, "seed": args.ci_seed,
+                                     "method": "percentile bootstrap over images", "reference": ci["reference"]}
+            for r, per in ci["intervals"].items():
+                out["results"][r]["ci"] = {k: v.to_dict() for k, v in per.items()}
+            for r, per in ci["differences"].items():
+                out["results"][r]["difference_vs_reference"] = {k: v.to_dict() for k, v in per.items()}
         reporting.write_json(args.json, out)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

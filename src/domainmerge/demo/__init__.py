@@ -2,11 +2,23 @@
 
 ``pipeline``: the stages (world, pretraining, source-only, STDA per target, data combination,
 different initialisation, merges, evaluation, interpolation) and the claims' checks;
+``claims``: the checks judged from bootstrap intervals; ``seeds``: several seeds summarised;
 ``report``: results.md and the plots.
 """
 
-from domainmerge.demo.pipeline import PRESETS, Demo, Preset, evaluate, parse_targets, preset_with, run_demo
+from domainmerge.demo.claims import ALL_CHECKS
+from domainmerge.demo.pipeline import (
+    PRESETS,
+    Demo,
+    Preset,
+    evaluate,
+    image_stats,
+    parse_targets,
+    preset_with,
+    run_demo,
+)
 from domainmerge.demo.report import plot, render_markdown
+from domainmerge.demo.seeds import run_seeds
 
-__all__ = ["PRESETS", "Demo", "Preset", "evaluate", "parse_targets", "plot", "preset_with", "render_markdown",
-           "run_demo"]
+__all__ = ["ALL_CHECKS", "PRESETS", "Demo", "Preset", "evaluate", "image_stats", "parse_targets", "plot",
+           "preset_with", "render_markdown", "run_demo", "run_seeds"]

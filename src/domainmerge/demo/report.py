@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from domainmerge.data.synthetic import SOURCE
+from domainmerge.demo.claims import format_check
 from domainmerge.evaluation.metrics import harmonic_mean
 from domainmerge.reporting import save_figure
 
@@ -63,9 +64,13 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         cells = [f"{bar[k]:.2f}" for k in (a, b, "H")] + [f"{pap[k]:.2f}" if k in pap else "-" for k in (a, b, "H")]
         parts.append(f"| {label.replace('_', ' ')} | " + " | ".join(cells) + " |")
     parts += ["", "## Checks", ""]
+    level = results["config"].get("level", 0.95)
+    parts.append(f"Each claim is judged from the {level * 100:g}% bootstrap interval over val images of its paired "
+                 "difference: PASS when the interval lies on the claimed side of the margin, FAIL when on the other "
+                 "side, TIE when it straddles the margin.")
+    parts.append("")
     for c in results["checks"]:
-        status = "SKIP" if c["kind"] == "skipped" else ("PASS" if c["pass"] else "FAIL")
-        parts.append(f"- {status} [{c['id']}] {c['claim']}: {c['detail']}")
+        parts.append(f"- {format_check(c)}")
     t = results["timings_s"]
     parts += ["", f"Wall time {sum(t.values()):.0f} s: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()), ""]
     return "\n".join(parts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from domainmerge.data.classes import MEAN, STD
 from domainmerge.errors import UserError
 from domainmerge.evaluation import distributed
-from domainmerge.evaluation.metrics import SegMetric, SegScores
+from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
 from domainmerge.models.hrda import crop_boxes
 
 MODES = ("whole", "slide")
@@ -138,13 +139,16 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
                    stride: tuple[int, int] = (512, 512), device: str | torch.device = "cpu", batch_size: int = 1,
                    num_classes: int = 19, ignore_index: int = 255, img_scale: tuple[int, int] | None = None,
                    amp: str | None = None, workers: int = 0, progress: bool = True, desc: str = "evaluate",
-                   on_prediction: Callable[[str, Tensor], None] | None = None) -> SegScores:
+                   on_prediction: Callable[[str, Tensor], None] | None = None,
+                   per_image: bool = False) -> SegScores:
     """Scores of ``model`` on ``dataset`` (items ``(image uint8 [3,H,W], label int64 [H,W], name)``).
 
     Under torch.distributed each rank takes the indices rank, rank + W, ... and the confusion
     matrices are summed, so every rank returns the scores of the whole dataset.
     ``on_prediction(name, label_map)`` receives each predicted train-id map (int64, CPU) at
-    label size, e.g. to save it.
+    label size, e.g. to save it. ``per_image=True`` also keeps each image's counts in
+    ``scores.per_image`` (:class:`ImageStats`, rows in dataset order, gathered from every rank),
+    from which ``domainmerge.evaluation.bootstrap`` computes confidence intervals.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -157,6 +161,9 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     from tqdm import tqdm
 
     bar = tqdm(total=len(shard), desc=desc, unit="img", disable=not progress or not distributed.is_main_process())
+    # Each rank fills its own images' rows; the sum over ranks is every image in dataset order.
+    rows = torch.zeros(len(dataset), 3, num_classes, dtype=torch.int64) if per_image else None
+    done = 0
     for batch in _batches(iter(loader), batch_size):
         images = torch.stack([s[0] for s in batch]).to(dev)
         labels = torch.stack([s[1] for s in batch]).to(dev)
@@ -168,10 +175,18 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
         if logits.shape[2:] != labels.shape[1:]:
             logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
         pred = logits.argmax(dim=1)
-        metric.update(pred, labels)
+        if rows is None:
+            metric.update(pred, labels)
+        else:
+            stats = ImageStats.from_confusions(metric.update_per_image(pred, labels))
+            rows[list(shard[done:done + len(batch)])] = torch.from_numpy(stats.rows())
+        done += len(batch)
         if on_prediction is not None:
             for (_, _, name), p in zip(batch, pred.cpu()):
                 on_prediction(name, p)
         bar.update(len(batch))
     bar.close()
-    return metric.sync().compute()
+    scores = metric.sync().compute()
+    if rows is not None:
+        scores = replace(scores, per_image=ImageStats.from_rows(distributed.all_reduce_sum(rows)))
+    return scores

@@ -22,6 +22,59 @@ from domainmerge.errors import UserError
 from domainmerge.evaluation import distributed
 
 
+@dataclass(frozen=True, eq=False)
+class ImageStats:
+    """Per-image sufficient statistics of the split-level metric, in dataset order.
+
+    Row i holds image i's per-class counts (int64 arrays [N, C]): ``intersection`` (true
+    positives), ``union`` (TP + FP + FN) and ``target`` (ground-truth pixels). Each is additive
+    over images, so any multiset of images (a bootstrap resample: a count per image) has the
+    split-level mIoU ``counts @ intersection / counts @ union`` without re-running the network.
+    """
+
+    intersection: np.ndarray
+    union: np.ndarray
+    target: np.ndarray
+
+    @classmethod
+    def from_confusions(cls, confusions: torch.Tensor | np.ndarray) -> ImageStats:
+        """From per-image confusion matrices [N, C, C] (rows = ground truth)."""
+        conf = (confusions.detach().cpu().numpy() if isinstance(confusions, torch.Tensor)
+                else np.asarray(confusions)).astype(np.int64)
+        if conf.ndim != 3 or conf.shape[1] != conf.shape[2]:
+            raise ValueError(f"per-image confusion matrices must be [N, C, C], got shape {conf.shape}")
+        tp = np.diagonal(conf, axis1=1, axis2=2).copy()
+        gt = conf.sum(axis=2)
+        return cls(intersection=tp, union=gt + conf.sum(axis=1) - tp, target=gt)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor | np.ndarray) -> ImageStats:
+        """From the stacked form [N, 3, C] (intersection, union, target), see :meth:`rows`."""
+        arr = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+        return cls(intersection=arr[:, 0].astype(np.int64), union=arr[:, 1].astype(np.int64),
+                   target=arr[:, 2].astype(np.int64))
+
+    def rows(self) -> np.ndarray:
+        """The stacked form [N, 3, C] int64 (what ranks sum to gather images in dataset order)."""
+        return np.stack([self.intersection, self.union, self.target], axis=1)
+
+    def __len__(self) -> int:
+        return int(self.intersection.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """C."""
+        return int(self.intersection.shape[1])
+
+    def miou(self) -> float:
+        """mIoU (percent) of all images together: equals ``scores_from_confusion`` of their summed
+        confusion matrices."""
+        inter, union = self.intersection.sum(0).astype(np.float64), self.union.sum(0).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = np.where(union > 0, inter / union, np.nan) * 100.0
+        return _nanmean(iou)
+
+
 @dataclass(frozen=True)
 class SegScores:
     """Scores of one model on one split, in percent (0-100); NaN where undefined."""
@@ -33,6 +86,8 @@ class SegScores:
     aacc: float
     class_names: tuple[str, ...] = field(default=CLASSES)
     pixels: int = 0                 # labelled (not ignored) pixels scored
+    # Per-image counts, when the evaluation was asked to keep them (for bootstrap intervals).
+    per_image: ImageStats | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: NaN becomes None, per-class values are keyed by class name."""
@@ -89,6 +144,15 @@ def scores_from_confusion(confusion: torch.Tensor | np.ndarray,
                      miou=_nanmean(iou), macc=_nanmean(acc), aacc=aacc, class_names=names, pixels=int(total))
 
 
+def _check_maps(pred: torch.Tensor, target: torch.Tensor) -> None:
+    """Prediction and label maps must be integer tensors of one shape."""
+    if pred.shape != target.shape:
+        raise UserError(f"prediction shape {tuple(pred.shape)} differs from label shape "
+                        f"{tuple(target.shape)}; resize predictions to the label size")
+    if pred.is_floating_point() or target.is_floating_point():
+        raise TypeError("SegMetric.update takes integer label maps; apply argmax to logits first")
+
+
 class SegMetric:
     """Confusion-matrix metric over ``num_classes`` classes with one ignored label.
 
@@ -124,14 +188,20 @@ class SegMetric:
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of predicted and ground-truth label maps (same shape) to the counts."""
-        if pred.shape != target.shape:
-            raise UserError(f"prediction shape {tuple(pred.shape)} differs from label shape "
-                            f"{tuple(target.shape)}; resize predictions to the label size")
-        if pred.is_floating_point() or target.is_floating_point():
-            raise TypeError("SegMetric.update takes integer label maps; apply argmax to logits first")
+        _check_maps(pred, target)
         self._counts = self._counts.to(target.device)
         self._counts += self._batch_confusion(pred.reshape(-1), target.reshape(-1))
         self._synced = None
+
+    def update_per_image(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`update` for a batch of label maps [B, ...]; also returns each image's
+        confusion matrix [B, C, C] (int64, on the labels' device)."""
+        _check_maps(pred, target)
+        confs = torch.stack([self._batch_confusion(p.reshape(-1), t.reshape(-1)) for p, t in zip(pred, target)])
+        self._counts = self._counts.to(target.device)
+        self._counts += confs.sum(0)
+        self._synced = None
+        return confs
 
     def _batch_confusion(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         c, ign = self.num_classes, self.ignore_index
