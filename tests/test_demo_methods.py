@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from domainmerge.demo.methods import METHOD_ROWS, SWEEPS, MethodRow, methods_table, plot_sweeps, render_methods
@@ -47,3 +48,19 @@ def test_methods_table_rows_sweeps_and_rendering(tmp_path) -> None:
     assert sum(line.startswith("|linear(thepaper's)|") and "|+0.0|no|" in line for line in lines) == 2
     assert sum(line.endswith("|yes|") for line in lines) == 4          # Fisher and AdaMerging in both groups
     assert plot_sweeps(result, tmp_path).exists()
+
+
+def test_demo_pipeline_writes_the_methods_table(tmp_path) -> None:
+    from dataclasses import replace
+
+    from domainmerge.demo.pipeline import PRESETS, run_demo
+
+    out = tmp_path / "demo"
+    res = run_demo(replace(PRESETS["tiny"], methods=True), out, log=lambda _: None)
+    rows = res["methods"]["rows"]["city+night"]
+    assert [r["method"] for r in rows][-2:] == ["linear_heads", "recalibrated"]
+    # the table's linear row is the pipeline's own Gaussian merge, scored on the same images
+    linear = next(r for r in rows if r["method"] == "linear")
+    assert linear["scores"] == pytest.approx(res["scores"]["merged_city+night_gaussian"], abs=1e-9)
+    assert "## Merge methods, city+night" in (out / "results.md").read_text()
+    assert (out / "methods.png").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -57,8 +58,14 @@ class MethodsResult:
 
     groups: dict[str, list[str]] = field(default_factory=dict)           # group label -> targets
     rows: dict[str, list[MethodRow]] = field(default_factory=dict)       # group label -> rows
-    sweeps: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> {knob, H}
+    sweeps: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> {values, H}
     sweep_group: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MethodsResult:
+        """The result back from its JSON form (``dataclasses.asdict``)."""
+        rows = {g: [MethodRow(**r) for r in rs] for g, rs in data["rows"].items()}
+        return cls(dict(data["groups"]), rows, dict(data["sweeps"]), data["sweep_group"])
 
 
 def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str, Tensor],

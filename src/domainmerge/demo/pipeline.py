@@ -62,6 +62,7 @@ class Preset:
     claims: tuple[str, ...] = ALL_CHECKS
     resamples: int = 1000
     level: float = 0.95
+    methods: bool = False           # the methods table: every merge method of domainmerge (issue 12)
 
 
 PRESETS: dict[str, Preset] = {
@@ -71,7 +72,7 @@ PRESETS: dict[str, Preset] = {
     "full": Preset("full", n_pretrain=400, n_source=600, n_target=300, n_val=100,
                    pretrain=TrainConfig(iters=600, lr=2e-3, warmup=40),
                    source=TrainConfig(iters=600, lr=1e-3, warmup=40),
-                   stda=STDAConfig(iters=500, warmup=30), lambdas=11, combine_all=True),
+                   stda=STDAConfig(iters=500, warmup=30), lambdas=11, combine_all=True, methods=True),
     # A miniature of the whole pipeline for the test suite (seconds, meaningless numbers).
     "tiny": Preset("tiny", targets=("city", "night"), size=(32, 64), n_pretrain=8, n_source=8, n_target=8,
                    n_val=4, pretrain=TrainConfig(iters=2, batch_size=2, warmup=1),
@@ -315,6 +316,35 @@ class Demo:
         self.results["interpolation"] = curves
         self._done("interpolation", start)
 
+    def methods_stage(self) -> None:
+        """Every merge method on the pair and on all targets, against the source-only base; the
+        data-using ones read ``recal_images`` unlabeled training images per target."""
+        from dataclasses import asdict
+
+        from domainmerge.demo.methods import MethodRow, methods_table, normalised_images
+
+        if not self.p.methods:
+            return
+        targets = self.p.targets
+        a, b = targets[:2]
+        start = self._stage("merge methods: task arithmetic, TIES, DARE, Fisher, AdaMerging (+ knob sweeps)")
+        net = self._new_model(self.seed)
+        groups = {f"{a}+{b}": [a, b], **({"all": list(targets)} if len(targets) > 2 else {})}
+        s = self.results["scores"]
+        extra = {g: {"heads": MethodRow("linear, separate heads (domain known)", "linear_heads",
+                                        dict(s[f"merged_{g}_backbone_heads"])),
+                     "recal": MethodRow(f"linear, BN recalibrated on {self.p.recal_images} images", "recalibrated",
+                                        dict(s[f"merged_{g}_recalibrated"]), True)} for g in groups}
+        images = {t: normalised_images(self.train[t].images[:self.p.recal_images]) for t in targets}
+
+        def score(sd: Mapping[str, torch.Tensor], domains: Sequence[str]) -> dict[str, float]:
+            return {d: image_stats(net, sd, self.val[d]).miou() for d in domains}
+
+        result = methods_table(self.models, self.models["source_only"], groups, score, net, images,
+                               extra=extra, seed=self.seed)
+        self.results["methods"] = asdict(result)
+        self._done("methods", start)
+
     # -- claims ------------------------------------------------------------------------------
     def checks(self) -> list[dict[str, Any]]:
         """The paper's claims and the world's sanity, each judged from the bootstrap interval (over
@@ -430,6 +460,7 @@ def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = Fa
     demo.combination_stage()
     demo.different_init_stage()
     demo.evaluate_stage()
+    demo.methods_stage()
     checks = demo.checks()
     demo.results["wall_time_s"] = round(time.perf_counter() - demo.t0, 1)
     write_json(out / "results.json", demo.results)

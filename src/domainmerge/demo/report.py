@@ -63,6 +63,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         bar, pap = cur[label]["barrier"], cur[label].get("barrier_paper", {})
         cells = [f"{bar[k]:.2f}" for k in (a, b, "H")] + [f"{pap[k]:.2f}" if k in pap else "-" for k in (a, b, "H")]
         parts.append(f"| {label.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    if "methods" in results:
+        from domainmerge.demo.methods import MethodsResult, render_methods
+
+        parts += ["", render_methods(MethodsResult.from_dict(results["methods"]))]
     parts += ["", "## Checks", ""]
     level = results["config"].get("level", 0.95)
     parts.append(f"Each claim is judged from the {level * 100:g}% bootstrap interval over val images of its paired "
@@ -121,6 +125,10 @@ def plot(results: Mapping[str, Any], out: Path) -> list[Path]:
     path = out / "merging.png"
     save_figure(fig, path, dpi=110)
     written.append(path)
+    if "methods" in results:
+        from domainmerge.demo.methods import MethodsResult, plot_sweeps
+
+        written.append(plot_sweeps(MethodsResult.from_dict(results["methods"]), out))
     return written
 
 
