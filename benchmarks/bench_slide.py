@@ -1,0 +1,77 @@
+"""Sliding-window inference: windows one per forward (domainmerge before batched slide) against
+all windows of the image in one forward (``inference.predict`` now, as the authors'
+``batched_slide`` in HRDA's test configs).
+
+Default: HRDA with a MiT-B0 backbone (random weights) on one 1024x2048 image, windows 1024 and
+512 with stride 512 (the authors' Cityscapes and IDD/ACDC test settings), fp32; each setting is
+timed ``--repeats`` times after one warm-up and the median is printed, with the two outputs'
+largest difference (float32 rounding only).
+
+    python benchmarks/bench_slide.py [--arch hrda_mitb0] [--size 1024 2048] [--crops 1024 512]
+        [--stride 512] [--repeats 2] [--device cpu] [--threads N]
+
+Prints one Markdown row per window size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from domainmerge.evaluation.inference import predict
+from domainmerge.models import build_model
+
+
+def seconds(model: torch.nn.Module, x: torch.Tensor, crop: int, stride: int, max_batch: int | None,
+            repeats: int) -> tuple[float, torch.Tensor]:
+    """Median wall time of ``predict`` in slide mode and its logits."""
+    def run() -> torch.Tensor:
+        out = predict(model, x, "slide", (crop, crop), (stride, stride), max_batch=max_batch)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    out = run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="hrda_mitb0")
+    parser.add_argument("--size", nargs=2, type=int, default=[1024, 2048], metavar=("H", "W"))
+    parser.add_argument("--crops", nargs="+", type=int, default=[1024, 512])
+    parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(args.arch).eval().to(device)
+    x = torch.randn(1, 3, *args.size, device=device)
+    print(f"{args.arch}, image {args.size[0]}x{args.size[1]}, stride {args.stride}, fp32 on {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.repeats}")
+    print("| window | windows | one per forward (s) | all in one forward (s) | batched / unbatched | max abs diff |")
+    print("|--:|--:|--:|--:|--:|--:|")
+    for crop in args.crops:
+        rows = max(args.size[0] - crop + args.stride - 1, 0) // args.stride + 1
+        cols = max(args.size[1] - crop + args.stride - 1, 0) // args.stride + 1
+        t_one, a = seconds(model, x, crop, args.stride, 1, args.repeats)
+        t_all, b = seconds(model, x, crop, args.stride, None, args.repeats)
+        diff = float((a - b).abs().max())
+        print(f"| {crop} | {rows * cols} | {t_one:.2f} | {t_all:.2f} | {t_all / t_one:.2f} | {diff:.1e} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
