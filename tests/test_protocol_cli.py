@@ -110,3 +110,15 @@ def test_recalibrate_uses_the_same_resolution(acdc, capsys):
     assert "image scale: fog 960x540" in capsys.readouterr().out
     assert main([*argv, "--img-scale", "500", "300"]) == 0
     assert "image scale: fog 500x300" in capsys.readouterr().out
+
+
+def test_lmc_uses_the_same_resolution(acdc, capsys):
+    out = acdc["root"] / "lmc"
+    assert main(["lmc", str(acdc["ckpt"]), str(acdc["ckpt"]), "--steps", "2", "--out", str(out), "--force",
+                 "--domain", "fog", "acdc", str(acdc["root"]), *FAST]) == 0
+    assert "fog: authors: resize to fit 960x540, whole image" in capsys.readouterr().err
+    data = json.loads((out / "lmc.json").read_text())
+    assert data["protocol"]["fog"]["img_scale"] == [960, 540]
+    # Both end points are the same network: its score under the authors' protocol, computed by hand.
+    want = miou_by_hand(acdc["net"], acdc["root"], (540, 900))
+    assert [p["scores"]["fog"] for p in data["points"]] == pytest.approx([want, want], abs=1e-9)
