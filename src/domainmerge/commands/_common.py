@@ -45,7 +45,8 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     """How images go through the network: mode, windows, scale, device, batching, precision, loading."""
     add_protocol_options(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass (slide windows: see --max-windows)")
     p.add_argument("--amp", choices=["fp16", "bf16"], help="mixed precision for the forward pass")
     p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
     p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
@@ -59,7 +60,7 @@ def add_protocol_options(p: argparse.ArgumentParser, *, windows: bool = True) ->
     p.add_argument("--protocol", choices=["authors", "mtda", "custom"],
                    help="test settings: authors (default when the network family and dataset kind are known: the "
                         "reference code's single-target test config), mtda (Model-Merging-MTDA's multi-target test "
-                        "configs) or custom (the options below; implied by any of them)")
+                        "configs) or custom (--mode/--crop/--stride/--img-scale; implied by any of them)")
     if windows:
         p.add_argument("--mode", choices=["whole", "slide"], help="whole image or sliding window (custom)")
         p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"),
