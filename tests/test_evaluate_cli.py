@@ -17,7 +17,8 @@ from domainmerge.commands.evaluate import Job, plan_jobs
 from domainmerge.models import build_model
 
 H, W = 32, 64
-FAST = ["--device", "cpu", "--workers", "0", "--quiet"]
+# --protocol custom: native resolution, whole image (the independent computations below do the same).
+FAST = ["--device", "cpu", "--workers", "0", "--quiet", "--protocol", "custom"]
 
 
 def make_tree(root: Path, n: int, seed: int) -> Path:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from domainmerge.errors import UserError
-from domainmerge.evaluation.inference import evaluate_model, normalize, predict, rescale_size
+from domainmerge.evaluation.inference import evaluate_model, normalize, predict
+from domainmerge.evaluation.resize import rescale_size
 
 
 class Pointwise(nn.Module):
@@ -183,3 +184,22 @@ def test_bf16_autocast_close_to_fp32_on_cpu():
     model = Pointwise()
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(predict(model, x, amp="bf16"), predict(model, x), atol=0.1, rtol=0.05)
+
+
+def test_batched_slide_equals_one_window_per_forward():
+    """All windows in one forward (the default, as the authors' batched_slide) against one window
+    per forward and chunks of 2, on a network that is not translation-equivariant (HRDA with
+    its context branch and detail crops, BatchNorm in eval mode): equal to float32 rounding."""
+    from domainmerge.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny_hrda_r").eval()
+    x = torch.randn(2, 3, 64, 160)
+    crop, stride = (64, 96), (32, 32)
+    batched = predict(model, x, "slide", crop, stride)
+    for max_batch in (1, 4):  # 2 images: one window, then 2 windows per forward
+        one = predict(model, x, "slide", crop, stride, max_batch=max_batch)
+        torch.testing.assert_close(batched, one, rtol=1e-5, atol=1e-5)
+    # And the windows really are averaged: the first window alone gives the left border.
+    alone = predict(model, x[:, :, :, :96], "whole")
+    torch.testing.assert_close(batched[:, :, :, :32], alone[:, :, :, :32], rtol=1e-5, atol=1e-5)

@@ -144,6 +144,7 @@ def test_lmc_command_curve(world) -> None:  # type: ignore[no-untyped-def]
     root, paths = world
     out = root / "curve"
     assert main(["lmc", str(paths[0]), str(paths[1]), "--steps", "3", "--out", str(out), "--quiet",
+                 "--protocol", "custom",
                  "--device", "cpu", "--workers", "0", "--domain", "cs", "cityscapes", str(root / "cs"),
                  "--domain", "idd", "cityscapes", str(root / "idd")]) == 0
     data = json.loads((out / "lmc.json").read_text())
@@ -163,7 +164,8 @@ def test_lmc_command_simplex(world) -> None:  # type: ignore[no-untyped-def]
 
     root, paths = world
     out = root / "simplex"
-    assert main(["lmc", *map(str, paths), "--grid", "3", "--out", str(out), "--quiet", "--device", "cpu",
+    assert main(["lmc", *map(str, paths), "--grid", "3", "--out", str(out), "--quiet", "--protocol", "custom",
+                 "--device", "cpu",
                  "--workers", "0", "--domain", "cs", "cityscapes", str(root / "cs")]) == 0
     data = json.loads((out / "lmc.json").read_text())
     assert len(data["points"]) == 6
@@ -173,7 +175,7 @@ def test_lmc_command_simplex(world) -> None:  # type: ignore[no-untyped-def]
                                              abs=1e-9)
     assert (out / "lmc_ternary.png").read_bytes()[:4] == b"\x89PNG"
     # A second run without --force refuses to overwrite.
-    assert main(["lmc", *map(str, paths), "--grid", "3", "--out", str(out), "--quiet",
+    assert main(["lmc", *map(str, paths), "--grid", "3", "--out", str(out), "--quiet", "--protocol", "custom",
                  "--domain", "cs", "cityscapes", str(root / "cs")]) == 2
 
 
@@ -181,7 +183,8 @@ def test_lmc_under_two_gloo_processes_matches_one(world, run_ranks) -> None:  # 
     from domainmerge.cli import main
 
     root, paths = world
-    argv = ["lmc", str(paths[0]), str(paths[1]), "--steps", "3", "--quiet", "--device", "cpu", "--workers", "0",
+    argv = ["lmc", str(paths[0]), str(paths[1]), "--steps", "3", "--quiet", "--protocol", "custom",
+            "--device", "cpu", "--workers", "0",
             "--domain", "cs", "cityscapes", str(root / "cs"), "--domain", "idd", "cityscapes", str(root / "idd")]
     assert main([*argv, "--out", str(root / "one")]) == 0
     run_ranks([*argv, "--out", str(root / "two")], 2)

@@ -113,7 +113,8 @@ def test_recalibrate_command_on_a_model_package_network(tmp_path) -> None:  # ty
     out = tmp_path / "recal.pth"
     assert main(["recalibrate", str(tmp_path / "merged.pth"), "--images", "4", "-o", str(out), "--quiet",
                  "--domain", "one", "cityscapes", str(tmp_path / "d1"), "train",
-                 "--domain", "two", "cityscapes", str(tmp_path / "d2"), "train", "--device", "cpu"]) == 0
+                 "--domain", "two", "cityscapes", str(tmp_path / "d2"), "train", "--device", "cpu",
+                 "--protocol", "custom"]) == 0
     saved = torch.load(out, weights_only=True)
     assert saved["meta"]["domainmerge"]["inputs"] == ["a", "b"]  # the merge record is kept
     assert saved["meta"]["domainmerge"]["recalibrated"]["domains"] == {"one": 2, "two": 2}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from domainmerge.errors import UserError
 
@@ -42,20 +43,52 @@ def add_network_options(p: argparse.ArgumentParser, prefix_note: str = "") -> No
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
     """How images go through the network: mode, windows, scale, device, batching, precision, loading."""
-    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="whole image or sliding window")
-    p.add_argument("--crop", nargs=2, type=int, default=[1024, 1024], metavar=("H", "W"),
-                   help="sliding window size (default 1024 1024)")
-    p.add_argument("--stride", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
-                   help="sliding window stride (default 512 512)")
-    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
-                   help="rescale images keeping their aspect ratio to fit LONG x SHORT (mmseg Resize; DAFormer "
-                        "evaluates at 1024 512); logits are resized back to the label size")
+    add_protocol_options(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=1, help="images (or windows) per forward pass")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass (slide windows: see --max-windows)")
     p.add_argument("--amp", choices=["fp16", "bf16"], help="mixed precision for the forward pass")
     p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
     p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
     p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
+
+
+def add_protocol_options(p: argparse.ArgumentParser, *, windows: bool = True) -> None:
+    """``--protocol`` and the explicit settings it stands for (``--mode/--crop/--stride`` when
+    ``windows``, and ``--img-scale``). The explicit ones default to None so that
+    :func:`resolve_protocol` can tell a given option from a default."""
+    p.add_argument("--protocol", choices=["authors", "mtda", "custom"],
+                   help="test settings: authors (default when the network family and dataset kind are known: the "
+                        "reference code's single-target test config), mtda (Model-Merging-MTDA's multi-target test "
+                        "configs) or custom (--mode/--crop/--stride/--img-scale; implied by any of them)")
+    if windows:
+        p.add_argument("--mode", choices=["whole", "slide"], help="whole image or sliding window (custom)")
+        p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"),
+                       help="sliding window size (custom; default 1024 1024)")
+        p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"),
+                       help="sliding window stride (custom; default 512 512)")
+        p.add_argument("--max-windows", type=int, metavar="N",
+                       help="slide mode: at most N windows per forward pass (default: all windows of the batch in "
+                            "one forward, as the authors' batched_slide; lower it if memory runs out)")
+    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
+                   help="rescale images keeping their aspect ratio to fit LONG x SHORT (mmseg Resize of the uint8 "
+                        "image; custom); logits are resized back to the label size")
+
+
+def resolve_protocol(args: argparse.Namespace, family: str | None, kind: str) -> Any:
+    """The :class:`~domainmerge.evaluation.protocols.Protocol` for one (network family, dataset
+    kind) from ``--protocol`` and the explicit settings (see ``protocols.resolve``)."""
+    from domainmerge.evaluation.protocols import resolve
+
+    limit = getattr(args, "max_windows", None)
+    if limit is not None and limit < 1:
+        raise UserError(f"--max-windows {limit}: must be at least 1")
+    def pair(name: str) -> tuple[int, int] | None:
+        v = getattr(args, name, None)
+        return (int(v[0]), int(v[1])) if v else None
+
+    return resolve(family, kind, args.protocol, mode=getattr(args, "mode", None), crop=pair("crop"),
+                   stride=pair("stride"), img_scale=pair("img_scale"))
 
 
 def resolve_device(requested: str | None) -> str:

@@ -14,6 +14,7 @@ from domainmerge.commands._common import (
     add_network_options,
     parse_domains,
     resolve_device,
+    resolve_protocol,
 )
 from domainmerge.errors import UserError
 
@@ -27,9 +28,13 @@ are scored each on its own domain, as one row: this happens with --per-domain (p
 name after the last dot when it names the domains, else by order) and automatically when the
 file names end in exactly the domain names.
 
-Protocols of the reference code: DAFormer evaluates whole images rescaled to 1024x512
-(--img-scale 1024 512); HRDA and MIC evaluate full-resolution images with --mode slide
---crop 1024 1024 --stride 512 512. Logits are always resized to the label size before argmax.
+Test settings (--protocol): by default the authors' protocol for the checkpoint's network
+family (HRDA, DAFormer, DeepLabV2) and each domain's dataset kind, e.g. HRDA on Cityscapes:
+resize to fit 2048x1024, slide 1024x1024 windows, stride 512; DAFormer: whole images resized to
+fit 1024x512. --protocol mtda takes Model-Merging-MTDA's multi-target test configs (IDD at
+2048x1024 with 1024 windows); any of --mode/--crop/--stride/--img-scale means --protocol custom.
+The settings are printed per domain before it runs and stored in the JSON. Images are resized as
+uint8 like mmseg, then normalised; logits are resized to the label size before argmax.
 
 --ci adds 95% bootstrap intervals over the val images (--resamples, --level): every mIoU and H,
 and with several checkpoints the paired difference of each against the first (the same
@@ -118,15 +123,17 @@ def _prediction_writer(folder: Path) -> Any:
     return write
 
 
-def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, str]:
-    """The network in ``ckpt`` (prefix stripped, architecture detected or forced) and its description."""
+def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, str, str]:
+    """The network in ``ckpt`` (prefix stripped, architecture detected or forced), its
+    description and its family (for the test protocol)."""
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
+    from domainmerge.evaluation.protocols import family_of
     from domainmerge.models import model_from_state_dict, resolve_spec
 
     sd = strip_model_prefix(load_state_dict(ckpt, trust_pickle=args.trust_pickle), args.prefix)
     try:
-        desc = resolve_spec(sd, args.arch, **overrides).describe()
-        return model_from_state_dict(sd, args.arch, **overrides), desc
+        spec = resolve_spec(sd, args.arch, **overrides)
+        return model_from_state_dict(sd, args.arch, **overrides), spec.describe(), family_of(spec)
     except UserError as exc:
         raise UserError(f"{ckpt}: {exc}") from None
 
@@ -183,28 +190,33 @@ def run(args: argparse.Namespace) -> int:
                                 for name, kind, root, split in domains}
     results: dict[str, dict[str, Any]] = {}  # row -> checkpoints, arch, per-domain scores (JSON)
     scores_of: dict[str, dict[str, Any]] = {}  # row -> domain -> SegScores
-    loaded: tuple[str, Any, str] | None = None
+    kinds = {name: kind for name, kind, _, _ in domains}
+    loaded: tuple[str, Any, str, str] | None = None
     try:
         for job in jobs:
             if loaded is None or loaded[0] != job.ckpt:
                 loaded = None  # free the previous network before loading the next
-                model, desc = _load_network(job.ckpt, args, overrides)
-                loaded = (job.ckpt, model, desc)
+                model, desc, family = _load_network(job.ckpt, args, overrides)
+                loaded = (job.ckpt, model, desc, family)
                 if main:
                     print(f"{job.ckpt}: {desc}", file=sys.stderr)
+            proto = resolve_protocol(args, loaded[3], kinds[job.domain])
+            if main:
+                print(f"{job.row} | {job.domain}: {proto.describe()}", file=sys.stderr)
             save = None
             if args.save_pred:
                 sub = Path(args.save_pred) / (job.row if len({j.row for j in jobs}) > 1 else "") / job.domain
                 save = _prediction_writer(sub)
             scores = evaluate_model(
-                loaded[1], datasets[job.domain], mode=args.mode, crop=tuple(args.crop), stride=tuple(args.stride),
-                device=device, batch_size=args.batch_size, num_classes=args.num_classes,
-                img_scale=tuple(args.img_scale) if args.img_scale else None, amp=args.amp,
+                loaded[1], datasets[job.domain], mode=proto.mode, crop=proto.crop or (1024, 1024),
+                stride=proto.stride or (512, 512), device=device, batch_size=args.batch_size,
+                num_classes=args.num_classes, img_scale=proto.img_scale, amp=args.amp,
                 workers=args.workers, progress=not args.quiet, desc=f"{job.row} | {job.domain}",
-                on_prediction=save, per_image=args.ci)
-            row = results.setdefault(job.row, {"checkpoints": {}, "arch": {}, "domains": {}})
+                on_prediction=save, per_image=args.ci, max_windows=args.max_windows)
+            row = results.setdefault(job.row, {"checkpoints": {}, "arch": {}, "protocol": {}, "domains": {}})
             row["checkpoints"][job.domain] = job.ckpt
             row["arch"][job.domain] = loaded[2]
+            row["protocol"][job.domain] = proto.to_dict()
             row["domains"][job.domain] = {"images": len(datasets[job.domain]), **scores.to_dict()}
             scores_of.setdefault(job.row, {})[job.domain] = scores
     finally:
@@ -221,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
     ci = _intervals(scores_of, args) if args.ci else None
     if args.json:
         out = {
-            "settings": {"mode": args.mode, "crop": args.crop, "stride": args.stride, "img_scale": args.img_scale,
+            "settings": {"protocol": args.protocol, "mode": args.mode, "crop": args.crop, "stride": args.stride,
+                         "img_scale": args.img_scale,
                          "num_classes": args.num_classes, "arch": args.arch, "prefix": args.prefix,
                          "domains": {n: {"dataset": k, "root": r, "split": s} for n, k, r, s in domains}},
             "results": {r: {**res,

@@ -82,11 +82,12 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
 
     from domainmerge import reporting
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
-    from domainmerge.commands._common import resolve_device
+    from domainmerge.commands._common import resolve_device, resolve_protocol
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed, lmc
     from domainmerge.evaluation.inference import evaluate_model
-    from domainmerge.models import model_from_state_dict
+    from domainmerge.evaluation.protocols import family_of
+    from domainmerge.models import model_from_state_dict, resolve_spec
 
     main = distributed.is_main_process()
     device = resolve_device(args.device)
@@ -104,16 +105,21 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
                       file=sys.stderr)
     try:
         model = model_from_state_dict(state_dicts[0], args.arch)
+        family = family_of(resolve_spec(state_dicts[0], args.arch))
     except UserError as exc:
         raise UserError(f"{args.ckpts[0]}: {exc}") from None
+    protos = {name: resolve_protocol(args, family, kind) for name, kind, _, _ in domains}
+    if main:
+        for name, proto in protos.items():
+            print(f"{name}: {proto.describe()}", file=sys.stderr)
 
     def score(merged: dict[str, torch.Tensor]) -> dict[str, float]:
         model.load_state_dict(merged)
         return {name: evaluate_model(
-                    model, ds, mode=args.mode, crop=tuple(args.crop), stride=tuple(args.stride), device=device,
-                    batch_size=args.batch_size, num_classes=args.num_classes,
-                    img_scale=tuple(args.img_scale) if args.img_scale else None, amp=args.amp,
-                    workers=args.workers, progress=False, desc=name).miou
+                    model, ds, mode=protos[name].mode, crop=protos[name].crop or (1024, 1024),
+                    stride=protos[name].stride or (512, 512), device=device, batch_size=args.batch_size,
+                    num_classes=args.num_classes, img_scale=protos[name].img_scale, amp=args.amp,
+                    workers=args.workers, progress=False, desc=name, max_windows=args.max_windows).miou
                 for name, ds in datasets.items()}
 
     from tqdm import tqdm
@@ -129,6 +135,7 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
         Path(args.out).mkdir(parents=True, exist_ok=True)
         record = {"checkpoints": list(args.ckpts), "names": names, "buffers": args.buffers, "aligned": args.align,
                   "domains": {d[0]: {"dataset": d[1], "root": d[2], "split": d[3]} for d in domains},
+                  "protocol": {name: proto.to_dict() for name, proto in protos.items()},
                   "points": rows, "barriers": summary}
         reporting.write_json(outputs["lmc.json"], record)
         reporting.write_markdown(outputs["lmc.md"], text)

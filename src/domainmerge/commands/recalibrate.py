@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from domainmerge.commands._common import add_domain_argument, add_network_options, parse_domains, resolve_device
+from domainmerge.commands._common import (
+    add_domain_argument,
+    add_network_options,
+    add_protocol_options,
+    parse_domains,
+    resolve_device,
+    resolve_protocol,
+)
 from domainmerge.errors import UserError
 
 DESCRIPTION = """\
@@ -26,8 +33,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output checkpoint (same container as the input)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per forward pass (equal-size images only; default 1)")
-    p.add_argument("--img-scale", nargs=2, type=int, metavar=("LONG", "SHORT"),
-                   help="rescale images keeping their aspect ratio to fit LONG x SHORT, as evaluate does")
+    add_protocol_options(p, windows=False)  # the image scale evaluate would use (--protocol / --img-scale)
     add_network_options(p, prefix_note="; other keys are copied unchanged")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
@@ -45,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
         updated_record,
     )
     from domainmerge.data import LAYOUTS, build_dataset
+    from domainmerge.evaluation.protocols import family_of
     from domainmerge.evaluation.recalibrate import image_batches, recalibrate_bn, spread_indices
     from domainmerge.fsutil import check_output_path
-    from domainmerge.models import model_from_state_dict
+    from domainmerge.models import model_from_state_dict, resolve_spec
 
     domains = parse_domains(args.domain, "train")
     if args.batch_size < 1:
@@ -66,13 +73,18 @@ def run(args: argparse.Namespace) -> int:
         if prefix == "auto":
             found = detect_prefixes(full)
             prefix = "model." if "model." in found else ("module." if "module." in found else "")
-        model = model_from_state_dict(strip_model_prefix(full, prefix), args.arch)
+        net = strip_model_prefix(full, prefix)
+        model = model_from_state_dict(net, args.arch)
+        family = family_of(resolve_spec(net, args.arch))
+        scales = {name: resolve_protocol(args, family, kind).img_scale for name, kind, _, _ in domains}
         n_images = sum(len(v) for v in indices.values())
         if not args.quiet:
             print(f"recalibrating BN statistics on {n_images} images: "
                   + ", ".join(f"{d} {len(v)}" for d, v in indices.items()), flush=True)
+            print("image scale: " + ", ".join(f"{d} {'x'.join(map(str, s)) if s else 'native'}"
+                                              for d, s in scales.items()), flush=True)
         batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=args.batch_size,
-                                                      img_scale=tuple(args.img_scale) if args.img_scale else None),
+                                                      img_scale=scales),
                                  device=device, progress=not args.quiet)
         out = dict(full)
         for key, value in model.state_dict().items():

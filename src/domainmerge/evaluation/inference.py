@@ -5,8 +5,9 @@ logits, resizing to the label before argmax, and a dataset loop sharded over ran
 - slide: windows of ``crop`` every ``stride`` (the last window of a row/column moved back to
   end at the border), each window's logits resized to the window, summed, and divided by the
   number of windows covering each pixel.
-Optionally the image is first rescaled like mmseg's ``Resize(img_scale, keep_ratio=True)``;
-the logits are then resized to the label's size before the argmax.
+Optionally the uint8 image is first rescaled like mmseg's ``Resize(img_scale, keep_ratio=True)``
+(OpenCV's fixed-point bilinear, :mod:`domainmerge.evaluation.resize`) and then normalised; the
+logits are resized to the label's size before the argmax.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from domainmerge.data.classes import MEAN, STD
 from domainmerge.errors import UserError
 from domainmerge.evaluation import distributed
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
+from domainmerge.evaluation.resize import resize_to_scale
 from domainmerge.models.hrda import crop_boxes
 
 MODES = ("whole", "slide")
@@ -35,16 +37,6 @@ def normalize(images: Tensor) -> Tensor:
     mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
     std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
     return (images.float() - mean) / std
-
-
-def rescale_size(height: int, width: int, img_scale: tuple[int, int] | None) -> tuple[int, int]:
-    """mmseg ``Resize(img_scale=(long, short), keep_ratio=True)``: the largest size with the same
-    aspect ratio whose long edge is at most ``long`` and short edge at most ``short``."""
-    if img_scale is None:
-        return height, width
-    long_edge, short_edge = max(img_scale), min(img_scale)
-    scale = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -69,10 +61,13 @@ def _forward(model: nn.Module, x: Tensor, size: Sequence[int], amp: str | None) 
 
 
 def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tuple[int, int], *,
-                 max_batch: int = 1, amp: str | None = None) -> Tensor:
+                 max_batch: int | None = None, amp: str | None = None) -> Tensor:
     """Sliding-window logits [B, C, H, W]: window logits averaged where windows overlap.
 
-    ``max_batch`` bounds how many windows (times images) run through the model at once.
+    All windows of the batch go through the model in one forward, as the authors'
+    ``batched_slide`` does (HRDA test configs); ``max_batch`` bounds how many windows (times
+    images) one forward takes, to cap memory. The sum is accumulated window by window in the
+    same order either way, so chunking does not change the result.
     """
     n, _, height, width = x.shape
     crop = (min(crop[0], height), min(crop[1], width))
@@ -81,7 +76,7 @@ def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tup
     boxes = crop_boxes(height, width, crop, stride)
     total: Tensor | None = None
     count = x.new_zeros(1, 1, height, width)
-    per_call = max(1, max_batch // n)
+    per_call = len(boxes) if max_batch is None else max(1, max_batch // n)
     for start in range(0, len(boxes), per_call):
         chunk = boxes[start:start + per_call]
         windows = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
@@ -97,12 +92,13 @@ def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tup
 
 @torch.no_grad()
 def predict(model: nn.Module, image: Tensor, mode: str = "whole", crop: tuple[int, int] = (1024, 1024),
-            stride: tuple[int, int] = (512, 512), num_classes: int | None = None, *, max_batch: int = 1,
+            stride: tuple[int, int] = (512, 512), num_classes: int | None = None, *, max_batch: int | None = None,
             amp: str | None = None) -> Tensor:
     """Logits [B, C, H, W] (float32) at the image's size.
 
     ``image``: [B, 3, H, W] or [3, H, W]; uint8 is normalised with the dataset MEAN/STD, a
     float tensor is taken as already normalised. It must be on the model's device.
+    ``max_batch``: at most this many windows per forward in slide mode (None: all of them).
     """
     if mode not in MODES:
         raise UserError(f"--mode {mode}: unknown; use one of {', '.join(MODES)}")
@@ -140,13 +136,14 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
                    num_classes: int = 19, ignore_index: int = 255, img_scale: tuple[int, int] | None = None,
                    amp: str | None = None, workers: int = 0, progress: bool = True, desc: str = "evaluate",
                    on_prediction: Callable[[str, Tensor], None] | None = None,
-                   per_image: bool = False) -> SegScores:
+                   max_windows: int | None = None, per_image: bool = False) -> SegScores:
     """Scores of ``model`` on ``dataset`` (items ``(image uint8 [3,H,W], label int64 [H,W], name)``).
 
     Under torch.distributed each rank takes the indices rank, rank + W, ... and the confusion
     matrices are summed, so every rank returns the scores of the whole dataset.
     ``on_prediction(name, label_map)`` receives each predicted train-id map (int64, CPU) at
-    label size, e.g. to save it. ``per_image=True`` also keeps each image's counts in
+    label size, e.g. to save it. In slide mode all windows of a batch run in one forward unless
+    ``max_windows`` caps them. ``per_image=True`` also keeps each image's counts in
     ``scores.per_image`` (:class:`ImageStats`, rows in dataset order, gathered from every rank),
     from which ``domainmerge.evaluation.bootstrap`` computes confidence intervals.
     """
@@ -167,11 +164,9 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     for batch in _batches(iter(loader), batch_size):
         images = torch.stack([s[0] for s in batch]).to(dev)
         labels = torch.stack([s[1] for s in batch]).to(dev)
-        x = normalize(images)
-        size = rescale_size(x.shape[2], x.shape[3], img_scale)
-        if size != tuple(x.shape[2:]):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        logits = predict(model, x, mode, crop, stride, num_classes, max_batch=batch_size, amp=amp)
+        # mmseg order: resize the uint8 image (OpenCV bilinear, rounded), then normalise.
+        x = normalize(resize_to_scale(images, img_scale))
+        logits = predict(model, x, mode, crop, stride, num_classes, max_batch=max_windows, amp=amp)
         if logits.shape[2:] != labels.shape[1:]:
             logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
         pred = logits.argmax(dim=1)

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from domainmerge.errors import UserError
@@ -76,19 +75,20 @@ def spread_indices(lengths: Mapping[str, int], n: int) -> dict[str, list[int]]:
 
 
 def image_batches(datasets: Mapping[str, Any], indices: Mapping[str, Sequence[int]], *, batch_size: int = 1,
-                  img_scale: tuple[int, int] | None = None) -> Iterable[Tensor]:
+                  img_scale: tuple[int, int] | None | Mapping[str, tuple[int, int] | None] = None
+                  ) -> Iterable[Tensor]:
     """Normalised batches [B, 3, H, W] of ``datasets[d][i]`` (items whose first element is a uint8
-    RGB image), optionally rescaled as evaluation rescales them; consecutive images of equal
-    size are stacked up to ``batch_size``, a change of size starts a new batch."""
-    from domainmerge.evaluation.inference import normalize, rescale_size
+    RGB image), optionally rescaled as evaluation rescales them (``img_scale`` one for all
+    domains or a mapping domain -> scale); consecutive images of equal size are stacked up to
+    ``batch_size``, a change of size starts a new batch."""
+    from domainmerge.evaluation.inference import normalize
+    from domainmerge.evaluation.resize import resize_to_scale
 
     pending: list[Tensor] = []
     for name, idx in indices.items():
         for i in idx:
-            x = normalize(datasets[name][i][0].unsqueeze(0))
-            size = rescale_size(x.shape[2], x.shape[3], img_scale)
-            if size != tuple(x.shape[2:]):
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            scale = img_scale.get(name) if isinstance(img_scale, Mapping) else img_scale
+            x = normalize(resize_to_scale(datasets[name][i][0].unsqueeze(0), scale))
             if pending and (len(pending) == batch_size or pending[0].shape != x.shape):
                 yield torch.cat(pending)
                 pending = []
