@@ -6,17 +6,21 @@ from domainmerge.merging.engine import (
     DictSource,
     MergeOptions,
     MergePlan,
+    StrippedSource,
+    all_finite,
     interpolate,
     iter_merged,
     merge_state_dicts,
     merge_state_dicts_per_head,
+    nonfinite_keys,
     plan_merge,
 )
 from domainmerge.merging.parameters import normalise_weights, weighted_average
 from domainmerge.merging.roles import Role, assign_roles
 
 __all__ = [
-    "BUFFER_RULES", "DictSource", "MergeOptions", "MergePlan", "Role", "assign_roles", "gaussian_pool",
-    "interpolate", "iter_merged", "merge_state_dicts", "merge_state_dicts_per_head", "mixture_proportions",
-    "normalise_weights", "plan_merge", "pooled_count", "weighted_average",
+    "BUFFER_RULES", "DictSource", "MergeOptions", "MergePlan", "Role", "StrippedSource", "all_finite",
+    "assign_roles", "gaussian_pool", "interpolate", "iter_merged", "merge_state_dicts",
+    "merge_state_dicts_per_head", "mixture_proportions", "nonfinite_keys", "normalise_weights", "plan_merge",
+    "pooled_count", "weighted_average",
 ]
