@@ -36,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     from domainmerge.demo import preset_with, run_demo
     from domainmerge.errors import UserError
+    from domainmerge.fsutil import check_output_dir
 
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
+    check_output_dir(args.out, option="--out")
     torch.set_num_threads(args.threads)
     run_demo(preset_with(args.preset, args.targets, args.arch), args.out, seed=args.seed, force=args.force)
     return 0

@@ -91,6 +91,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json", metavar="OUT", help="also write the scores as JSON")
     p.add_argument("--save-pred", metavar="DIR", help="write predicted train-id PNGs under DIR/[ROW/]DOMAIN/")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="evaluate a checkpoint even when some of its tensors hold NaN or infinite values")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -114,7 +116,16 @@ def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.models import model_from_state_dict, resolve_spec
 
+    from domainmerge.merging import nonfinite_keys
+
     sd = strip_model_prefix(load_state_dict(ckpt, trust_pickle=args.trust_pickle), args.prefix)
+    bad = nonfinite_keys(sd)
+    if bad:
+        message = (f"{ckpt}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the checkpoint "
+                   "is damaged or diverged")
+        if not args.allow_nonfinite:
+            raise UserError(f"{message}; pass --allow-nonfinite to evaluate it anyway")
+        print(f"warning: {message}", file=sys.stderr)
     try:
         desc = resolve_spec(sd, args.arch, **overrides).describe()
         return model_from_state_dict(sd, args.arch, **overrides), desc
@@ -130,17 +141,22 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed
     from domainmerge.evaluation.inference import evaluate_model
-    from domainmerge.fsutil import check_output_path
+    from domainmerge.fsutil import check_output_dir, check_output_path
 
     domains = parse_domains(args.domain, "val")
     jobs, note = plan_jobs(list(args.ckpts), [d[0] for d in domains], args.per_domain)
     for c in args.ckpts:
         if not Path(c).is_file():
             raise UserError(f"{c}: checkpoint not found; check the path")
+    # Every output is checked before any work: a late failure would waste the whole evaluation.
     if args.json:
         check_output_path(args.json, force=args.force, inputs=tuple(args.ckpts))
-    if args.batch_size < 1:
+    if args.save_pred:
+        check_output_dir(args.save_pred, option="--save-pred")
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 or more")
 
     started_here = not distributed.is_dist() and distributed.init_from_env()
     main = distributed.is_main_process()
@@ -198,6 +214,6 @@ def run(args: argparse.Namespace) -> int:
                             **(reporting.summarize(mious[r]) if len(mious[r]) > 1 else {})}
                         for r, res in results.items()},
         }
-        reporting.write_json(args.json, out)
+        reporting.write_json(args.json, out, replace=args.force)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

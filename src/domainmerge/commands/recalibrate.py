@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                   + ", ".join(f"{d} {len(v)}" for d, v in indices.items()), flush=True)
         batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=args.batch_size,
                                                       img_scale=tuple(args.img_scale) if args.img_scale else None),
-                                 device=device, progress=not args.quiet)
+                                 device=device, progress=not args.quiet, total=n_images)
         out = dict(full)
         for key, value in model.state_dict().items():
             original = full[prefix + key]
