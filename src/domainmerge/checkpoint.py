@@ -347,6 +347,10 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             raise UserError(f"{path}: damaged or truncated PyTorch checkpoint ({first[:120]}); re-download "
                             "or re-save it") from exc
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from exc
+    except (IndexError, KeyError, TypeError, struct.error, UnicodeDecodeError, MemoryError) as exc:
+        # what the (weights-only) unpickler raises on cut or scrambled legacy pickles
+        raise UserError(f"{path}: damaged or truncated PyTorch checkpoint ({type(exc).__name__}: "
+                        f"{str(exc)[:80]}); re-download or re-save it") from exc
 
 
 class _Sink:

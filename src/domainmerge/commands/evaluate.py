@@ -93,11 +93,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="evaluate a checkpoint even when some of its tensors hold NaN or infinite values")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
     p.set_defaults(func=run)
 
 
-def _prediction_writer(folder: Path) -> Any:
+def _prediction_writer(folder: Path, created: list[Path]) -> Any:
+    """A writer of predicted PNGs under ``folder``; files and folders it creates go to ``created``."""
     import numpy as np
     from PIL import Image
 
@@ -105,10 +106,24 @@ def _prediction_writer(folder: Path) -> Any:
 
     def write(name: str, pred: Any) -> None:
         target = folder / f"{name}.png"
+        missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
         target.parent.mkdir(parents=True, exist_ok=True)
+        created.extend(reversed(missing))
+        new = not target.exists()
         with atomic_path(target) as tmp:
             Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(tmp, format="PNG")
+        if new:
+            created.append(target)
     return write
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Undo a failed run's predictions: its files, then the folders it made (deepest first)."""
+    import contextlib
+
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() else path.unlink()
 
 
 def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, str]:
@@ -171,18 +186,19 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}  # row -> checkpoints, arch, per-domain scores (JSON)
     scores_of: dict[str, dict[str, Any]] = {}  # row -> domain -> SegScores
     loaded: tuple[str, Any, str] | None = None
+    created: list[Path] = []  # predictions of this run, removed if it fails: no partial folder left
     try:
         for job in jobs:
             if loaded is None or loaded[0] != job.ckpt:
                 loaded = None  # free the previous network before loading the next
                 model, desc = _load_network(job.ckpt, args, overrides)
                 loaded = (job.ckpt, model, desc)
-                if main:
+                if main and not args.quiet:
                     print(f"{job.ckpt}: {desc}", file=sys.stderr)
             save = None
             if args.save_pred:
                 sub = Path(args.save_pred) / (job.row if len({j.row for j in jobs}) > 1 else "") / job.domain
-                save = _prediction_writer(sub)
+                save = _prediction_writer(sub, created)
             scores = evaluate_model(
                 loaded[1], datasets[job.domain], mode=args.mode, crop=tuple(args.crop), stride=tuple(args.stride),
                 device=device, batch_size=args.batch_size, num_classes=args.num_classes,
@@ -194,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
             row["arch"][job.domain] = loaded[2]
             row["domains"][job.domain] = {"images": len(datasets[job.domain]), **scores.to_dict()}
             scores_of.setdefault(job.row, {})[job.domain] = scores
+    except BaseException:
+        _remove_created(created)
+        raise
     finally:
         if started_here:
             torch.distributed.destroy_process_group()
