@@ -355,18 +355,19 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
 
 class _Sink:
     """A file for torch.save that writes every byte (looping on partial writes) and keeps the
-    OSError behind a failure, which torch turns into an opaque RuntimeError."""
+    exception raised in it (OSError of a full disk, KeyboardInterrupt or Terminated of a signal
+    handled during the write), which torch's writer would turn into an opaque RuntimeError."""
 
     def __init__(self, fd: int):
         self.fd = fd
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
         try:
+            view = memoryview(data).cast("B")
             while view.nbytes:
                 view = view[os.write(self.fd, view):]
-        except OSError as exc:
+        except BaseException as exc:
             self.error = exc
             raise
         return len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
@@ -382,7 +383,7 @@ def write_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
     sink = _Sink(fd)
     try:
         torch.save(obj, sink)  # type: ignore[arg-type]
-    except RuntimeError:
+    except BaseException:
         if sink.error is not None:
             raise sink.error from None
         raise

@@ -106,14 +106,13 @@ def _prediction_writer(folder: Path, created: list[Path]) -> Any:
 
     def write(name: str, pred: Any) -> None:
         target = folder / f"{name}.png"
-        missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
+        # Recorded before they exist, so that a signal at any point leaves nothing unrecorded.
+        created.extend(reversed([p for p in (target.parent, *target.parent.parents) if not p.exists()]))
         target.parent.mkdir(parents=True, exist_ok=True)
-        created.extend(reversed(missing))
-        new = not target.exists()
+        if not target.exists():
+            created.append(target)
         with atomic_path(target) as tmp:
             Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(tmp, format="PNG")
-        if new:
-            created.append(target)
     return write
 
 
@@ -129,9 +128,8 @@ def _remove_created(created: list[Path]) -> None:
 def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, str]:
     """The network in ``ckpt`` (prefix stripped, architecture detected or forced) and its description."""
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
-    from domainmerge.models import model_from_state_dict, resolve_spec
-
     from domainmerge.merging import nonfinite_keys
+    from domainmerge.models import model_from_state_dict, resolve_spec
 
     sd = strip_model_prefix(load_state_dict(ckpt, trust_pickle=args.trust_pickle), args.prefix)
     bad = nonfinite_keys(sd)

@@ -239,7 +239,7 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions) -> MergePlan:
     roles = assign_roles(dtypes)
     # A BatchNorm pair is pooled only from inputs holding both of its statistics; with
     # --allow-missing a layer some input has only half of is copied from the first holder.
-    unpaired = set()
+    unpaired: set[str] = set()
     for k, role in roles.items():
         if role == Role.BN_MEAN:
             var = k[:-len(MEAN_SUFFIX)] + VAR_SUFFIX
