@@ -41,8 +41,10 @@ def _child_setup(fsize: int | None = None) -> Callable[[], None]:
 
 
 def start(argv: list[str], fsize: int | None = None) -> subprocess.Popen[str]:
+    """The command in its own session (process group), as a shell job or a scheduler's step."""
     return subprocess.Popen([sys.executable, "-m", "domainmerge", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_child_setup(fsize))
+                            stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_child_setup(fsize),
+                            start_new_session=True)
 
 
 def hashes(paths: list[Path]) -> dict[Path, str]:
@@ -86,14 +88,19 @@ def _outputs(out: Path, heads: bool) -> list[Path]:
     return [out.with_name(f"{out.stem}.{i}{out.suffix}") for i in (1, 2, 3)] if heads else [out]
 
 
-def _signal_when_busy(proc: subprocess.Popen[str], folder: Path, signum: int, delay: float) -> None:
+def _signal_when_busy(proc: subprocess.Popen[str], folder: Path, signum: int, delay: float,
+                      group: bool = False) -> None:
     """Send ``signum`` ``delay`` seconds after the first temporary file appears under ``folder``
-    (so the process is writing), or not at all if it exits first."""
+    (so the process is writing), or not at all if it exits first; ``group``: to the whole process
+    group, DataLoader workers included (Ctrl-C in a terminal, a batch scheduler's SIGTERM)."""
     while proc.poll() is None and not any(folder.rglob(".*.tmp")) and not any(folder.rglob("*.png")):
         time.sleep(0.002)
     time.sleep(delay)
     if proc.poll() is None:
-        proc.send_signal(signum)
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
 
 
 def _check_stopped(proc: subprocess.Popen[str], signum: int) -> bool:
@@ -132,17 +139,36 @@ def test_merge_stopped_by_a_signal_leaves_nothing(tmp_path, inputs, seed, signum
     assert hashes(list(before)) == before
 
 
+@pytest.fixture(scope="module")
+def cityscapes(tmp_path_factory) -> Path:
+    """A Cityscapes-layout val split of 24 image files: read by DataLoader worker processes."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cs")
+    rng = np.random.default_rng(0)
+    img_dir, lab_dir = root / "leftImg8bit" / "val" / "x", root / "gtFine" / "val" / "x"
+    img_dir.mkdir(parents=True)
+    lab_dir.mkdir(parents=True)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)).save(img_dir / f"x_{i}_leftImg8bit.png")
+        label = rng.integers(0, 19, (64, 128), dtype=np.uint8)
+        Image.fromarray(label).save(lab_dir / f"x_{i}_gtFine_labelTrainIds.png")
+    return root
+
+
 @pytest.mark.parametrize("seed,signum", [(5, signal.SIGTERM), (6, signal.SIGINT)])
-def test_evaluate_stopped_by_a_signal_leaves_nothing(tmp_path, inputs, seed, signum):
-    before = hashes([inputs["net"]])
+def test_evaluate_with_workers_stopped_by_a_signal_leaves_nothing(tmp_path, inputs, cityscapes, seed, signum):
+    before = hashes([inputs["net"], *sorted(cityscapes.rglob("*.png"))])
     pred, report = tmp_path / "pred", tmp_path / "r.json"
-    proc = start(["evaluate", str(inputs["net"]), "--domain", "city", "synthetic", "city", "val", "--device", "cpu",
-                  "--batch-size", "1", "--save-pred", str(pred), "--json", str(report), "--quiet"])
-    _signal_when_busy(proc, tmp_path, signum, random.Random(seed).uniform(0.0, 0.3))
+    proc = start(["evaluate", str(inputs["net"]), "--domain", "cs", "cityscapes", str(cityscapes), "--device", "cpu",
+                  "--workers", "2", "--batch-size", "1", "--save-pred", str(pred), "--json", str(report),
+                  "--quiet"])
+    _signal_when_busy(proc, tmp_path, signum, random.Random(seed).uniform(0.0, 0.3), group=True)
     if _check_stopped(proc, signum):
         assert list(tmp_path.iterdir()) == []  # this run's predictions removed, no JSON
     else:
-        assert report.exists() and len(list(pred.rglob("*.png"))) == 100
+        assert report.exists() and len(list(pred.rglob("*.png"))) == 24
     assert leftovers(tmp_path) == []
     assert hashes(list(before)) == before
 

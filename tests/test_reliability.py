@@ -209,6 +209,17 @@ def test_lmc_with_two_architectures_names_files_and_its_own_options(tmp_path, ca
     assert "--allow-missing" not in err and "input 2" not in err
 
 
+def test_lmc_non_finite_input_is_named(tmp_path, capsys):
+    bad = net(1)
+    bad["backbone.bn1.weight"][0] = float("nan")
+    torch.save(net(0), tmp_path / "a.pth")
+    torch.save(bad, tmp_path / "b.pth")
+    expect_user_error(["lmc", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), "--domain", "city", "synthetic",
+                       "city", "val", "--steps", "2", *FAST],
+                      r"b\.pth: 1 tensors hold NaN or infinite values \(e\.g\. 'backbone\.bn1\.weight'\)", capsys,
+                      tmp_path)
+
+
 def test_lmc_key_mismatch_advice_names_lmc_options(tmp_path, capsys):
     torch.save(net(0), tmp_path / "a.pth")
     torch.save({**net(1), "extra.weight": torch.ones(1)}, tmp_path / "b.pth")

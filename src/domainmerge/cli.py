@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from domainmerge import __version__
-from domainmerge.errors import Terminated, UserError
+from domainmerge.errors import Terminated, UserError, killed_worker_signal
 
 # Order is the order of `domainmerge --help`.
 COMMANDS = [
@@ -60,4 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as exc:
         print("domainmerge: terminated", file=sys.stderr)
         return 128 + exc.signum
+    except RuntimeError as exc:
+        # The signal reached the DataLoader workers too and torch noticed their death first.
+        signum = killed_worker_signal(exc)
+        if signum is None:
+            raise
+        print("domainmerge: " + ("interrupted" if signum == 2 else "terminated"), file=sys.stderr)
+        return 128 + signum
     return int(status or 0)

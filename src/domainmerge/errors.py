@@ -3,6 +3,8 @@ and what keeps it one line across DataLoader worker processes."""
 
 from __future__ import annotations
 
+import re
+import signal
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -41,6 +43,16 @@ def worker_message(exc: BaseException) -> str:
         name = f"{type(exc).__qualname__}: "
         at = text.rfind(name)
     return text[at + len(name):].strip() if at >= 0 else text.strip().splitlines()[-1]
+
+
+def killed_worker_signal(exc: BaseException) -> int | None:
+    """The signal number when ``exc`` is torch's "DataLoader worker (pid N) is killed by signal:
+    Terminated/Interrupt" (the workers got the SIGTERM/SIGINT sent to the whole process group,
+    as batch schedulers and Ctrl-C do), else None."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    found = re.search(r"DataLoader worker \(pid \d+\) is killed by signal: (\w+)", str(exc))
+    return {"Terminated": int(signal.SIGTERM), "Interrupt": int(signal.SIGINT)}.get(found.group(1)) if found else None
 
 
 def unwrap_worker_error(exc: UserError) -> UserError:

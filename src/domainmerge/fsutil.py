@@ -255,9 +255,19 @@ def handle_termination() -> Iterator[None]:
         yield
         return
 
+    sigchld = getattr(signal, "SIGCHLD", None)
+    previous_chld = signal.getsignal(sigchld) if sigchld is not None else None
+
+    def quiet(signum: int, frame: Any) -> None:
+        """Python-level no-op (SIG_DFL would make an already pending signal print a warning)."""
+
     def raise_terminated(signum: int, frame: Any) -> None:
-        # Ignore repeats while cleaning up, then unwind: atomic_path removes its temporary file.
-        signal.signal(signum, signal.SIG_IGN)
+        # Ignore repeats while cleaning up, and the death of DataLoader workers that got the same
+        # signal (torch's SIGCHLD handler would raise over this exception); then unwind:
+        # atomic_path removes its temporary file.
+        signal.signal(signum, quiet)
+        if sigchld is not None:
+            signal.signal(sigchld, quiet)
         raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)
@@ -265,4 +275,6 @@ def handle_termination() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if sigchld is not None and signal.getsignal(sigchld) is quiet and previous_chld is not None:
+            signal.signal(sigchld, previous_chld)
         remove_temporaries()

@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed, lmc
     from domainmerge.evaluation.inference import evaluate_model
-    from domainmerge.merging import DictSource, MergeOptions, plan_merge
+    from domainmerge.merging import DictSource, MergeOptions, nonfinite_keys, plan_merge
     from domainmerge.models import model_from_state_dict
 
     main = distributed.is_main_process()
@@ -93,6 +93,11 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
                 for name, kind, root, split in domains}
     state_dicts = [strip_model_prefix(load_state_dict(c, trust_pickle=args.trust_pickle), args.prefix)
                    for c in args.ckpts]
+    for c, sd in zip(args.ckpts, state_dicts):
+        bad = nonfinite_keys(sd)
+        if bad:
+            raise UserError(f"{c}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the "
+                            "checkpoint is damaged or diverged")
     # The interpolation merges in memory; check first, naming the files and lmc's own options.
     plan_merge([DictSource(sd, c) for sd, c in zip(state_dicts, args.ckpts)],
                MergeOptions(buffers=args.buffers, mismatch_advice="lmc needs models of one architecture with the "
