@@ -70,8 +70,10 @@ def _probe_folder(folder: Path, what: str) -> None:
     except OSError as exc:
         raise UserError(f"{what}: cannot create files in {folder} ({exc.strerror}); "
                         "choose a writable folder") from None
+    _track(probe)  # removed on SIGTERM like any temporary file
     os.close(fd)
     os.unlink(probe)
+    _untrack(probe)
 
 
 def _existing_folder(path: Path, what: str) -> Path:
