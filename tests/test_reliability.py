@@ -321,8 +321,8 @@ def test_evaluate_json_on_a_full_disk(tmp_path, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(Path, "write_text", full)
     expect_user_error(["evaluate", str(tmp_path / "a.pth"), "--domain", "city", "synthetic", "city", "val",
-                       "--json", str(tmp_path / "r.json"), *FAST], r"r\.json: cannot write \(No space left",
-                      capsys, tmp_path)
+                       "--json", str(tmp_path / "r.json"), "--save-pred", str(tmp_path / "pred"), *FAST],
+                      r"r\.json: cannot write \(No space left", capsys, tmp_path)  # predictions removed too
 
 
 # ---------------------------------------------------------------- evaluate: dataset files read by workers

@@ -231,6 +231,10 @@ def run(args: argparse.Namespace) -> int:
                             **(reporting.summarize(mious[r]) if len(mious[r]) > 1 else {})}
                         for r, res in results.items()},
         }
-        reporting.write_json(args.json, out, replace=args.force)
+        try:
+            reporting.write_json(args.json, out, replace=args.force)
+        except BaseException:
+            _remove_created(created)  # all outputs or none
+            raise
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
