@@ -204,7 +204,8 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(tmp_path, inputs, name, 
 def test_two_merges_racing_for_one_new_output(tmp_path, inputs):
     out = tmp_path / "m.safetensors"
     procs = [start(_merge_args(inputs, out, False)) for _ in range(2)]
-    results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    results = [(p.returncode, err) for p, err in zip(procs, errs)]
     statuses = sorted(r[0] for r in results)
     assert statuses == [0, 2], results
     loser = next(err for status, err in results if status == 2)
@@ -212,5 +213,3 @@ def test_two_merges_racing_for_one_new_output(tmp_path, inputs):
     assert ("exists; pass --force" in loser) or ("created by someone else" in loser), loser
     assert len(load_file(out)) == 16
     assert leftovers(tmp_path) == []
-    for p in procs:
-        p.communicate()
