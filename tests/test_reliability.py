@@ -562,3 +562,50 @@ def test_importing_the_library_installs_no_signal_handler():
             "import domainmerge, domainmerge.cli, domainmerge.fsutil, domainmerge.checkpoint; "
             "assert signal.getsignal(signal.SIGTERM) is a, signal.getsignal(signal.SIGTERM)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- evaluation defaults, progress totals
+
+class _Shapes(torch.utils.data.Dataset):
+    """Items of one image size, read from disk (no ``in_memory``)."""
+
+    def __init__(self, h: int, w: int):
+        self.h, self.w = h, w
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i):
+        return torch.zeros(3, self.h, self.w, dtype=torch.uint8), torch.zeros(self.h, self.w, dtype=torch.int64), str(i)
+
+
+@pytest.mark.parametrize("h,w,kwargs,device,expected", [
+    (64, 128, {}, "cpu", 64),                                   # 2^20 / 8192 = 128, capped at 64
+    (1024, 2048, {}, "cpu", 1),                                 # a Cityscapes image is 2 megapixels
+    (1024, 2048, {"img_scale": (1024, 512)}, "cpu", 2),         # rescaled to 512 x 1024: 2^20 / 2^19
+    (1024, 2048, {"mode": "slide", "crop": (512, 512)}, "cpu", 4),
+    (1024, 2048, {"img_scale": (1024, 512)}, "cuda", 8),        # 4 * 2^20 / 2^19
+])
+def test_default_batch_size_by_hand(h, w, kwargs, device, expected):
+    from domainmerge.evaluation.inference import default_batch_size
+
+    assert default_batch_size(_Shapes(h, w), torch.device(device), **kwargs) == expected
+
+
+def test_default_workers_none_for_in_memory_data():
+    from domainmerge.data.synthetic import SyntheticDataset
+    from domainmerge.evaluation.inference import default_workers
+
+    assert default_workers(SyntheticDataset("city", "val", 2)) == 0
+    assert default_workers(_Shapes(8, 8)) == min(2, os.cpu_count() or 1)
+
+
+def test_recalibrate_progress_bar_has_a_total(capsys):
+    from torch import nn
+
+    from domainmerge.evaluation.recalibrate import recalibrate_bn
+
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+    batches = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)]
+    assert recalibrate_bn(net, iter(batches), progress=True, total=5) == 3
+    assert "5/5" in capsys.readouterr().err  # images counted against the total, not "3batch"
