@@ -18,7 +18,7 @@ from domainmerge.checkpoint import save_checkpoint
 from domainmerge.cli import main
 from domainmerge.models import build_model
 
-FAST = ["--device", "cpu", "--workers", "0", "--quiet"]
+FAST = ["--device", "cpu", "--workers", "0"]  # not --quiet: the protocol lines are checked
 H, W = 600, 1000  # ACDC-like 5:3 images; the authors' ACDC scale (960, 540) shrinks them to 540x900
 
 

@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import struct
 import sys
 import zipfile
@@ -36,6 +37,7 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "
 # Prefixes that wrap the network inside DA training checkpoints and DataParallel.
 WRAPPER_PREFIXES = ("model.", "ema_model.", "imnet_model.", "module.")
 DROPPED_ENTRIES = ("optimizer", "optimizer_states", "lr_schedulers", "scheduler")
+CONTAINERS = ("auto", "mmseg", "plain")
 
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -149,8 +151,9 @@ class Checkpoint:
     def release(self, key: str) -> None:
         """Tell the kernel a mapped tensor's pages are no longer needed.
 
-        The pages are clean copies of the file, so dropping them loses nothing (a later read
-        maps them in again); it keeps the resident memory of a merge near one model, not K.
+        Only clean pages (copies of the file) are dropped, so this loses nothing: a later read
+        maps them in again, and a tensor edited in place keeps its edits (its pages are left
+        alone). It keeps the resident memory of a merge near one model, not K.
         """
         if self._tensors is not None and self.mapped:
             _drop_pages(self._tensors[key])
@@ -178,8 +181,28 @@ class Checkpoint:
         self.close()
 
 
+def _written_pages(start: int, end: int) -> bool:
+    """Whether any page in [start, end) of a private file mapping was written to (a copy-on-write
+    page is anonymous memory; /proc/self/pagemap bit 61 is set only for file pages). True when
+    this cannot be told, so that nothing is ever dropped blindly."""
+    page = mmap.PAGESIZE
+    first, count = start // page, (end - start + page - 1) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as fh:
+            fh.seek(first * 8)
+            raw = fh.read(count * 8)
+    except OSError:
+        return True
+    if len(raw) != count * 8:
+        return True
+    present, file_page = 1 << 63, 1 << 61
+    return any(e & present and not e & file_page for e in struct.unpack(f"<{count}Q", raw))
+
+
 def _drop_pages(tensor: torch.Tensor) -> None:
-    """madvise(MADV_DONTNEED) over the pages of a tensor in a private file mapping (Linux)."""
+    """madvise(MADV_DONTNEED) over the pages of a tensor in a private file mapping (Linux),
+    unless one of them was written to: dropping a copy-on-write page would silently bring the
+    file's bytes back and undo the caller's in-place edit."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -192,54 +215,180 @@ def _drop_pages(tensor: torch.Tensor) -> None:
     page = mmap.PAGESIZE
     start = tensor.data_ptr() // page * page
     end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if _written_pages(start, end):
+        return
     _LIBC.madvise(start, end - start, 4)  # 4 = MADV_DONTNEED; failure only means memory stays
 
 
 _LIBC: Any = None
 
 
+# Every dtype name the safetensors format defines, with its item size; the ones in _ST_DTYPES
+# are read here, the others are valid files domainmerge does not handle.
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F4": 1,
+                "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+                "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _damaged(path: Path, what: str) -> UserError:
+    return UserError(f"{path}: damaged safetensors file ({what}); re-download or re-export it")
+
+
+def _st_entry(path: Path, key: str, entry: Any, data_size: int) -> tuple[TensorInfo, tuple[int, int]]:
+    """Validate one header entry: dtype, shape and a byte range of exactly shape x itemsize."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _damaged(path, f"entry {key!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+        raise _damaged(path, f"tensor {key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise _damaged(path, f"tensor {key!r} has shape {shape!r}, not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise _damaged(path, f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end] with begin <= end")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * _ST_ITEMSIZE[dtype] != end - begin:
+        raise _damaged(path, f"tensor {key!r}: shape {shape} of {dtype} needs {numel * _ST_ITEMSIZE[dtype]} "
+                             f"bytes but its data_offsets span {end - begin}")
+    if end > data_size:
+        raise UserError(f"{path}: tensor {key!r} lies beyond the end of the file; the file is truncated "
+                        "(re-download or re-export it)")
+    if dtype not in _ST_DTYPES:
+        raise UserError(f"{path}: tensor {key!r} has dtype {dtype}, which domainmerge does not handle; "
+                        "convert it to float32/float16/bfloat16")
+    return TensorInfo(tuple(shape), _ST_DTYPES[dtype]), (begin, end)
+
+
 def _open_safetensors(path: Path) -> Checkpoint:
+    """Open a safetensors file, validating its header fully: a JSON object of entries with a
+    known dtype, a shape whose size matches its byte range, ranges that tile the data section
+    exactly (no gap, overlap or bytes beyond), and string-to-string ``__metadata__``."""
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
             raise UserError(f"{path}: too short to be a safetensors file; the file is damaged")
         (n,) = struct.unpack("<Q", head)
-        size = path.stat().st_size
         if n > size - 8 or n > 100_000_000:
             raise UserError(f"{path}: invalid safetensors header; the file is damaged or not safetensors")
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: invalid safetensors header ({exc}); the file is damaged") from exc
-    ck = Checkpoint(path=path, format="safetensors", metadata=dict(header.pop("__metadata__", None) or {}))
+    if not isinstance(header, dict):
+        raise _damaged(path, f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise _damaged(path, "__metadata__ is not an object of strings")
+    data_size = size - 8 - n
+    ck = Checkpoint(path=path, format="safetensors", metadata=dict(metadata))
     ck._st_data_start = 8 + n
-    for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        if entry["dtype"] not in _ST_DTYPES:
-            raise UserError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which domainmerge "
-                            "does not handle; convert it to float32/float16/bfloat16")
-        begin, end = entry["data_offsets"]
-        if 8 + n + end > size:
-            raise UserError(f"{path}: tensor {key!r} lies beyond the end of the file; the file is "
-                            "truncated")
-        ck.infos[key] = TensorInfo(tuple(entry["shape"]), _ST_DTYPES[entry["dtype"]])
+    entries = [(key, *_st_entry(path, key, entry, data_size)) for key, entry in header.items()]
+    position = 0
+    for key, info, (begin, end) in sorted(entries, key=lambda e: (e[2][0], e[2][1])):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else f"leaves a gap at byte {position}"
+            raise _damaged(path, f"tensor {key!r} at bytes {begin}-{end} {what}")
+        position = end
+        ck.infos[key] = info
         ck._st_offsets[key] = (begin, end)
+    if position != data_size:
+        raise _damaged(path, f"{data_size - position} bytes after the last tensor")
     if not ck.infos:
         raise UserError(f"{path}: holds no tensors")
     return ck
 
 
+def _unsafe(message: str) -> bool:
+    """Whether the safe loader refused a pickle for what it would run (a class or function to
+    import), as opposed to bytes it cannot parse at all."""
+    return bool(re.search(r"Unsupported (global|class)|GLOBAL |unrecognized function|reduce", message))
+
+
+def _pickle_damage(path: Path) -> str | None:
+    """Why a file cannot be a PyTorch checkpoint at all, from its first bytes (None: it might be)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        return None if zipfile.is_zipfile(path) else "a zip archive without its directory: truncated"
+    if head[:1] != b"\x80":  # every pickle torch.save writes starts with the PROTO opcode
+        return "neither a zip archive nor a pickle"
+    return None
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    damage = _pickle_damage(path)
+    if damage is not None:
+        raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({damage}); re-download or re-save it")
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if trust_pickle:
-            raise UserError(f"{path}: cannot be unpickled ({str(exc).splitlines()[0]})") from exc
+        if trust_pickle or not _unsafe(str(exc)):
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Weights only" not in ln
+                          and "WeightsUnpickler" not in ln), "unreadable pickle")
+            raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({first}); re-download or re-save "
+                            "it") from exc
         raise UserError(f"{path}: holds Python objects beyond tensors and plain containers, so the "
                         "safe loader refuses it; if you trust this file, pass --trust-pickle") from exc
     except (RuntimeError, EOFError, ValueError, OSError, ModuleNotFoundError, AttributeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, EOFError) or "corrupted" in str(exc) or "failed reading" in first:
+            raise UserError(f"{path}: damaged or truncated PyTorch checkpoint ({first[:120]}); re-download "
+                            "or re-save it") from exc
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from exc
+    except (IndexError, KeyError, TypeError, struct.error, UnicodeDecodeError, MemoryError) as exc:
+        # what the (weights-only) unpickler raises on cut or scrambled legacy pickles
+        raise UserError(f"{path}: damaged or truncated PyTorch checkpoint ({type(exc).__name__}: "
+                        f"{str(exc)[:80]}); re-download or re-save it") from exc
+
+
+class _Sink:
+    """A file for torch.save that writes every byte (looping on partial writes) and keeps the
+    exception raised in it (OSError of a full disk, KeyboardInterrupt or Terminated of a signal
+    handled during the write), which torch's writer would turn into an opaque RuntimeError."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            view = memoryview(data).cast("B")
+            while view.nbytes:
+                view = view[os.write(self.fd, view):]
+        except BaseException as exc:
+            self.error = exc
+            raise
+        return len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+def write_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj, path)``, but a full disk or size limit raises the OSError (errno kept,
+    so :func:`domainmerge.fsutil.atomic_path` reports it as a UserError naming the output)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    sink = _Sink(fd)
+    try:
+        torch.save(obj, sink)  # type: ignore[arg-type]
+    except BaseException:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+    finally:
+        os.close(fd)
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
@@ -388,9 +537,14 @@ def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch
     """
     from domainmerge.fsutil import check_output_path
 
+    if container not in CONTAINERS:
+        raise ValueError(f"container {container!r}: unknown; use one of {', '.join(CONTAINERS)}")
+    fmt = output_format(path)
+    if fmt == "pickle" and container == "plain" and (meta is not None or record is not None):
+        raise ValueError("container='plain' writes a bare state dict, which cannot hold meta or record; "
+                         "use container='mmseg' or 'auto'")
     out = check_output_path(path, force=force, inputs=inputs)
-    fmt = output_format(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, replace=force) as tmp:
         if fmt == "safetensors":
             metadata = dict(template.metadata) if template is not None else {}
             metadata.setdefault("format", "pt")
@@ -413,15 +567,8 @@ def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch
                 obj = dict(state_dict)
             else:
                 obj = build_container(state_dict, template=template, record=record)
-            save_pickle(obj, tmp)
+            write_pickle(obj, tmp)
     return out
-
-
-def save_pickle(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through an open file: the zip's inner folder is then 'archive' rather than
-    the (random) temporary file's name, so the same content always gives the same bytes."""
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
 
 
 def updated_record(ck: Checkpoint, **entries: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from domainmerge import __version__
-from domainmerge.errors import UserError
+from domainmerge.errors import Terminated, UserError, killed_worker_signal
 
 # Order is the order of `domainmerge --help`.
 COMMANDS = [
@@ -42,15 +42,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit status (2 for user errors)."""
+    """Entry point; returns the process exit status: 2 for user errors, 130 on Ctrl-C (SIGINT),
+    143 on SIGTERM; in both cases temporary files of unfinished outputs are removed."""
+    from domainmerge.fsutil import handle_termination
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        status = args.func(args)
+        with handle_termination():
+            status = args.func(args)
     except UserError as exc:
         print(f"domainmerge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("domainmerge: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print("domainmerge: terminated", file=sys.stderr)
+        return 128 + exc.signum
+    except RuntimeError as exc:
+        # The signal reached the DataLoader workers too and torch noticed their death first.
+        signum = killed_worker_signal(exc)
+        if signum is None:
+            raise
+        print("domainmerge: " + ("interrupted" if signum == 2 else "terminated"), file=sys.stderr)
+        return 128 + signum
     return int(status or 0)
+
+
+def run() -> None:
+    """The console entry point: :func:`main`, then exit with its status. Once the command is done,
+    SIGINT and SIGTERM are ignored: every output is complete by then, and a signal arriving during
+    the interpreter's shutdown would otherwise print a traceback from an exit handler."""
+    import signal
+
+    status = main()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(status)

@@ -166,29 +166,30 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
-    write_text_atomic(path, to_json(obj))
+def write_json(path: str | os.PathLike[str], obj: Any, *, replace: bool | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (``replace``: see fsutil.atomic_path)."""
+    write_text_atomic(path, to_json(obj), replace=replace)
 
 
-def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
+def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *,
+              replace: bool | None = None) -> None:
     """Write ``rows`` as CSV to ``path`` atomically."""
-    write_text_atomic(path, to_csv(rows))
+    write_text_atomic(path, to_csv(rows), replace=replace)
 
 
-def write_markdown(path: str | os.PathLike[str], text: str) -> None:
+def write_markdown(path: str | os.PathLike[str], text: str, *, replace: bool | None = None) -> None:
     """Write Markdown ``text`` to ``path`` atomically (newline-terminated)."""
-    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+    write_text_atomic(path, text if text.endswith("\n") else text + "\n", replace=replace)
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> None:
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120, *, replace: bool | None = None) -> None:
     """Write a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
     import matplotlib.pyplot as plt
 
     from domainmerge.fsutil import atomic_path
 
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, replace=replace) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)
     finally:
         plt.close(fig)

@@ -45,10 +45,12 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     """How images go through the network: mode, windows, scale, device, batching, precision, loading."""
     add_protocol_options(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="images per forward pass (slide windows: see --max-windows)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: from the image size and device, about a megapixel "
+                        "per batch on CPU; only images of equal size share a batch; slide windows: see --max-windows)")
     p.add_argument("--amp", choices=["fp16", "bf16"], help="mixed precision for the forward pass")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loading processes (default: 0 for in-memory datasets such as synthetic, else 2)")
     p.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
     p.add_argument("--no-strict", action="store_true", help="skip unpaired or unreadable dataset files")
 

@@ -63,5 +63,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: only {report.prefix} was permuted; the {', '.join(others)} copies are left as they are")
     print(f"wrote {args.output}")
     if args.json:
-        write_json(args.json, report.to_dict())
+        write_json(args.json, report.to_dict(), replace=args.force)
     return 0

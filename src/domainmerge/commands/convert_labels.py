@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from domainmerge.errors import UserError
+    from domainmerge.fsutil import check_output_dir
 
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
@@ -134,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise UserError(f"{root}: dataset root not found; give the folder that holds the dataset")
     jobs = plan_conversions(args.dataset, root)
+    for folder in sorted({target.parent for _, target, _ in jobs}):
+        check_output_dir(folder)  # the labels are written beside the raw ones: check before converting
     bar: dict[str, Any] = {"total": len(jobs), "desc": f"convert {args.dataset}", "unit": "file"}
     if args.workers == 1:
         written = [_convert_job(j) for j in tqdm(jobs, **bar)]

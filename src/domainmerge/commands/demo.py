@@ -42,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.demo import preset_with, run_demo
     from domainmerge.demo.seeds import parse_seeds, run_seeds
     from domainmerge.errors import UserError
+    from domainmerge.fsutil import check_output_dir
 
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
+    check_output_dir(args.out, option="--out")
     preset = preset_with(args.preset, args.targets, args.arch)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     torch.set_num_threads(args.threads)

@@ -105,11 +105,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--level", type=float, default=0.95, help="interval level for --ci (default 0.95)")
     p.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="evaluate a checkpoint even when some of its tensors hold NaN or infinite values")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
     p.set_defaults(func=run)
 
 
-def _prediction_writer(folder: Path) -> Any:
+def _prediction_writer(folder: Path, created: list[Path]) -> Any:
+    """A writer of predicted PNGs under ``folder``; files and folders it creates go to ``created``."""
     import numpy as np
     from PIL import Image
 
@@ -117,10 +120,23 @@ def _prediction_writer(folder: Path) -> Any:
 
     def write(name: str, pred: Any) -> None:
         target = folder / f"{name}.png"
+        # Recorded before they exist, so that a signal at any point leaves nothing unrecorded.
+        created.extend(reversed([p for p in (target.parent, *target.parent.parents) if not p.exists()]))
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            created.append(target)
         with atomic_path(target) as tmp:
             Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(tmp, format="PNG")
     return write
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Undo a failed run's predictions: its files, then the folders it made (deepest first)."""
+    import contextlib
+
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() else path.unlink()
 
 
 def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, str, str]:
@@ -128,9 +144,17 @@ def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]
     description and its family (for the test protocol)."""
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.evaluation.protocols import family_of
+    from domainmerge.merging import nonfinite_keys
     from domainmerge.models import model_from_state_dict, resolve_spec
 
     sd = strip_model_prefix(load_state_dict(ckpt, trust_pickle=args.trust_pickle), args.prefix)
+    bad = nonfinite_keys(sd)
+    if bad:
+        message = (f"{ckpt}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the checkpoint "
+                   "is damaged or diverged")
+        if not args.allow_nonfinite:
+            raise UserError(f"{message}; pass --allow-nonfinite to evaluate it anyway")
+        print(f"warning: {message}", file=sys.stderr)
     try:
         spec = resolve_spec(sd, args.arch, **overrides)
         return model_from_state_dict(sd, args.arch, **overrides), spec.describe(), family_of(spec)
@@ -164,19 +188,24 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.evaluation import distributed
     from domainmerge.evaluation.bootstrap import check_settings
     from domainmerge.evaluation.inference import evaluate_model
-    from domainmerge.fsutil import check_output_path
+    from domainmerge.fsutil import check_output_dir, check_output_path
 
     domains = parse_domains(args.domain, "val")
     jobs, note = plan_jobs(list(args.ckpts), [d[0] for d in domains], args.per_domain)
     for c in args.ckpts:
         if not Path(c).is_file():
             raise UserError(f"{c}: checkpoint not found; check the path")
+    # Every output is checked before any work: a late failure would waste the whole evaluation.
     if args.json:
         check_output_path(args.json, force=args.force, inputs=tuple(args.ckpts))
-    if args.batch_size < 1:
+    if args.save_pred:
+        check_output_dir(args.save_pred, option="--save-pred")
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.ci:
         check_settings(args.resamples, args.level)
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 or more")
 
     started_here = not distributed.is_dist() and distributed.init_from_env()
     main = distributed.is_main_process()
@@ -192,21 +221,22 @@ def run(args: argparse.Namespace) -> int:
     scores_of: dict[str, dict[str, Any]] = {}  # row -> domain -> SegScores
     kinds = {name: kind for name, kind, _, _ in domains}
     loaded: tuple[str, Any, str, str] | None = None
+    created: list[Path] = []  # predictions of this run, removed if it fails: no partial folder left
     try:
         for job in jobs:
             if loaded is None or loaded[0] != job.ckpt:
                 loaded = None  # free the previous network before loading the next
                 model, desc, family = _load_network(job.ckpt, args, overrides)
                 loaded = (job.ckpt, model, desc, family)
-                if main:
+                if main and not args.quiet:
                     print(f"{job.ckpt}: {desc}", file=sys.stderr)
             proto = resolve_protocol(args, loaded[3], kinds[job.domain])
-            if main:
+            if main and not args.quiet:
                 print(f"{job.row} | {job.domain}: {proto.describe()}", file=sys.stderr)
             save = None
             if args.save_pred:
                 sub = Path(args.save_pred) / (job.row if len({j.row for j in jobs}) > 1 else "") / job.domain
-                save = _prediction_writer(sub)
+                save = _prediction_writer(sub, created)
             scores = evaluate_model(
                 loaded[1], datasets[job.domain], mode=proto.mode, crop=proto.crop or (1024, 1024),
                 stride=proto.stride or (512, 512), device=device, batch_size=args.batch_size,
@@ -219,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
             row["protocol"][job.domain] = proto.to_dict()
             row["domains"][job.domain] = {"images": len(datasets[job.domain]), **scores.to_dict()}
             scores_of.setdefault(job.row, {})[job.domain] = scores
+    except BaseException:
+        _remove_created(created)
+        raise
     finally:
         if started_here:
             torch.distributed.destroy_process_group()
@@ -248,6 +281,10 @@ def run(args: argparse.Namespace) -> int:
                 out["results"][r]["ci"] = {k: v.to_dict() for k, v in per.items()}
             for r, per in ci["differences"].items():
                 out["results"][r]["difference_vs_reference"] = {k: v.to_dict() for k, v in per.items()}
-        reporting.write_json(args.json, out)
+        try:
+            reporting.write_json(args.json, out, replace=args.force)
+        except BaseException:
+            _remove_created(created)  # all outputs or none
+            raise
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

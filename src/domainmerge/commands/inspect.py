@@ -32,11 +32,11 @@ def module_group(key: str, wrappers: list[str]) -> str:
 
 
 def summarize(ck: Any) -> dict[str, Any]:
-    """Facts about one opened checkpoint, without reading parameter data."""
+    """Facts about one opened checkpoint; parameter data is read only to find NaN/inf values."""
     from collections import Counter
 
     from domainmerge.checkpoint import detect_prefixes
-    from domainmerge.merging import Role, assign_roles
+    from domainmerge.merging import Role, all_finite, assign_roles
 
     keys = ck.keys()
     prefixes = detect_prefixes(keys)
@@ -54,6 +54,11 @@ def summarize(ck: Any) -> dict[str, Any]:
             count_key = f"{layer}.num_batches_tracked"
             bn[layer] = int(ck.get(count_key).item()) if count_key in ck else None
     counts = sorted({c for c in bn.values() if c is not None})
+    nonfinite = []
+    for k in keys:
+        if ck.infos[k].dtype.is_floating_point and not all_finite(ck.get(k)):
+            nonfinite.append(k)
+        ck.release(k)
     return {
         "file": str(ck.path),
         "format": ck.format if ck.container_key is None else f"{ck.format} container '{ck.container_key}'",
@@ -66,7 +71,17 @@ def summarize(ck: Any) -> dict[str, Any]:
         "bn_layers": len(bn),
         "bn_counts": counts if len(counts) <= 6 else [counts[0], "...", counts[-1]],
         "bn_layers_without_count": sum(c is None for c in bn.values()),
+        "nonfinite": nonfinite,
     }
+
+
+def nonfinite_warning(summary: dict[str, Any]) -> str | None:
+    """The warning line for a checkpoint with NaN/inf tensors, or None."""
+    bad = summary["nonfinite"]
+    if not bad:
+        return None
+    return (f"warning: {summary['file']}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); "
+            "the checkpoint is damaged or diverged")
 
 
 def compare(cks: list[Any]) -> dict[str, Any]:
@@ -124,6 +139,9 @@ def render(summaries: list[dict[str, Any]], comparison: dict[str, Any] | None,
             if s["bn_layers_without_count"]:
                 bn += f" ({s['bn_layers_without_count']} layers without a count)"
         lines.append(bn)
+        warning = nonfinite_warning(s)
+        if warning:
+            lines.append(f"**{warning}**")
         lines.append("")
         lines.append("| module | tensors | parameters |")
         lines.append("|---|---:|---:|")
@@ -164,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
                 diagnostics = task_vector_report(base.state_dict(),
                                                  {str(ck.path): ck.state_dict() for ck in cks})
             diagnostics_text = render_report(diagnostics)
+    import sys
+
+    for summary in summaries:
+        warning = nonfinite_warning(summary)
+        if warning:
+            print(f"domainmerge inspect: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps({"checkpoints": summaries, "comparison": comparison, "diagnostics": diagnostics},
                          indent=2, default=str))

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from domainmerge.commands._common import parse_domains
     from domainmerge.evaluation import distributed, lmc
-    from domainmerge.fsutil import check_output_path
+    from domainmerge.fsutil import check_output_dir, check_output_path
 
     if len(args.ckpts) < 2:
         raise UserError("give at least two checkpoints to interpolate between")
@@ -59,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
         names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
     outputs: dict[str, Path] = {}
     if args.out:
-        out_dir = Path(args.out)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UserError(f"--out {out_dir}: exists and is not a folder; give a folder")
+        out_dir = check_output_dir(args.out, option="--out")
         plot = "lmc.png" if k == 2 else ("lmc_ternary.png" if k == 3 else None)
         outputs = {n: out_dir / n for n in ("lmc.json", "lmc.md", plot) if n}
         for path in outputs.values():
@@ -87,6 +85,7 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
     from domainmerge.evaluation import distributed, lmc
     from domainmerge.evaluation.inference import evaluate_model
     from domainmerge.evaluation.protocols import family_of
+    from domainmerge.merging import DictSource, MergeOptions, nonfinite_keys, plan_merge
     from domainmerge.models import model_from_state_dict, resolve_spec
 
     main = distributed.is_main_process()
@@ -95,6 +94,15 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
                 for name, kind, root, split in domains}
     state_dicts = [strip_model_prefix(load_state_dict(c, trust_pickle=args.trust_pickle), args.prefix)
                    for c in args.ckpts]
+    for c, sd in zip(args.ckpts, state_dicts):
+        bad = nonfinite_keys(sd)
+        if bad:
+            raise UserError(f"{c}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the "
+                            "checkpoint is damaged or diverged")
+    # The interpolation merges in memory; check first, naming the files and lmc's own options.
+    plan_merge([DictSource(sd, c) for sd, c in zip(state_dicts, args.ckpts)],
+               MergeOptions(buffers=args.buffers, mismatch_advice="lmc needs models of one architecture with the "
+                                                                  "same keys; check --prefix and --arch"))
     if args.align:
         from domainmerge.alignment.matching import align_state_dicts
 
@@ -137,8 +145,8 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
                   "domains": {d[0]: {"dataset": d[1], "root": d[2], "split": d[3]} for d in domains},
                   "protocol": {name: proto.to_dict() for name, proto in protos.items()},
                   "points": rows, "barriers": summary}
-        reporting.write_json(outputs["lmc.json"], record)
-        reporting.write_markdown(outputs["lmc.md"], text)
+        reporting.write_json(outputs["lmc.json"], record, replace=args.force)
+        reporting.write_markdown(outputs["lmc.md"], text, replace=args.force)
         if k == 2:
             lmc.plot_curve(rows, names, outputs["lmc.png"])
         elif k == 3:

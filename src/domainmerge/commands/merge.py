@@ -12,6 +12,7 @@ from domainmerge.commands._common import add_domain_argument, parse_domains, res
 from domainmerge.errors import UserError
 
 DATA_METHODS = ("fisher", "adamerging")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def add_parser(sub: Any) -> None:
@@ -62,6 +63,12 @@ def add_parser(sub: Any) -> None:
                    help="with --keep-heads: output names, merged.NAME.pth (default: 1, 2, ...)")
     p.add_argument("--only", metavar="PREFIX", help="merge only keys under PREFIX (e.g. model.); copy the rest "
                                                     "from the first input")
+    p.add_argument("--prefix", metavar="PREFIX",
+                   help="merge only the network under PREFIX in every input, written without it (auto: model. "
+                        "when present, else module., else none); for inputs whose keys carry different prefixes")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="dtype of the output's floating tensors (default: the widest dtype of the inputs; "
+                        "merging always accumulates in float32 or wider)")
     p.add_argument("--allow-missing", action="store_true",
                    help="merge the keys all inputs share; copy the others from the first input that has them")
     p.add_argument("--align", action="store_true",
@@ -213,6 +220,16 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} GB"
 
 
+def _dtype_summary(plan: Any, checkpoints: list[Any]) -> str:
+    """Which dtype the floating tensors were written in, and why."""
+    out = sorted({str(d).replace("torch.", "") for d in plan.dtypes.values() if d.is_floating_point})
+    given = sorted({str(i.dtype).replace("torch.", "") for ck in checkpoints for i in ck.infos.values()
+                    if i.dtype.is_floating_point})
+    why = ("as --dtype asks" if plan.options.dtype is not None
+           else "the widest of the inputs" if len(given) > 1 else "as the inputs")
+    return f"dtype: {', '.join(out)} ({why}; inputs: {', '.join(given)}; accumulated in float32 or wider)"
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -224,10 +241,11 @@ def run(args: argparse.Namespace) -> int:
         build_container,
         open_checkpoint,
         output_format,
-        save_pickle,
+        write_pickle,
     )
     from domainmerge.fsutil import atomic_path, check_output_path
-    from domainmerge.merging import DictSource, iter_merged, plan_merge
+    from domainmerge.merging import DictSource, StrippedSource, iter_merged, plan_merge
+    from domainmerge.merging.engine import check_options
 
     start = time.perf_counter()
     recipe = _apply_recipe(args)
@@ -237,6 +255,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the same checkpoint is given twice; use --weights to weigh a model more")
     if args.names and not (args.keep_heads or any(r.keep_own for r in recipe.rules)):
         raise UserError("--names only applies with --keep-heads (or a recipe rule with keep: own)")
+    import dataclasses
+
+    import torch
+
+    options = dataclasses.replace(recipe.options(), dtype=getattr(torch, args.dtype) if args.dtype else None)
+    check_options(options, len(args.inputs))
     output = Path(args.output)
     per_model = bool(args.keep_heads) or any(r.keep_own for r in recipe.rules)
     outputs = head_output_paths(output, len(args.inputs), args.names) if per_model else [output]
@@ -257,18 +281,20 @@ def run(args: argparse.Namespace) -> int:
             checkpoints.append(stack.enter_context(open_checkpoint(path, trust_pickle=args.trust_pickle)))
         base = stack.enter_context(open_checkpoint(args.base, trust_pickle=args.trust_pickle)) if args.base else None
         sources: list[Any] = list(checkpoints)
+        if args.prefix is not None:
+            sources = [StrippedSource(ck, args.prefix) for ck in checkpoints]
         align_report: dict[str, Any] = {}
         if args.align:
             from domainmerge.alignment.matching import align_state_dicts
 
-            ref = checkpoints[0].state_dict()
-            sources = [DictSource(ref, str(checkpoints[0].path))]
-            align_report = {}
-            for ck in checkpoints[1:]:
-                aligned, report = align_state_dicts(ref, ck.state_dict())
-                sources.append(DictSource(aligned, str(ck.path)))
+            ref = {k: sources[0].get(k) for k in sources[0].keys()}
+            aligned_sources: list[Any] = [DictSource(ref, str(checkpoints[0].path))]
+            for ck, src in zip(checkpoints[1:], sources[1:]):
+                aligned, report = align_state_dicts(ref, {k: src.get(k) for k in src.keys()})
+                aligned_sources.append(DictSource(aligned, str(ck.path)))
                 align_report[ck.path.name] = report
-        plan = plan_merge(sources, recipe.options(), base=base)
+            sources = aligned_sources
+        plan = plan_merge(sources, options, base=base)
         record = {
             "tool": f"domainmerge {__version__}",
             "inputs": [Path(p).name for p in args.inputs],
@@ -277,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
             "counts": list(args.counts) if args.counts else "num_batches_tracked",
             "keep_heads": args.keep_heads,
             "only": args.only,
+            "prefix": args.prefix,
+            "dtype": args.dtype or "widest input",
             "aligned": bool(args.align),
             "method": args.method,
             "recipe": recipe.record(),
@@ -284,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         infos = {k: TensorInfo(plan.shapes[k], plan.dtypes[k]) for k in plan.keys}
         bar = tqdm(plan.keys, desc="merging", unit="tensor", disable=True if args.quiet else None)
         with contextlib.ExitStack() as outs:
-            tmps = [outs.enter_context(atomic_path(out)) for out in outputs]
+            tmps = [outs.enter_context(atomic_path(out, replace=args.force)) for out in outputs]
             if fmt == "safetensors":
                 metadata = dict(checkpoints[0].metadata)
                 metadata.setdefault("format", "pt")
@@ -306,9 +334,10 @@ def run(args: argparse.Namespace) -> int:
                         res[key] = t
                     bar.update()
                 for tmp, res in zip(tmps, results):
-                    save_pickle(build_container(res, template=checkpoints[0], record=record), tmp)
+                    write_pickle(build_container(res, template=checkpoints[0], record=record), tmp)
                     res.clear()
         bar.close()
+        dtype_line = _dtype_summary(plan, checkpoints)
 
     if not args.quiet:
         elapsed = time.perf_counter() - start
@@ -318,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"merged {len(args.inputs)} models with weights "
               f"{', '.join(f'{w:.3g}' for w in plan.weights)}; buffers: {args.buffers}{method}")
         print(f"tensors: {roles}")
+        print(dtype_line)
         print(f"BatchNorm layers merged: {plan.stats.get('bn_layers', 0)}")
         if align_report:
             for name, report in align_report.items():

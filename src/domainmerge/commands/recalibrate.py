@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                                               for d, s in scales.items()), flush=True)
         batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=args.batch_size,
                                                       img_scale=scales),
-                                 device=device, progress=not args.quiet)
+                                 device=device, progress=not args.quiet, total=n_images)
         out = dict(full)
         for key, value in model.state_dict().items():
             original = full[prefix + key]

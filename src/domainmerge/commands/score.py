@@ -164,9 +164,9 @@ def run(args: argparse.Namespace) -> int:
         }
         if len(scores) > 1:
             result["summary"] = reporting.summarize({n: s.miou for n, s in scores.items()})
-        reporting.write_json(args.json, result)
+        reporting.write_json(args.json, result, replace=args.force)
     if args.csv:
-        reporting.write_csv(args.csv, reporting.class_rows(scores))
+        reporting.write_csv(args.csv, reporting.class_rows(scores), replace=args.force)
     for out in outputs:
         print(f"wrote {out}", file=sys.stderr)
     return 0

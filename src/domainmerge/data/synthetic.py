@@ -316,6 +316,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
     Scenes are generated once on construction and kept in memory (64x128 x 1000 images ~ 33 MB).
     """
 
+    #: Items are indexed from memory: loaders need no worker processes (see evaluation.inference).
+    in_memory = True
+
     def __init__(self, domain: str, split: str = "train", length: int = 100, *, seed: int = 0,
                  size: tuple[int, int] = DEFAULT_SIZE) -> None:
         if length < 1:

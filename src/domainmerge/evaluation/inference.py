@@ -13,6 +13,7 @@ logits are resized to the label's size before the argmax.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -22,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from domainmerge.data.classes import MEAN, STD
-from domainmerge.errors import UserError
+from domainmerge.errors import UserError, loader_errors
 from domainmerge.evaluation import distributed
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
-from domainmerge.evaluation.resize import resize_to_scale
+from domainmerge.evaluation.resize import rescale_size, resize_to_scale
 from domainmerge.models.hrda import crop_boxes
 
 MODES = ("whole", "slide")
@@ -131,10 +132,37 @@ def _batches(samples: Iterator[Sample], batch_size: int) -> Iterator[list[Sample
         yield batch
 
 
+# Pixels per forward pass the default batch size aims at: a CPU is busy with about a
+# megapixel (larger batches only cost memory); a GPU wants more to be kept busy.
+PIXELS_PER_BATCH = {"cpu": 1 << 20, "cuda": 4 << 20}
+MAX_AUTO_BATCH = 64
+
+
+def default_workers(dataset: Any) -> int:
+    """Data loading processes: none for a dataset held in memory (``in_memory = True``, e.g.
+    synthetic), where worker start-up and transfer cost more than indexing; else 2."""
+    return 0 if getattr(dataset, "in_memory", False) else min(2, os.cpu_count() or 1)
+
+
+def default_batch_size(dataset: Any, device: torch.device, *, mode: str = "whole",
+                       crop: tuple[int, int] = (1024, 1024), img_scale: tuple[int, int] | None = None) -> int:
+    """Images (slide: windows) per forward pass: about PIXELS_PER_BATCH of the device, from the
+    first image's size as the network sees it (rescaled, or the window in slide mode)."""
+    if len(dataset) == 0:
+        return 1
+    height, width = dataset[0][0].shape[-2:]
+    height, width = rescale_size(int(height), int(width), img_scale)
+    if mode == "slide":
+        height, width = min(crop[0], height), min(crop[1], width)
+    budget = PIXELS_PER_BATCH.get(device.type, PIXELS_PER_BATCH["cpu"])
+    return max(1, min(MAX_AUTO_BATCH, budget // max(1, height * width)))
+
+
 def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop: tuple[int, int] = (1024, 1024),
-                   stride: tuple[int, int] = (512, 512), device: str | torch.device = "cpu", batch_size: int = 1,
-                   num_classes: int = 19, ignore_index: int = 255, img_scale: tuple[int, int] | None = None,
-                   amp: str | None = None, workers: int = 0, progress: bool = True, desc: str = "evaluate",
+                   stride: tuple[int, int] = (512, 512), device: str | torch.device = "cpu",
+                   batch_size: int | None = None, num_classes: int = 19, ignore_index: int = 255,
+                   img_scale: tuple[int, int] | None = None, amp: str | None = None, workers: int | None = None,
+                   progress: bool = True, desc: str = "evaluate",
                    on_prediction: Callable[[str, Tensor], None] | None = None,
                    max_windows: int | None = None, per_image: bool = False) -> SegScores:
     """Scores of ``model`` on ``dataset`` (items ``(image uint8 [3,H,W], label int64 [H,W], name)``).
@@ -146,10 +174,15 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     ``max_windows`` caps them. ``per_image=True`` also keeps each image's counts in
     ``scores.per_image`` (:class:`ImageStats`, rows in dataset order, gathered from every rank),
     from which ``domainmerge.evaluation.bootstrap`` computes confidence intervals.
+    ``batch_size``/``workers`` None: :func:`default_batch_size`, :func:`default_workers`.
     """
+    dev = torch.device(device)
+    if batch_size is None:
+        batch_size = default_batch_size(dataset, dev, mode=mode, crop=crop, img_scale=img_scale)
+    if workers is None:
+        workers = default_workers(dataset)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    dev = torch.device(device)
     model = model.to(dev).eval()
     metric = SegMetric(num_classes, ignore_index)
     shard = distributed.shard_indices(len(dataset))
@@ -161,7 +194,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     # Each rank fills its own images' rows; the sum over ranks is every image in dataset order.
     rows = torch.zeros(len(dataset), 3, num_classes, dtype=torch.int64) if per_image else None
     done = 0
-    for batch in _batches(iter(loader), batch_size):
+    for batch in _batches(loader_errors(loader), batch_size):
         images = torch.stack([s[0] for s in batch]).to(dev)
         labels = torch.stack([s[1] for s in batch]).to(dev)
         # mmseg order: resize the uint8 image (OpenCV bilinear, rounded), then normalise.

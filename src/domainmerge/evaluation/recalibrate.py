@@ -31,7 +31,8 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
 def recalibrate_bn(model: nn.Module, batches: Iterable[Tensor], *, device: str | torch.device = "cpu",
                    progress: bool = False, total: int | None = None) -> int:
     """Reset and re-estimate ``model``'s BN running statistics from normalised float batches
-    [B, 3, H, W]; returns the number of batches. The model is left in eval mode."""
+    [B, 3, H, W]; returns the number of batches. The model is left in eval mode. ``total``: the
+    number of images the batches hold, for the progress bar (counted in images)."""
     layers = batchnorm_layers(model)
     if not layers:
         raise UserError("the model has no BatchNorm layer with running statistics; nothing to recalibrate")
@@ -44,15 +45,18 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Tensor], *, device: str |
     from tqdm import tqdm
 
     count = 0
+    bar = tqdm(total=total, desc="recalibrate BN", unit="img", disable=not progress)
     try:
-        for x in tqdm(batches, total=total, desc="recalibrate BN", unit="batch", disable=not progress):
+        for x in batches:
             try:
                 model(x.to(device))
             except ValueError as exc:  # BN after global pooling cannot normalise a batch of one
                 raise UserError(f"BatchNorm in training mode failed on a batch of {len(x)}: {exc}; "
                                 "use --batch-size 2 or more") from None
             count += 1
+            bar.update(len(x))
     finally:
+        bar.close()
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         model.eval()

@@ -7,10 +7,13 @@ from domainmerge.merging.engine import (
     DictSource,
     MergeOptions,
     MergePlan,
+    StrippedSource,
+    all_finite,
     interpolate,
     iter_merged,
     merge_state_dicts,
     merge_state_dicts_per_head,
+    nonfinite_keys,
     plan_merge,
 )
 from domainmerge.merging.parameters import normalise_weights, weighted_average
@@ -18,8 +21,8 @@ from domainmerge.merging.roles import Role, assign_roles
 from domainmerge.merging.taskvector import dare, task_arithmetic, ties
 
 __all__ = [
-    "BUFFER_RULES", "METHODS", "DictSource", "MergeOptions", "MergePlan", "Role", "assign_roles", "gaussian_pool",
-    "interpolate", "iter_merged", "merge_state_dicts", "merge_state_dicts_per_head", "mixture_proportions",
-    "normalise_weights", "plan_merge", "pooled_count", "weighted_average",
-    "dare", "task_arithmetic", "ties",
+    "BUFFER_RULES", "METHODS", "DictSource", "MergeOptions", "MergePlan", "Role", "StrippedSource", "all_finite",
+    "assign_roles", "gaussian_pool", "interpolate", "iter_merged", "merge_state_dicts",
+    "merge_state_dicts_per_head", "mixture_proportions", "nonfinite_keys", "normalise_weights", "plan_merge",
+    "pooled_count", "weighted_average", "dare", "task_arithmetic", "ties",
 ]

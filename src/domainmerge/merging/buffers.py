@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from domainmerge.merging.parameters import accumulation_dtype, weighted_average
+from domainmerge.merging.parameters import accumulation_dtype, common_dtype, weighted_average
 
 
 def mixture_proportions(weights: Sequence[float], counts: Sequence[float] | None) -> list[float]:
@@ -31,15 +31,16 @@ def mixture_proportions(weights: Sequence[float], counts: Sequence[float] | None
 
 
 def gaussian_pool(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
-                  proportions: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of the mixture sum_k p_k N(mu_k, var_k), in the inputs' dtype."""
-    acc = accumulation_dtype(means[0].dtype)
+                  proportions: Sequence[float], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the mixture sum_k p_k N(mu_k, var_k), accumulated in float32 (float64
+    when an input is float64), returned in ``dtype`` (default the first model's dtypes)."""
+    acc = accumulation_dtype(common_dtype([t.dtype for t in (*means, *variances)]))
     mu = weighted_average([m.to(acc) for m in means], proportions)
     var = torch.zeros_like(mu)
     for m, v, p in zip(means, variances, proportions):
         if p:
             var.add_(v.to(acc) + (m.to(acc) - mu) ** 2, alpha=p)
-    return mu.to(means[0].dtype), var.to(variances[0].dtype)
+    return mu.to(dtype or means[0].dtype), var.to(dtype or variances[0].dtype)
 
 
 def pooled_count(counts: Sequence[int], weights: Sequence[float]) -> int:

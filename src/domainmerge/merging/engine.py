@@ -6,6 +6,7 @@ so merging K large checkpoints holds a handful of tensors, not K models.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ import torch
 
 from domainmerge.errors import UserError
 from domainmerge.merging.buffers import gaussian_pool, mixture_proportions, pooled_count
-from domainmerge.merging.parameters import normalise_weights, weighted_average
+from domainmerge.merging.parameters import common_dtype, normalise_weights, weighted_average
 from domainmerge.merging.roles import (
     COUNT_SUFFIX,
     MEAN_SUFFIX,
@@ -33,6 +34,7 @@ from domainmerge.merging.taskvector import dare, key_generator, task_arithmetic,
 BUFFER_RULES = ("gaussian", "mean", "first")
 # Parameter rules: the paper's weighted average, and the task-vector rules (they need a base).
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+ALLOW_MISSING_ADVICE = "pass --allow-missing to merge the shared keys and copy the rest"
 
 
 class Source(Protocol):
@@ -56,6 +58,37 @@ class DictSource:
         return self._sd[key]
 
 
+class StrippedSource:
+    """A source seen without a wrapper prefix ('model.', 'module.' ...): only its keys under the
+    prefix, renamed without it (``'auto'``: 'model.' when present, else 'module.', else none)."""
+
+    def __init__(self, source: Source, prefix: str = "auto"):
+        keys = source.keys()
+        if prefix == "auto":
+            self.names = _strip_keys(keys)
+        else:
+            self.names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+        name = getattr(source, "path", "<state dict>")
+        if not self.names:
+            raise UserError(f"{name}: no tensor key starts with {prefix!r}; check the prefixes with "
+                            "`domainmerge inspect`")
+        self.source, self.path = source, name
+        infos = getattr(source, "infos", None)
+        if infos is not None:
+            self.infos = {k: infos[full] for k, full in self.names.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.source.get(self.names[key])
+
+    def release(self, key: str) -> None:
+        release = getattr(self.source, "release", None)
+        if release is not None:
+            release(self.names[key])
+
+
 @dataclass
 class MergeOptions:
     """How to merge. ``weights``/``counts`` have one entry per input (None: uniform / stored)."""
@@ -73,6 +106,10 @@ class MergeOptions:
     drop: float = 0.9                # DARE: drop probability
     seed: int = 0                    # DARE: masks are a function of (seed, key, model)
     rules: Sequence[KeyRule] = ()    # per-module overrides, first match wins (see KeyRule)
+    # Floating tensors of the output: None keeps the widest dtype of the inputs holding each key.
+    dtype: torch.dtype | None = None
+    # What to suggest when the key sets differ (a command without --allow-missing says otherwise).
+    mismatch_advice: str = ALLOW_MISSING_ADVICE
 
     def for_key(self, key: str) -> MergeOptions:
         """These options with the first matching rule's method and knobs applied."""
@@ -96,7 +133,7 @@ class MergePlan:
     per_model: dict[str, bool]       # True: each output keeps its own model's tensor (heads)
     holders: dict[str, list[int]]    # which inputs hold the key
     shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype]
+    dtypes: dict[str, torch.dtype]   # of the output; floating tensors merged in float32 or wider
     weights: list[float]
     options: MergeOptions
     stats: Counter[str] = field(default_factory=Counter)
@@ -141,45 +178,106 @@ def _check_method(options: MergeOptions, base: Source | None, where: str = "") -
         raise UserError(f"{where}--drop must lie in [0, 1), got {options.drop}")
 
 
+def _strip_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Key without its wrapper prefix -> key, with the prefix ``strip_model_prefix('auto')`` takes."""
+    from domainmerge.checkpoint import detect_prefixes
+
+    found = detect_prefixes(keys)
+    prefix = "model." if "model." in found else ("module." if "module." in found else "")
+    return {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+
+
+def _prefix_note(names: Sequence[str], infos: Sequence[Mapping[str, object]], i: int) -> str | None:
+    """When two inputs hold the same network under different wrapper prefixes, say so."""
+    from domainmerge.checkpoint import detect_prefixes
+
+    pa, pb = detect_prefixes(infos[0]), detect_prefixes(infos[i])
+    if pa == pb:
+        return None
+    sa, sb = _strip_keys(list(infos[0])), _strip_keys(list(infos[i]))
+    same_tensors = len(sa.keys() & sb.keys())
+    same_names = len(infos[0].keys() & infos[i].keys())
+    if same_tensors < max(1, min(len(sa), len(sb)) // 2) or same_names >= same_tensors // 2:
+        return None
+    return (f"{names[i]}: its keys carry the prefix {', '.join(pb) or 'none'} while those of {names[0]} carry "
+            f"{', '.join(pa) or 'none'}: the prefixes differ, so the same tensors have different names; "
+            "pass --prefix auto (or --prefix PREFIX) to merge the networks without their wrappers")
+
+
+def _arch_note(names: Sequence[str], infos: Sequence[Mapping[str, tuple[tuple[int, ...], torch.dtype]]],
+               i: int) -> str | None:
+    """When the architectures of input 0 and input i can be detected and differ, say which."""
+    from domainmerge.models.detect import detect_arch
+
+    specs = []
+    for info in (infos[0], infos[i]):
+        stripped = _strip_keys(list(info))
+        meta = {k: torch.empty(info[full][0], dtype=info[full][1], device="meta") for k, full in stripped.items()}
+        try:
+            specs.append(detect_arch(meta).describe())
+        except (UserError, KeyError, IndexError):
+            return None
+    if specs[0] == specs[1]:
+        return None
+    return (f"{names[0]} holds {specs[0]} but {names[i]} holds {specs[1]}: the architectures differ, "
+            "so the models cannot be merged")
+
+
+def check_options(options: MergeOptions, k: int) -> list[float]:
+    """Validate the options for ``k`` inputs before any file is read (non-finite or negative
+    weights and counts, unknown buffer rule or dtype); returns the normalised weights."""
+    if options.buffers not in BUFFER_RULES:
+        raise UserError(f"unknown buffer rule {options.buffers!r}; use one of {', '.join(BUFFER_RULES)}")
+    if options.dtype is not None and not options.dtype.is_floating_point:
+        raise UserError(f"--dtype {options.dtype}: not a floating-point dtype")
+    try:
+        weights = normalise_weights(options.weights, k)
+    except ValueError as exc:
+        raise UserError(f"--weights: {exc}") from exc
+    if options.counts is not None:
+        if len(options.counts) != k:
+            raise UserError(f"--counts: got {len(options.counts)} counts for {k} models")
+        if any(not math.isfinite(c) or c < 0 for c in options.counts):
+            raise UserError(f"--counts: counts must be finite non-negative numbers, got {list(options.counts)}")
+    return weights
+
+
 def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | None = None) -> MergePlan:
     """Check that the inputs (and ``base``, for the task-vector methods) can be merged and decide
     the rule for every key."""
     if not sources:
         raise UserError("no inputs to merge")
-    if options.buffers not in BUFFER_RULES:
-        raise UserError(f"unknown buffer rule {options.buffers!r}; use one of {', '.join(BUFFER_RULES)}")
+    weights = check_options(options, len(sources))
     _check_method(options, base)
     for rule in options.rules:
         if rule.method is not None and rule.keep_own:
             raise UserError(f"rule {rule.pattern!r}: give either a method or keep_own, not both")
         if rule.method is not None:
             _check_method(options.with_rule(rule), base, where=f"rule {rule.pattern!r}: ")
-    try:
-        weights = normalise_weights(options.weights, len(sources))
-    except ValueError as exc:
-        raise UserError(f"--weights: {exc}") from exc
-    if options.counts is not None:
-        if len(options.counts) != len(sources):
-            raise UserError(f"--counts: got {len(options.counts)} counts for {len(sources)} models")
-        if any(c < 0 for c in options.counts):
-            raise UserError(f"--counts: counts must be non-negative, got {list(options.counts)}")
     infos = [_infos(s) for s in sources]
+    names = [_name(s, i) for i, s in enumerate(sources)]
     first = infos[0]
     order = list(first) + [k for info in infos[1:] for k in info if k not in first]
     order = list(dict.fromkeys(order))
-    if not options.allow_missing:
-        for i, info in enumerate(infos[1:], start=1):
-            missing = [k for k in first if k not in info]
-            extra = [k for k in info if k not in first]
-            if missing or extra:
-                parts = []
-                if missing:
-                    parts.append(f"lacks {len(missing)} keys of {_name(sources[0], 0)} ({_examples(missing)})")
-                if extra:
-                    parts.append(f"has {len(extra)} keys {_name(sources[0], 0)} lacks ({_examples(extra)})")
-                raise UserError(f"{_name(sources[i], i)}: {'; '.join(parts)}; pass --allow-missing to merge "
-                                "the shared keys and copy the rest")
+    for i, info in enumerate(infos[1:], start=1):
+        missing = [k for k in first if k not in info]
+        extra = [k for k in info if k not in first]
+        if not (missing or extra):
+            continue
+        note = _prefix_note(names, infos, i) or _arch_note(names, infos, i)
+        if note:
+            raise UserError(note)
+        if not options.allow_missing:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} keys of {names[0]} ({_examples(missing)})")
+            if extra:
+                parts.append(f"has {len(extra)} keys {names[0]} lacks ({_examples(extra)})")
+            raise UserError(f"{names[i]}: {'; '.join(parts)}; {options.mismatch_advice}")
     holders = {k: [i for i, info in enumerate(infos) if k in info] for k in order}
+    if len(sources) > 1 and not any(len(h) == len(sources) for h in holders.values()):
+        raise UserError(f"no tensor name is shared by all {len(sources)} inputs, so nothing would be merged; "
+                        "check the key prefixes with `domainmerge inspect`")
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
     for k in order:
@@ -188,13 +286,22 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
         for i in holders[k][1:]:
             shape, dtype = infos[i][k]
             if shape != shapes[k]:
-                raise UserError(f"key {k!r}: shape {list(shapes[k])} in {_name(sources[h0], h0)} but "
-                                f"{list(shape)} in {_name(sources[i], i)}; the models have different "
+                note = _arch_note(names, infos, i) if h0 == 0 else None
+                raise UserError(note or f"key {k!r}: shape {list(shapes[k])} in {names[h0]} but "
+                                f"{list(shape)} in {names[i]}; the models have different "
                                 "architectures and cannot be merged")
             if dtype.is_floating_point != dtypes[k].is_floating_point:
-                raise UserError(f"key {k!r}: dtype {dtypes[k]} in {_name(sources[h0], h0)} but {dtype} "
-                                f"in {_name(sources[i], i)}; convert one of them")
+                raise UserError(f"key {k!r}: dtype {dtypes[k]} in {names[h0]} but {dtype} "
+                                f"in {names[i]}; convert one of them")
     roles = assign_roles(dtypes)
+    # A BatchNorm pair is pooled only from inputs holding both of its statistics; with
+    # --allow-missing a layer some input has only half of is copied from the first holder.
+    unpaired: set[str] = set()
+    for k, role in roles.items():
+        if role == Role.BN_MEAN:
+            var = k[:-len(MEAN_SUFFIX)] + VAR_SUFFIX
+            if holders[k] != holders[var]:
+                unpaired.update((k, var))
     merged, per_model = {}, {}
     for k in order:
         matched = rule_for(k, options.rules)
@@ -203,7 +310,11 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
         outside = bool(options.only) and not under_prefix(k, options.only or "")
         shared = len(holders[k]) == len(sources)
         per_model[k] = head
-        merged[k] = shared and not head and not outside
+        merged[k] = shared and not head and not outside and k not in unpaired
+        if dtypes[k].is_floating_point:
+            combined = head or merged[k]
+            dtypes[k] = options.dtype or (common_dtype([infos[i][k][1] for i in holders[k]]) if combined
+                                          else dtypes[k])
     if options.keep_heads and not any(per_model.values()):
         raise UserError(f"--keep-heads {options.keep_heads!r}: no key lies under this prefix; "
                         "check the head's prefix with `domainmerge inspect`")
@@ -253,6 +364,11 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating tensors that hold a NaN or an infinity."""
+    return [k for k, t in tensors.items() if not all_finite(t)]
+
+
 class _Reader:
     """Reads tensors from the sources."""
 
@@ -282,7 +398,7 @@ class _Reader:
             if not all_finite(self.get(i, key)):
                 raise UserError(f"{_name(self.sources[i], i)}: tensor {key!r} holds NaN or infinite values; "
                                 "the checkpoint is damaged or diverged")
-        raise UserError(f"tensor {key!r}: merging overflowed to infinity; merge in a wider dtype")
+        raise UserError(f"tensor {key!r}: merging overflowed to infinity; write a wider dtype (--dtype float32)")
 
     def counter(self, i: int, layer: str) -> int | None:
         key = f"{layer}.{COUNT_SUFFIX}" if layer else COUNT_SUFFIX
@@ -300,16 +416,17 @@ def _bn_pair(plan: MergePlan, reader: _Reader, layer: str) -> tuple[torch.Tensor
     means = [reader.get(i, mean_key) for i in idx]
     variances = [reader.get(i, var_key) for i in idx]
     rule = plan.options.buffers
+    dtype = plan.dtypes[mean_key]
     if rule == "first":
-        return means[0].clone(), variances[0].clone()
+        return means[0].to(dtype, copy=True), variances[0].to(dtype, copy=True)
     if rule == "mean":
-        return weighted_average(means, w), weighted_average(variances, w)
+        return weighted_average(means, w, dtype), weighted_average(variances, w, dtype)
     if plan.options.counts is not None:
         counts: list[float] | None = [float(plan.options.counts[i]) for i in idx]
     else:
         stored = [reader.counter(i, layer) for i in idx]
         counts = None if any(c is None for c in stored) else [float(c or 0) for c in stored]
-    return gaussian_pool(means, variances, mixture_proportions(w, counts))
+    return gaussian_pool(means, variances, mixture_proportions(w, counts), dtype)
 
 
 def _merge_key(plan: MergePlan, reader: _Reader, key: str,
@@ -329,11 +446,12 @@ def _merge_key(plan: MergePlan, reader: _Reader, key: str,
         tensors = [reader.get(i, key) for i in idx]
         opts = plan.options.for_key(key)
         if opts.method == "linear":
-            return weighted_average(tensors, w)
+            return weighted_average(tensors, w, plan.dtypes[key])
         if plan.base is None or key not in plan.base_keys:
             plan.stats["linear, not in base"] += 1   # e.g. a freshly initialised head
-            return weighted_average(tensors, w)
-        return _task_vector_merge(opts, key, tensors, plan.base.get(plan.base_keys[key]), w, idx)
+            return weighted_average(tensors, w, plan.dtypes[key])
+        base_t = plan.base.get(plan.base_keys[key])
+        return _task_vector_merge(opts, key, tensors, base_t, w, idx).to(plan.dtypes[key])
     if role == Role.COUNTER and plan.options.buffers != "first":
         values = [int(reader.get(i, key).item()) for i in idx]
         first = reader.get(idx[0], key)
@@ -344,7 +462,7 @@ def _merge_key(plan: MergePlan, reader: _Reader, key: str,
         else:
             n = round(sum(v * x for v, x in zip(values, w)) / sum(w))
         return torch.full_like(first, n)
-    return reader.get(idx[0], key).clone()
+    return reader.get(idx[0], key).to(plan.dtypes[key], copy=True)
 
 
 def _task_vector_merge(opts: MergeOptions, key: str, tensors: Sequence[torch.Tensor], base: torch.Tensor,
@@ -395,7 +513,7 @@ def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[st
     for key in plan.keys:
         if plan.per_model[key]:
             own_src = [i if i in plan.holders[key] else plan.holders[key][0] for i in range(n_out)]
-            own = [reader.get(i, key).clone() for i in own_src]
+            own = [reader.get(i, key).to(plan.dtypes[key], copy=True) for i in own_src]
             for i, t in zip(own_src, own):
                 reader.check(key, t, [i])
             plan.stats["head (kept per model)"] += 1
@@ -407,7 +525,7 @@ def iter_merged(sources: Sequence[Source], plan: MergePlan) -> Iterator[tuple[st
             reader.check(key, tensor, plan.holders[key])
             plan.stats[plan.roles[key].value] += 1
         else:
-            tensor = reader.get(plan.holders[key][0], key).clone()
+            tensor = reader.get(plan.holders[key][0], key).to(plan.dtypes[key], copy=True)
             reader.check(key, tensor, plan.holders[key][:1])
             plan.stats["copied from first"] += 1
         yield key, [tensor] * n_out
@@ -422,7 +540,7 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights
                       base: Mapping[str, torch.Tensor] | None = None, *, method: str = "linear",
                       lam: float = 1.0, density: float = 0.2, drop: float = 0.9, seed: int = 0,
                       rules: Sequence[KeyRule] = (), only: str | None = None, allow_missing: bool = False,
-                      check_finite: bool = True) -> dict[str, torch.Tensor]:
+                      check_finite: bool = True, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Merge state dicts in memory with the paper's rules (see :class:`MergeOptions`).
 
     Parameters are averaged with ``weights`` (uniform by default), or merged as task vectors
@@ -447,7 +565,7 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights
     sources = [DictSource(sd, f"input {i + 1}") for i, sd in enumerate(state_dicts)]
     opts = MergeOptions(weights=weights, buffers=buffers, counts=counts, only=only, allow_missing=allow_missing,
                         check_finite=check_finite, method=method, lam=lam, density=density, drop=drop, seed=seed,
-                        rules=tuple(rules))
+                        rules=tuple(rules), dtype=dtype)
     plan = plan_merge(sources, opts, base=DictSource(base, "base") if base is not None else None)
     return {k: ts[0] for k, ts in iter_merged(sources, plan)}
 
