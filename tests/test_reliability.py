@@ -609,3 +609,23 @@ def test_recalibrate_progress_bar_has_a_total(capsys):
     batches = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)]
     assert recalibrate_bn(net, iter(batches), progress=True, total=5) == 3
     assert "5/5" in capsys.readouterr().err  # images counted against the total, not "3batch"
+
+
+def test_tensors_outlive_the_checkpoint_they_came_from(tmp_path):
+    """load_state_dict closes its checkpoint; the safetensors tensors it returns must stay readable
+    (they used to point into an unmapped file: a segmentation fault on the first read)."""
+    import gc
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    values = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5, dtype=torch.float16)}
+    save_file(values, tmp_path / "m.safetensors")
+    code = ("import gc, sys; from domainmerge.checkpoint import load_state_dict; "
+            f"sd = load_state_dict({str(tmp_path / 'm.safetensors')!r}); gc.collect(); "
+            "print(float(sd['a'].sum()), float(sd['b'].sum()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["66.0", "5.0"]          # 0 + 1 + ... + 11, five ones
+    gc.collect()

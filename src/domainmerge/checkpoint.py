@@ -165,13 +165,13 @@ class Checkpoint:
         return {k: self.get(k) for k in self.infos}
 
     def close(self) -> None:
-        """Release the mapping and loaded tensors (tensors still referenced stay valid)."""
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # tensors handed out still view it; it closes when they are freed
-                pass
-            self._mm = None
+        """Release the mapping and loaded tensors (tensors still referenced stay valid).
+
+        The mapping is not closed explicitly: tensors made by ``torch.frombuffer`` hold a reference
+        to it but no buffer export, so ``mmap.close()`` would succeed and leave them pointing at
+        unmapped memory (a segmentation fault on the next read). Dropping our reference unmaps it
+        once the last tensor viewing it is freed."""
+        self._mm = None
         self._tensors = None
 
     def __enter__(self) -> Checkpoint:
