@@ -114,14 +114,14 @@ class TrainSet(torch.utils.data.Dataset):
         image, label = self.load(index)
         if self.crop.scale is not None:
             image, label = resize_keep_ratio(image, label, self.crop.scale)
-        tries = RCS_CROP_TRIES if cls is not None and self.rcs is not None and self.rcs.min_crop_ratio > 0 else 0
-        for attempt in range(tries + 1):
-            out_image, out_label = self._crop_flip(image, label, rng)
-            if attempt == tries:
-                break
-            assert self.rcs is not None   # tries > 0 only with a sampler
-            if int(out_label.eq(cls).sum()) > self.rcs.min_crop_pixels():
-                break
+        out_image, out_label = self._crop_flip(image, label, rng)
+        if self.rcs is not None and cls is not None and self.rcs.min_crop_ratio > 0:
+            # DAFormer: re-draw the crop (and flip) until it shows enough of the drawn class; the
+            # draw after the last failed test is used unchecked.
+            for _ in range(RCS_CROP_TRIES):
+                if int(out_label.eq(cls).sum()) > self.rcs.min_crop_pixels():
+                    break
+                out_image, out_label = self._crop_flip(image, label, rng)
         return {"image": out_image, "label": out_label, "index": torch.tensor(index)}
 
     def _crop_flip(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator
