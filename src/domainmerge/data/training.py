@@ -54,12 +54,29 @@ class CropConfig:
     flip: float = 0.5
 
 
-# The authors' settings (lhoyer/DAFormer configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py,
-# lhoyer/HRDA configs/_base_/datasets/uda_gtaHR_to_cityscapesHR_1024x1024.py).
-DAFORMER_SOURCE = CropConfig(scale=(1280, 720), crop=(512, 512))
-DAFORMER_TARGET = CropConfig(scale=(1024, 512), crop=(512, 512))
-HRDA_SOURCE = CropConfig(scale=(2560, 1440), crop=(1024, 1024))
-HRDA_TARGET = CropConfig(scale=(2048, 1024), crop=(1024, 1024))
+# The authors' settings: lhoyer/DAFormer configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py,
+# lhoyer/HRDA configs/_base_/datasets/uda_gtaHR_to_cityscapesHR_1024x1024.py and
+# AIR-DISCOVER/Model-Merging-MTDA configs/_base_/datasets/uda_gtaHR_to_{iddHR,acdcHR,darkzurichHR}_*.py.
+# The source crop is tested with cat_max_ratio 0.75; target crops are placed uniformly (the MTDA
+# IDD/ACDC/Dark Zurich pipelines do so; the Cityscapes ones read target labels for the test,
+# which an unsupervised run cannot and should not).
+RECIPE_CROP = {"daformer": (512, 512), "hrda": (1024, 1024)}
+RECIPE_SCALE: dict[str, dict[str, tuple[int, int]]] = {
+    "daformer": {"gta": (1280, 720), "cityscapes": (1024, 512), "idd": (960, 540), "acdc": (960, 540),
+                 "darkzurich": (960, 540)},
+    "hrda": {"gta": (2560, 1440), "cityscapes": (2048, 1024), "idd": (1920, 1080), "acdc": (1920, 1080),
+             "darkzurich": (1920, 1080)},
+}
+
+
+def recipe_crops(recipe: str, source_kind: str, target_kind: str) -> tuple[CropConfig, CropConfig]:
+    """(source, target) CropConfig of the authors' recipe ('daformer' or 'hrda') for two dataset
+    kinds; kinds without a known scale (folder, synthetic) keep their native size."""
+    if recipe not in RECIPE_CROP:
+        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPE_CROP)}")
+    scales, crop = RECIPE_SCALE[recipe], RECIPE_CROP[recipe]
+    return (CropConfig(scale=scales.get(source_kind), crop=crop, cat_max_ratio=0.75),
+            CropConfig(scale=scales.get(target_kind), crop=crop, cat_max_ratio=1.0))
 
 
 class TrainSet(torch.utils.data.Dataset):
