@@ -35,8 +35,12 @@ def resize(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int
     nearest (torch 'nearest' picks floor(dst * in / out) like cv2.INTER_NEAREST); ``size`` (h, w)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image, label
-    img = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    out = img.round_().clamp_(0, 255).to(torch.uint8)
+    if image.dtype == torch.uint8:
+        # torch's uint8 kernel (fixed-point weights, like cv2's): 6x faster than via float, within 1 level
+        out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    else:
+        img = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        out = img.round_().clamp_(0, 255).to(torch.uint8)
     if label is None:
         return out, None
     # int64 labels: interpolate a uint8 copy (train ids and 255 fit) to keep nearest exact and fast.
