@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
@@ -164,178 +165,224 @@ def _dropout_off(model: nn.Module) -> None:
             m.eval()
 
 
+class Trainer:
+    """The state of one run (data, student, teacher, ImageNet copy, optimiser) and its iteration.
+
+    :meth:`step` computes the losses of one iteration and their gradients; :meth:`update` applies
+    them (AdamW, then the teacher's EMA); :func:`adapt` loops over both and writes the outputs.
+    """
+
+    def __init__(self, config: AdaptConfig, log: Callable[[str], None] = print) -> None:
+        from domainmerge.data.rcs import RareClassSampler
+        from domainmerge.data.training import CropConfig, TrainSet, batches
+        from domainmerge.models import build_model
+
+        self.config, self.log = config, log
+        r = self.recipe = config.recipe
+        if r.iters < 1 or r.batch_size < 1:
+            raise UserError(f"iterations ({r.iters}) and batch size ({r.batch_size}) must be at least 1")
+        self.uda = r.uda and config.target is not None
+        self.out = _check_out(config)
+        self.device = device = torch.device(config.device)
+        self.amp = None if config.amp in (None, "none") else config.amp
+        autocast(device, self.amp)   # validates the combination before any work
+        dist_on = distributed.init_from_env()
+        self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+
+        # -- data
+        source_reader = _reader(config.source, "--source")
+        source_crop = config.source_crop or CropConfig(r.source_scale, r.crop, r.cat_max_ratio, r.flip)
+        target_crop = config.target_crop or CropConfig(r.target_scale, r.crop, r.cat_max_ratio, r.flip)
+        rcs = RareClassSampler.from_dataset(source_reader, temperature=r.rcs_temperature,
+                                            min_pixels=r.rcs_min_pixels,
+                                            min_crop_ratio=r.rcs_min_crop_ratio) if r.rcs else None
+        source_set = TrainSet(source_reader, source_crop, seed=config.seed, labeled=True, rcs=rcs)
+        target_set = TrainSet(_reader(config.target, "--target"), target_crop, seed=config.seed + 1,
+                              labeled=False) if self.uda else None
+        self.val_reader = _reader(config.val, "--val") if config.val is not None else None
+
+        # -- networks
+        torch.manual_seed(config.seed)
+        model = build_model(config.arch, num_classes=NUM_CLASSES, **config.arch_options)
+        self.is_hrda = hasattr(model, "hr_crop_size")
+        if r.hrda and not self.is_hrda:
+            raise UserError(f"--recipe hrda needs an HRDA architecture (hrda_*), got {config.arch}")
+        if config.init_state is not None:
+            model.load_state_dict(config.init_state)
+        elif config.pretrained is not None:
+            from domainmerge.models.pretrained import load_pretrained
+
+            log(load_pretrained(model, config.pretrained, trust_pickle=config.trust_pickle))
+        model.to(device)
+        self.use_fd = self.uda and r.fd_lambda > 0
+        self.imnet = frozen_copy(model).eval() if self.use_fd else None
+        self.teacher = frozen_copy(model) if self.uda else None
+
+        self.start = 0
+        opt_state = None
+        if config.resume and self.out is not None:
+            opt_state = self._load(self.out / LATEST, model)
+        if dist_on and self.world > 1:
+            from domainmerge.training.syncbn import sync_batchnorm
+
+            model = sync_batchnorm(model, device)
+            self.teacher = sync_batchnorm(self.teacher, device) if self.teacher is not None else None
+        self.model = model
+        self.student: nn.Module = Student(model)
+        self.optimizer = build_optimizer(model, r)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+        if dist_on and self.world > 1:
+            self.student = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16" and device.type == "cuda")
+        model.train()
+        if self.teacher is not None:
+            self.teacher.train()
+            _dropout_off(self.teacher)
+        b = r.batch_size
+        self.src_iter = batches(source_set, b, start_iter=self.start, rank=self.rank, world_size=self.world,
+                                workers=config.workers)
+        self.tgt_iter = batches(target_set, b, start_iter=self.start, rank=self.rank, world_size=self.world,
+                                workers=config.workers) if target_set is not None else None
+        self.crop_hw: tuple[int, ...] | None = None
+
+    def _load(self, path: Path, model: nn.Module) -> Any:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        meta = ck.get("meta", {}).get("domainmerge", {})
+        if meta.get("arch") != self.config.arch:
+            raise UserError(f"{path}: a run of {meta.get('arch')!r}, not --arch {self.config.arch}")
+        sd = ck["state_dict"]
+        for prefix, net in (("model.", model), ("ema_model.", self.teacher), ("imnet_model.", self.imnet)):
+            if net is not None:
+                net.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        self.start = int(ck["meta"]["iter"])
+        self.log(f"resuming {path} at iteration {self.start}")
+        return ck.get("optimizer")
+
+    def _forward(self, x: Tensor, labels: Tensor, weight: Tensor | None, it: int, slots: list[int],
+                 stream: str) -> tuple[Tensor, list[Tensor]]:
+        """Segmentation loss of the student on uint8 images ``x`` (and its backbone features)."""
+        boxes = _boxes(self.is_hrda, self.model, tuple(x.shape[-2:]), self.recipe, self.config.seed, it, slots,
+                       stream)
+        with autocast(self.device, self.amp):
+            logits, detail, feats = self.student(normalize(x), boxes)
+        return _seg_loss(logits, detail, labels, weight, boxes, self.recipe), feats
+
+    def step(self, it: int) -> dict[str, Any]:
+        """Losses of iteration ``it`` (0-based) backpropagated into the student's gradients.
+
+        Returns {'losses': {name: tensor}, 'pseudo_weight': float or None, 'lr': float}.
+        """
+        r, dev, seed = self.recipe, self.device, self.config.seed
+        torch.manual_seed(int(sample_generator(seed, it, self.rank, "dropout").initial_seed()))
+        lr = set_lr(self.optimizer, it, r)
+        slots = [self.rank * r.batch_size + j for j in range(r.batch_size)]
+        src = next(self.src_iter)
+        xs, ys = src["image"].to(dev), src["label"].to(dev)
+        self.crop_hw = tuple(xs.shape[-2:])
+        losses: dict[str, Tensor] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # 1. source: supervised loss (+ feature distance), one backward
+        loss, feats = self._forward(xs, ys, None, it, slots, "hrda_source")
+        losses["source"] = loss.detach()
+        if self.use_fd:
+            fd = self._feature_distance(xs, ys, feats)
+            losses["fd"] = fd.detach()
+            loss = loss + fd
+        self.scaler.scale(loss).backward()
+        if not self.uda:
+            return {"losses": losses, "pseudo_weight": None, "lr": lr}
+
+        # 2. pseudo-labels of the teacher on the clean target images
+        assert self.teacher is not None and self.tgt_iter is not None
+        xt = next(self.tgt_iter)["image"].to(dev)
+        with torch.no_grad(), autocast(dev, self.amp):
+            t_logits = resized_logits(self.teacher(normalize(xt)).float(), xt.shape[-2:])
+        plabel, confident = pseudo_labels(t_logits, r.pseudo_threshold)
+        pweight, share = pseudo_weight(confident, plabel, r.ignore_top, r.ignore_bottom)
+
+        # 3. ClassMix of each slot's source image onto its target image, strong augmentation
+        mixed, mlabel, mweight = [], [], []
+        for j, slot in enumerate(slots):
+            mask = classmix_mask(ys[j:j + 1].cpu(), sample_generator(seed, it, slot, "classmix"))[0].to(dev)
+            img = torch.where(mask, xs[j].float(), xt[j].float())
+            mixed.append(strong_transform(img.cpu(), sample_generator(seed, it, slot, "jitter_mix"),
+                                          jitter_strength=r.jitter_strength, jitter_p=r.jitter_p,
+                                          blur=r.blur).to(dev))
+            mlabel.append(torch.where(mask, ys[j], plabel[j]))
+            mweight.append(torch.where(mask, torch.ones_like(pweight[j]), pweight[j]))
+        loss_mix, _ = self._forward(torch.stack(mixed), torch.stack(mlabel), torch.stack(mweight), it, slots,
+                                    "hrda_mix")
+        losses["pseudo"] = loss_mix.detach()
+        self.scaler.scale(loss_mix).backward()
+
+        # 4. MIC: separately augmented, block-masked target images against the same pseudo-labels
+        if r.mic:
+            masked = []
+            for slot, image in zip(slots, xt):
+                img = strong_transform(image.float().cpu(), sample_generator(seed, it, slot, "jitter_mic"),
+                                       jitter_strength=r.jitter_strength, jitter_p=r.jitter_p, blur=r.blur)
+                keep = block_mask(img.shape[-2], img.shape[-1], r.mask_block_size, r.mask_ratio,
+                                  sample_generator(seed, it, slot, "mic_mask"))
+                masked.append((img * keep).to(dev))
+            loss_mic, _ = self._forward(torch.stack(masked), plabel, pweight, it, slots, "hrda_mic")
+            loss_mic = r.mic_lambda * loss_mic
+            losses["mic"] = loss_mic.detach()
+            self.scaler.scale(loss_mic).backward()
+        return {"losses": losses, "pseudo_weight": share, "lr": lr}
+
+    def _feature_distance(self, xs: Tensor, ys: Tensor, feats: list[Tensor]) -> Tensor:
+        """lambda x mean L2 distance to the ImageNet copy's deepest features over the global thing mask."""
+        r = self.recipe
+        assert self.imnet is not None
+        with torch.no_grad():
+            view = normalize(xs)
+            if self.is_hrda:   # HRDA compares the context (half-resolution) features
+                view = F.interpolate(view, scale_factor=float(cast(float, self.model.lr_scale)), mode="bilinear",
+                                     align_corners=False)
+            ref = cast(nn.Module, self.imnet.backbone)(view)[-1]
+        dsum, count = feature_distance(feats[-1], ref, ys, r.fd_classes, r.fd_min_ratio, NUM_CLASSES)
+        total = float(distributed.all_reduce_sum(count.reshape(1).cpu())[0])
+        # the mean over the global mask; x world size because DDP averages the ranks' gradients
+        return r.fd_lambda * dsum * (self.world / total) if total > 0 else dsum * 0.0
+
+    def update(self, it: int) -> None:
+        """AdamW step, then the teacher's EMA with the rate of iteration ``it + 1``."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.teacher is not None:
+            ema_update(self.teacher, self.model, self.recipe.alpha, it + 1)
+
+
 def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptResult:
     """Train ``config.arch`` on the labelled source and (self-training) the unlabelled target.
 
-    Writes ``OUT/latest.pth`` every ``log_every``/``save_every`` boundary and at the end,
-    ``OUT/iter_N.pth`` every ``save_every`` iterations and at the end, and ``OUT/log.jsonl``
-    (losses, pseudo-label weight, learning rate, images/s, validation mIoU). Checkpoints are the
-    authors' container: ``{'meta': {'iter', 'CLASSES', 'PALETTE', 'domainmerge'}, 'state_dict':
-    {'model.*', 'ema_model.*', 'imnet_model.*'}, 'optimizer': ...}``.
+    With ``config.out``: ``OUT/latest.pth`` and ``OUT/iter_N.pth`` every ``save_every`` iterations
+    and at the end (atomic; iter_N is a hard link of latest), and ``OUT/log.jsonl`` every
+    ``log_every`` iterations (losses, pseudo-label weight, learning rate, images/s) and after each
+    validation (mIoU). Checkpoints are the authors' container: ``{'meta': {'iter', 'CLASSES',
+    'PALETTE', 'domainmerge'}, 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'},
+    'optimizer': ...}``. A non-finite loss stops the run with a UserError naming the iteration.
     """
-    from domainmerge.data.rcs import RareClassSampler
-    from domainmerge.data.training import CropConfig, TrainSet, batches
-    from domainmerge.models import build_model
+    from tqdm import tqdm
 
-    r = config.recipe
-    if r.iters < 1 or r.batch_size < 1:
-        raise UserError(f"iterations ({r.iters}) and batch size ({r.batch_size}) must be at least 1")
-    uda = r.uda and config.target is not None
-    out = _check_out(config)
-    device = torch.device(config.device)
-    amp = None if config.amp in (None, "none") else config.amp
-    autocast(device, amp)   # validates the combination before any work
-    dist_on = distributed.init_from_env()
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-
-    # -- data
-    source_reader = _reader(config.source, "--source")
-    source_crop = config.source_crop or CropConfig(r.source_scale, r.crop, r.cat_max_ratio, r.flip)
-    target_crop = config.target_crop or CropConfig(r.target_scale, r.crop, r.cat_max_ratio, r.flip)
-    rcs = RareClassSampler.from_dataset(source_reader, temperature=r.rcs_temperature, min_pixels=r.rcs_min_pixels,
-                                        min_crop_ratio=r.rcs_min_crop_ratio) if r.rcs else None
-    source_set = TrainSet(source_reader, source_crop, seed=config.seed, labeled=True, rcs=rcs)
-    target_set = TrainSet(_reader(config.target, "--target"), target_crop, seed=config.seed + 1,
-                          labeled=False) if uda else None
-    val_reader = _reader(config.val, "--val") if config.val is not None else None
-
-    # -- networks
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, num_classes=NUM_CLASSES, **config.arch_options)
-    is_hrda = hasattr(model, "hr_crop_size")
-    if r.hrda and not is_hrda:
-        raise UserError(f"--recipe hrda needs an HRDA architecture (hrda_*), got {config.arch}")
-    if config.init_state is not None:
-        model.load_state_dict(config.init_state)
-    elif config.pretrained is not None:
-        from domainmerge.models.pretrained import load_pretrained
-
-        log(load_pretrained(model, config.pretrained, trust_pickle=config.trust_pickle))
-    model.to(device)
-    use_fd = uda and r.fd_lambda > 0
-    imnet = frozen_copy(model).eval() if use_fd else None
-    teacher = frozen_copy(model) if uda else None
-
-    start = 0
-    opt_state = None
-    if config.resume and out is not None:
-        ck = torch.load(out / LATEST, map_location="cpu", weights_only=True)
-        meta = ck.get("meta", {}).get("domainmerge", {})
-        if meta.get("arch") != config.arch:
-            raise UserError(f"{out / LATEST}: a run of {meta.get('arch')!r}, not --arch {config.arch}")
-        sd = ck["state_dict"]
-        for prefix, net in (("model.", model), ("ema_model.", teacher), ("imnet_model.", imnet)):
-            if net is not None:
-                net.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-        start, opt_state = int(ck["meta"]["iter"]), ck.get("optimizer")
-        log(f"resuming {out / LATEST} at iteration {start}")
-    if dist_on and world > 1:
-        from domainmerge.training.syncbn import sync_batchnorm
-
-        model = sync_batchnorm(model, device)
-        teacher = sync_batchnorm(teacher, device) if teacher is not None else None
-    student: nn.Module = Student(model)
-    optimizer = build_optimizer(model, r)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-    if dist_on and world > 1:
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
-    model.train()
-    if teacher is not None:
-        teacher.train()
-        _dropout_off(teacher)
-
-    # -- the loop
-    b = r.batch_size
-    src_iter = batches(source_set, b, start_iter=start, rank=rank, world_size=world, workers=config.workers)
-    tgt_iter = batches(target_set, b, start_iter=start, rank=rank, world_size=world,
-                       workers=config.workers) if target_set is not None else None
+    tr = Trainer(config, log)
+    r, out, world = tr.recipe, tr.out, tr.world
     records: list[dict[str, Any]] = []
     validation: list[dict[str, Any]] = []
     main = distributed.is_main_process()
-    from tqdm import tqdm
-
-    bar = tqdm(total=r.iters, initial=start, desc=config.desc, disable=not (config.progress and main),
+    end = r.iters if config.stop_at is None else min(config.stop_at, r.iters)
+    bar = tqdm(total=end, initial=tr.start, desc=config.desc, disable=not (config.progress and main),
                dynamic_ncols=True, mininterval=1.0, leave=False)
-    crop_hw = None
-    last_saved: Path | None = (out / LATEST) if (out is not None and start > 0) else None
+    last_saved: Path | None = (out / LATEST) if (out is not None and tr.start > 0) else None
     log_fh = open(out / LOG, "a", encoding="utf-8") if (out is not None and main) else None
     t_last = time.perf_counter()
     try:
-        end = r.iters if config.stop_at is None else min(config.stop_at, r.iters)
-        for it in range(start, end):
-            torch.manual_seed(int(sample_generator(config.seed, it, rank, "dropout").initial_seed()))
-            lr = set_lr(optimizer, it, r)
-            slots = [rank * b + j for j in range(b)]
-            src = next(src_iter)
-            xs, ys = src["image"].to(device), src["label"].to(device)
-            crop_hw = tuple(xs.shape[-2:])
-            boxes = _boxes(is_hrda, model, crop_hw, r, config.seed, it, slots, "hrda_source")
-            losses: dict[str, Tensor] = {}
-            optimizer.zero_grad(set_to_none=True)
-
-            with autocast(device, amp):
-                logits, detail, feats = student(normalize(xs), boxes)
-            loss = _seg_loss(logits, detail, ys, None, boxes, r)
-            losses["source"] = loss.detach()
-            if use_fd:
-                assert imnet is not None
-                with torch.no_grad():
-                    view = normalize(xs)
-                    if is_hrda:
-                        view = torch.nn.functional.interpolate(view, scale_factor=model.lr_scale,  # type: ignore
-                                                               mode="bilinear", align_corners=False)
-                    ref = cast(nn.Module, imnet.backbone)(view)[-1]
-                dsum, count = feature_distance(feats[-1], ref, ys, r.fd_classes, r.fd_min_ratio, NUM_CLASSES)
-                total = float(distributed.all_reduce_sum(count.reshape(1).cpu())[0])
-                # mean over the global mask; x world size because DDP averages the ranks' gradients
-                fd = r.fd_lambda * dsum * (world / total) if total > 0 else dsum * 0.0
-                losses["fd"] = fd.detach()
-                loss = loss + fd
-            scaler.scale(loss).backward()
-
-            share = float("nan")
-            if uda:
-                assert teacher is not None and tgt_iter is not None
-                xt = next(tgt_iter)["image"].to(device)
-                with torch.no_grad(), autocast(device, amp):
-                    t_logits = resized_logits(teacher(normalize(xt)).float(), xt.shape[-2:])
-                plabel, confident = pseudo_labels(t_logits, r.pseudo_threshold)
-                pweight, share = pseudo_weight(confident, plabel, r.ignore_top, r.ignore_bottom)
-                mixed, mlabel, mweight = [], [], []
-                for j, slot in enumerate(slots):
-                    mask = classmix_mask(ys[j:j + 1].cpu(), sample_generator(config.seed, it, slot, "classmix"))[0]
-                    mask = mask.to(device)
-                    img = torch.where(mask, xs[j].float(), xt[j].float())
-                    mixed.append(strong_transform(img.cpu(), sample_generator(config.seed, it, slot, "jitter_mix"),
-                                                  jitter_strength=r.jitter_strength, jitter_p=r.jitter_p,
-                                                  blur=r.blur).to(device))
-                    mlabel.append(torch.where(mask, ys[j], plabel[j]))
-                    mweight.append(torch.where(mask, torch.ones_like(pweight[j]), pweight[j]))
-                mboxes = _boxes(is_hrda, model, crop_hw, r, config.seed, it, slots, "hrda_mix")
-                with autocast(device, amp):
-                    m_logits, m_detail, _ = student(normalize(torch.stack(mixed)), mboxes)
-                loss_mix = _seg_loss(m_logits, m_detail, torch.stack(mlabel), torch.stack(mweight), mboxes, r)
-                losses["pseudo"] = loss_mix.detach()
-                scaler.scale(loss_mix).backward()
-                if r.mic:
-                    masked = []
-                    for j, slot in enumerate(slots):
-                        g = sample_generator(config.seed, it, slot, "jitter_mic")
-                        img = strong_transform(xt[j].float().cpu(), g, jitter_strength=r.jitter_strength,
-                                               jitter_p=r.jitter_p, blur=r.blur)
-                        keep = block_mask(img.shape[-2], img.shape[-1], r.mask_block_size, r.mask_ratio,
-                                          sample_generator(config.seed, it, slot, "mic_mask"))
-                        masked.append((img * keep).to(device))
-                    kboxes = _boxes(is_hrda, model, crop_hw, r, config.seed, it, slots, "hrda_mic")
-                    with autocast(device, amp):
-                        k_logits, k_detail, _ = student(normalize(torch.stack(masked)), kboxes)
-                    loss_mic = r.mic_lambda * _seg_loss(k_logits, k_detail, plabel, pweight, kboxes, r)
-                    losses["mic"] = loss_mic.detach()
-                    scaler.scale(loss_mic).backward()
-
+        for it in range(tr.start, end):
+            state = tr.step(it)
+            losses: dict[str, Tensor] = state["losses"]
             # Losses averaged over ranks (one collective), also the NaN check every rank agrees on.
             names = [k for k in LOSSES if k in losses]
             values = distributed.all_reduce_sum(torch.stack([losses[k].float().cpu() for k in names])) / world
@@ -344,18 +391,15 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
                 kept = f"; {last_saved} stays" if last_saved is not None else ""
                 raise UserError(f"iteration {it + 1}: the {bad} loss is {float(values[names.index(bad)])}; "
                                 f"training stopped{kept} (lower the learning rate or check the data)")
-            scaler.step(optimizer)
-            scaler.update()
-            if teacher is not None:
-                ema_update(teacher, model, r.alpha, it + 1)
+            tr.update(it)
 
             now = time.perf_counter()
-            images = (2 if uda else 1) * b * world
-            record: dict[str, Any] = {"iter": it + 1, "lr": lr,
+            images = (2 if tr.uda else 1) * r.batch_size * world
+            record: dict[str, Any] = {"iter": it + 1, "lr": state["lr"],
                                       **{f"loss_{k}": float(v) for k, v in zip(names, values)},
                                       "images_per_s": images / max(now - t_last, 1e-9)}
-            if uda:
-                record["pseudo_weight"] = share
+            if state["pseudo_weight"] is not None:
+                record["pseudo_weight"] = state["pseudo_weight"]
             t_last = now
             records.append(record)
             bar.update(1)
@@ -363,19 +407,18 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
             if log_fh is not None and (n % config.log_every == 0 or n == end):
                 log_fh.write(json.dumps(record) + "\n")
                 log_fh.flush()
-                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k.startswith("loss_")})
-            if val_reader is not None and config.val_every > 0 and (n % config.val_every == 0 or n == r.iters):
-                validation.append(_validate(model, val_reader, config, is_hrda, n, log, log_fh))
+                bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss_")})
+            if tr.val_reader is not None and config.val_every > 0 and (n % config.val_every == 0 or n == end):
+                validation.append(_validate(tr.model, tr.val_reader, config, tr.is_hrda, n, log, log_fh))
             if out is not None and (n % config.save_every == 0 or n == end):
-                last_saved = _checkpoint(out, n, model, teacher, imnet, optimizer, config, crop_hw, world,
-                                         keep=True) or last_saved
+                last_saved = _checkpoint(out, n, tr, config) or last_saved
     finally:
         bar.close()
         if log_fh is not None:
             log_fh.close()
-    return AdaptResult(student={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                       teacher=None if teacher is None else {k: v.detach().cpu().clone()
-                                                            for k, v in teacher.state_dict().items()},
+    return AdaptResult(student={k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()},
+                       teacher=None if tr.teacher is None else {k: v.detach().cpu().clone()
+                                                               for k, v in tr.teacher.state_dict().items()},
                        records=records, validation=validation, iterations=end, checkpoint=last_saved)
 
 
@@ -416,29 +459,26 @@ def _validate(model: nn.Module, reader: Any, config: AdaptConfig, is_hrda: bool,
     return entry
 
 
-def _checkpoint(out: Path, n: int, model: nn.Module, teacher: nn.Module | None, imnet: nn.Module | None,
-                optimizer: torch.optim.Optimizer, config: AdaptConfig, crop: Any, world: int,
-                keep: bool) -> Path | None:
+def _checkpoint(out: Path, n: int, tr: Trainer, config: AdaptConfig) -> Path | None:
     """Rank 0 writes ``latest.pth`` atomically and hard-links it as ``iter_N.pth``."""
     if not distributed.is_main_process():
         return None
     sd: dict[str, Tensor] = {}
-    for prefix, net in (("model.", model), ("ema_model.", teacher), ("imnet_model.", imnet)):
+    for prefix, net in (("model.", tr.model), ("ema_model.", tr.teacher), ("imnet_model.", tr.imnet)):
         if net is not None:
             sd.update({prefix + k: v.detach().cpu() for k, v in net.state_dict().items()})
-    record = {"arch": config.arch, "recipe": asdict(config.recipe), "seed": config.seed, "world_size": world,
-              "batch_size": config.recipe.batch_size, "crop": list(crop) if crop else None,
+    record = {"arch": config.arch, "recipe": asdict(config.recipe), "seed": config.seed, "world_size": tr.world,
+              "batch_size": config.recipe.batch_size, "crop": list(tr.crop_hw) if tr.crop_hw else None,
               "source": _describe(config.source), "target": _describe(config.target)}
     payload = {"meta": {"iter": n, "CLASSES": list(CLASSES), "PALETTE": [list(p) for p in PALETTE],
                         "domainmerge": record},
-               "state_dict": sd, "optimizer": optimizer.state_dict()}
+               "state_dict": sd, "optimizer": tr.optimizer.state_dict()}
     latest = out / LATEST
     _save(latest, payload)
-    if keep:
-        tmp = out / f".iter_{n}.pth.link"
-        tmp.unlink(missing_ok=True)
-        os.link(latest, tmp)
-        os.replace(tmp, out / f"iter_{n}.pth")
+    tmp = out / f".iter_{n}.pth.link"
+    tmp.unlink(missing_ok=True)
+    os.link(latest, tmp)
+    os.replace(tmp, out / f"iter_{n}.pth")
     return latest
 
 
@@ -450,4 +490,4 @@ def _describe(spec: Any) -> str | None:
     return type(spec).__name__
 
 
-__all__ = ["AdaptConfig", "AdaptResult", "Student", "adapt"]
+__all__ = ["AdaptConfig", "AdaptResult", "Student", "Trainer", "adapt"]
