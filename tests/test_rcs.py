@@ -191,3 +191,35 @@ def test_convert_labels_writes_rcs_statistics(tmp_path: Path) -> None:
         train = np.vectorize(lambda v: CITYSCAPES_ID_TO_TRAIN_ID.get(int(v), 255))(raw[i])
         assert saved["counts"][i] == [int((train == c).sum()) for c in range(19)]
     assert main(["convert-labels", "gta", str(root), "--rcs-split", "val"]) == 2
+
+
+def _rank_counts(rank: int, world: int, port: int, root: str, out: str) -> None:
+    """One gloo rank: count (rank 0 only, wrapped to record calls) and save what it got."""
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls: list[int] = []
+    real = rcs_mod.class_pixel_counts
+    rcs_mod.class_pixel_counts = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[assignment]
+    counts, path = cached_class_counts(folder_dataset(root, "train"))
+    np.save(Path(out) / f"{rank}.npy", counts)
+    (Path(out) / f"{rank}.txt").write_text(f"{len(calls)} {path}")
+    dist.destroy_process_group()
+
+
+def test_under_torchrun_rank_zero_counts_and_shares(tmp_path: Path) -> None:
+    import socket
+
+    lab = random_labels(3, 9, 9, 4)
+    write_folder(tmp_path / "ds", lab)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    torch.multiprocessing.spawn(_rank_counts, args=(2, port, str(tmp_path / "ds"), str(tmp_path)), nprocs=2)
+    expected = np.stack([[int((x == c).sum()) for c in range(19)] for x in lab])
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"{rank}.npy"), expected)
+    cache = tmp_path / "ds" / "labels" / "domainmerge_rcs_train.json"
+    assert (tmp_path / "0.txt").read_text() == f"1 {cache}"      # rank 0 computed and wrote
+    assert (tmp_path / "1.txt").read_text() == f"0 {cache}"      # rank 1 only received

@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         from domainmerge.data.readers import layout_dataset
 
         reader = layout_dataset(args.dataset, root, split)
-        counts, cache = cached_class_counts(reader, workers=args.workers if args.workers > 1 else 0)
+        counts, cache = cached_class_counts(reader, workers=args.workers if args.workers > 1 else 0,
+                                            progress=True)
         print(f"convert-labels {args.dataset} {split}: class statistics of {len(counts)} labels in "
               f"{cache or 'memory only (no writable cache folder)'}", file=sys.stderr)
     return 0

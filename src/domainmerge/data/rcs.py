@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from domainmerge.data.classes import NUM_CLASSES
 from domainmerge.data.readers import PairedFolderDataset, load_label
@@ -58,11 +60,20 @@ def _count_file(args: tuple[Path, int]) -> np.ndarray:
     return count_classes(load_label(args[0], args[1]), args[1])
 
 
-def class_pixel_counts(reader: Any, num_classes: int = NUM_CLASSES, *, workers: int = 0) -> np.ndarray:
+def _auto_workers(n: int, workers: int | None) -> int:
+    """``workers`` as given, or (None) a process per core up to 8 for more than 500 files."""
+    if workers is not None:
+        return workers
+    return 0 if n <= 500 else min(8, os.cpu_count() or 1)
+
+
+def class_pixel_counts(reader: Any, num_classes: int = NUM_CLASSES, *, workers: int | None = None,
+                       progress: bool = False) -> np.ndarray:
     """[N, num_classes] int64: pixels of each class in each of the reader's label maps.
 
     In-memory readers (``.labels`` tensor [N, H, W]) are counted in one pass; file readers read
-    only their label files, in ``workers`` processes when > 0."""
+    only their label files, in ``workers`` processes when > 0 (None: automatic), with a
+    progress bar when ``progress``."""
     labels = getattr(reader, "labels", None)
     if isinstance(labels, torch.Tensor) and labels.dim() == 3 and len(labels) == len(reader):
         n = len(labels)
@@ -75,11 +86,14 @@ def class_pixel_counts(reader: Any, num_classes: int = NUM_CLASSES, *, workers: 
         if not reader.with_labels:
             raise UserError(f"{reader.image_root}: rare-class sampling needs labels; this reader reads images only")
         jobs = [(label, num_classes) for _, label, _ in reader.samples if label is not None]
-        if workers > 0:
-            with ProcessPoolExecutor(min(workers, os.cpu_count() or 1)) as pool:
-                rows = list(pool.map(_count_file, jobs, chunksize=16))
+        bar: dict[str, Any] = {"total": len(jobs), "desc": "rare-class statistics", "unit": "label",
+                               "disable": not progress, "leave": False}
+        n_workers = _auto_workers(len(jobs), workers)
+        if n_workers > 0:
+            with ProcessPoolExecutor(min(n_workers, os.cpu_count() or 1)) as pool:
+                rows = list(tqdm(pool.map(_count_file, jobs, chunksize=16), **bar))
         else:
-            rows = [_count_file(j) for j in jobs]
+            rows = [_count_file(j) for j in tqdm(jobs, **bar)]
         return np.stack(rows).astype(np.int64)
     return np.stack([count_classes(reader[i][1], num_classes) for i in range(len(reader))]).astype(np.int64)
 
@@ -126,12 +140,30 @@ def _read_cache(path: Path, names: list[str], digest: str, num_classes: int) -> 
 
 
 def cached_class_counts(reader: Any, num_classes: int = NUM_CLASSES, *, cache: str | Path | None = "auto",
-                        workers: int = 0) -> tuple[np.ndarray, Path | None]:
+                        workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, Path | None]:
     """Per-image class pixel counts, read from or written to the cache; returns (counts, cache
     file used or None). ``cache``: 'auto' (:func:`default_cache_path`, then the user cache
-    folder if that is not writable), an explicit JSON path, or None (no caching)."""
-    if not isinstance(reader, PairedFolderDataset) or cache is None:
-        return class_pixel_counts(reader, num_classes, workers=workers), None
+    folder if that is not writable), an explicit JSON path, or None (no caching).
+
+    Under torch.distributed, rank 0 reads or computes (and writes) them and the other ranks
+    receive them, so a torchrun job reads the label files once."""
+    if not isinstance(reader, PairedFolderDataset):
+        return class_pixel_counts(reader, num_classes, workers=workers, progress=progress), None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared: list[Any] = [None]
+        if dist.get_rank() == 0:
+            counts, path = _cached_counts(reader, num_classes, cache, workers, progress)
+            shared = [(counts.tolist(), None if path is None else str(path))]
+        dist.broadcast_object_list(shared, src=0)
+        rows, where = shared[0]
+        return np.asarray(rows, dtype=np.int64).reshape(-1, num_classes), None if where is None else Path(where)
+    return _cached_counts(reader, num_classes, cache, workers, progress)
+
+
+def _cached_counts(reader: PairedFolderDataset, num_classes: int, cache: str | Path | None,
+                   workers: int | None, progress: bool) -> tuple[np.ndarray, Path | None]:
+    if cache is None:
+        return class_pixel_counts(reader, num_classes, workers=workers, progress=progress), None
     names, digest = _fingerprint(reader)
     candidates = ([p for p in (default_cache_path(reader), fallback_cache_path(reader)) if p is not None]
                   if cache == "auto" else [Path(cache)])
@@ -139,7 +171,7 @@ def cached_class_counts(reader: Any, num_classes: int = NUM_CLASSES, *, cache: s
         counts = _read_cache(path, names, digest, num_classes)
         if counts is not None:
             return counts, path
-    counts = class_pixel_counts(reader, num_classes, workers=workers)
+    counts = class_pixel_counts(reader, num_classes, workers=workers, progress=progress)
     text = json.dumps({"version": CACHE_VERSION, "num_classes": num_classes, "fingerprint": digest,
                        "files": names, "counts": counts.tolist()})
     for path in candidates:
@@ -213,10 +245,11 @@ class RareClassSampler:
     @classmethod
     def from_dataset(cls, reader: Any, *, temperature: float = 0.01, min_pixels: int = 3000,
                      min_crop_ratio: float = 0.5, cache: str | Path | None = "auto",
-                     num_classes: int = NUM_CLASSES, workers: int = 0) -> RareClassSampler:
+                     num_classes: int = NUM_CLASSES, workers: int | None = None,
+                     progress: bool = True) -> RareClassSampler:
         """The sampler for a labelled reader, its class statistics from the cache when current
-        (see :func:`cached_class_counts`)."""
-        counts, _ = cached_class_counts(reader, num_classes, cache=cache, workers=workers)
+        (see :func:`cached_class_counts`; a progress bar shows while they are computed)."""
+        counts, _ = cached_class_counts(reader, num_classes, cache=cache, workers=workers, progress=progress)
         return cls(counts, temperature=temperature, min_pixels=min_pixels, min_crop_ratio=min_crop_ratio)
 
 
