@@ -93,6 +93,10 @@ def test_resize_then_crop_and_pad() -> None:
     assert s["image"].shape == (3, 16, 16) and (s["label"][10:] == 255).all() and (s["label"][:, 12:] == 255).all()
     assert torch.equal(s["image"][:, :10, :12], small.images[0])
     assert (s["image"][0, 12:] == 124).all()
+    # flipped, the image is mirrored and still padded at the bottom and right (mmseg pads after flipping)
+    f = TrainSet(small, CropConfig(crop=(16, 16), flip=1.0), seed=0).sample(0, 0)
+    assert torch.equal(f["image"][:, :10, :12], small.images[0].flip(-1))
+    assert (f["label"][10:] == 255).all() and (f["label"][:, 12:] == 255).all()
 
 
 def test_cat_max_ratio_steers_labelled_crops() -> None:

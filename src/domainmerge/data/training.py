@@ -154,11 +154,11 @@ class TrainSet(torch.utils.data.Dataset):
             label = apply_box(label, box) if label is not None else None
         if label is None:
             label = torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.int64)
-        if crop is not None:
-            image, label = pad_to(image, label, crop)
         # The flip draw happens on every sample (even with flip 0) so that later draws keep their place.
         if rng.random() < self.crop.flip:
             image, label = hflip(image, label)
+        if crop is not None:   # after the flip, as mmseg pads (bottom/right) after RandomFlip
+            image, label = pad_to(image, label, crop)
         return image.contiguous(), label.contiguous()
 
     def batch(self, iteration: int, first_slot: int, batch_size: int) -> dict[str, torch.Tensor]:
