@@ -99,6 +99,24 @@ def test_resize_then_crop_and_pad() -> None:
     assert (f["label"][10:] == 255).all() and (f["label"][:, 12:] == 255).all()
 
 
+def test_pseudo_margins_follow_crop_flip_and_padding() -> None:
+    ds = coded(4, 40, 60)
+    margins = (5, 8, 3, 6)                   # top, bottom, left, right of the stored image
+    ts = TrainSet(ds, CropConfig(crop=(16, 20), pseudo_margins=margins), seed=0, labeled=False)
+    for it in range(30):
+        s = ts.sample(it, 0)
+        rows, cols = s["image"][0].long(), s["image"][1].long()   # each pixel's place in the stored image
+        inside = (rows >= 5) & (rows < 40 - 8) & (cols >= 3) & (cols < 60 - 6)
+        assert s["valid"].dtype == torch.bool and torch.equal(s["valid"], inside)
+    batch = ts.batch(0, 0, 3)
+    assert batch["valid"].shape == (3, 16, 20)
+    # padding is not valid; no margins -> no mask
+    small = TrainSet(coded(1, 10, 12), CropConfig(crop=(16, 16), flip=0.0, pseudo_margins=(0, 0, 0, 0)),
+                     seed=0, labeled=False).sample(0, 0)
+    assert small["valid"][:10, :12].all() and not small["valid"][10:].any() and not small["valid"][:, 12:].any()
+    assert "valid" not in TrainSet(ds, CropConfig(crop=(16, 20)), seed=0).sample(0, 0)
+
+
 def test_cat_max_ratio_steers_labelled_crops() -> None:
     labels = torch.zeros(4, 60, 60, dtype=torch.int64)
     labels[:, :, 45:] = 1                       # only crops overlapping x >= 45 can pass

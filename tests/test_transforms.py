@@ -165,3 +165,16 @@ def test_hflip_mirrors_columns() -> None:
     f_img, f_lab = hflip(img, lab)
     assert f_lab[1].tolist() == [7, 6, 5, 4]
     assert f_img[2, 1].tolist() == [31, 30, 29, 28]
+
+
+def test_margin_mask_and_nearest_mask_resize() -> None:
+    from domainmerge.data.transforms import margin_mask, resize_nearest
+
+    m = margin_mask(10, 12, (2, 3, 1, 0))
+    yy, xx = np.mgrid[0:10, 0:12]
+    expected = (yy >= 2) & (yy < 10 - 3) & (xx >= 1)
+    np.testing.assert_array_equal(m.numpy(), expected)
+    assert margin_mask(4, 4, (0, 0, 0, 0)).all()
+    small = resize_nearest(m, (5, 6))
+    assert small.dtype == torch.bool
+    np.testing.assert_array_equal(small.numpy(), expected[::2, ::2])   # floor(i * 10 / 5) = 2i

@@ -28,9 +28,11 @@ from domainmerge.data.transforms import (
     apply_box,
     cat_max_ratio_box,
     hflip,
+    margin_mask,
     pad_to,
     random_crop_box,
     resize_keep_ratio,
+    resize_nearest,
 )
 from domainmerge.errors import UserError
 
@@ -46,12 +48,16 @@ class CropConfig:
     (None: native size). ``crop``: (h, w) random crop after resizing, images smaller than it are
     padded (None: the whole image). ``cat_max_ratio``: crops where one class covers this share of
     the labelled pixels, or with fewer than two classes, are re-drawn (up to 10 times; labelled
-    sets only). ``flip``: probability of a horizontal flip."""
+    sets only). ``flip``: probability of a horizontal flip. ``pseudo_margins``: (top, bottom,
+    left, right) pixels of the stored image whose pseudo-labels are not to be trusted (HRDA's
+    ``crop_pseudo_margins``, [30, 240, 30, 30] for Cityscapes); when set, samples carry a
+    'valid' mask that follows the resize, crop and flip (False in the margins and padding)."""
 
     scale: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None
     cat_max_ratio: float = 0.75
     flip: float = 0.5
+    pseudo_margins: tuple[int, int, int, int] | None = None
 
 
 # The authors' settings: lhoyer/DAFormer configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py,
@@ -121,7 +127,8 @@ class TrainSet(torch.utils.data.Dataset):
 
     def sample(self, iteration: int, slot: int) -> dict[str, torch.Tensor]:
         """image uint8 [3, h, w], label int64 [h, w] (all 255 when unlabelled), index (int64
-        scalar: the image drawn). A pure function of (seed, iteration, slot)."""
+        scalar: the image drawn), and 'valid' bool [h, w] when the config has pseudo_margins.
+        A pure function of (seed, iteration, slot)."""
         rng = rng_for(self.seed, iteration, slot, TRAINSET_STREAM)
         cls = None
         if self.rcs is not None:
@@ -129,20 +136,25 @@ class TrainSet(torch.utils.data.Dataset):
         else:
             index = int(rng.integers(len(self)))
         image, label = self.load(index)
+        valid = None
+        if self.crop.pseudo_margins is not None:
+            valid = margin_mask(image.shape[-2], image.shape[-1], self.crop.pseudo_margins)
         if self.crop.scale is not None:
             image, label = resize_keep_ratio(image, label, self.crop.scale)
-        out_image, out_label = self._crop_flip(image, label, rng)
+            valid = None if valid is None else resize_nearest(valid, (image.shape[-2], image.shape[-1]))
+        out = self._crop_flip(image, label, valid, rng)
         if self.rcs is not None and cls is not None and self.rcs.min_crop_ratio > 0:
             # DAFormer: re-draw the crop (and flip) until it shows enough of the drawn class; the
             # draw after the last failed test is used unchecked.
             for _ in range(RCS_CROP_TRIES):
-                if int(out_label.eq(cls).sum()) > self.rcs.min_crop_pixels():
+                if int(out["label"].eq(cls).sum()) > self.rcs.min_crop_pixels():
                     break
-                out_image, out_label = self._crop_flip(image, label, rng)
-        return {"image": out_image, "label": out_label, "index": torch.tensor(index)}
+                out = self._crop_flip(image, label, valid, rng)
+        out["index"] = torch.tensor(index)
+        return out
 
-    def _crop_flip(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _crop_flip(self, image: torch.Tensor, label: torch.Tensor | None, valid: torch.Tensor | None,
+                   rng: np.random.Generator) -> dict[str, torch.Tensor]:
         crop = self.crop.crop
         if crop is not None:
             h, w = image.shape[-2:]
@@ -152,24 +164,35 @@ class TrainSet(torch.utils.data.Dataset):
                 box = random_crop_box(h, w, crop, rng)
             image = apply_box(image, box)
             label = apply_box(label, box) if label is not None else None
+            valid = apply_box(valid, box) if valid is not None else None
         if label is None:
             label = torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.int64)
         # The flip draw happens on every sample (even with flip 0) so that later draws keep their place.
         if rng.random() < self.crop.flip:
             image, label = hflip(image, label)
+            valid = None if valid is None else valid.flip(-1)
+        out = {}
         if crop is not None:   # after the flip, as mmseg pads (bottom/right) after RandomFlip
+            if valid is not None:
+                # padding is never a trusted pseudo-label: the mask takes the label's 255 as False
+                _, padded = pad_to(image, valid.to(torch.int64), crop)
+                valid = padded == 1
             image, label = pad_to(image, label, crop)
-        return image.contiguous(), label.contiguous()
+        out["image"], out["label"] = image.contiguous(), label.contiguous()
+        if valid is not None:
+            out["valid"] = valid.contiguous()
+        return out
 
     def batch(self, iteration: int, first_slot: int, batch_size: int) -> dict[str, torch.Tensor]:
         """Slots ``first_slot .. first_slot + batch_size - 1`` of ``iteration`` stacked:
-        {'image': [B, 3, h, w] uint8, 'label': [B, h, w] int64, 'index': [B] int64}."""
+        {'image': [B, 3, h, w] uint8, 'label': [B, h, w] int64, 'index': [B] int64} and, with
+        ``pseudo_margins``, 'valid': [B, h, w] bool."""
         samples = [self.sample(iteration, first_slot + j) for j in range(batch_size)]
         shapes = {tuple(s["image"].shape) for s in samples}
         if len(shapes) > 1:
             raise UserError(f"{_describe(self.reader)}: images of different sizes {sorted(shapes)} in one "
                             "batch; give a crop size")
-        return {k: torch.stack([s[k] for s in samples]) for k in ("image", "label", "index")}
+        return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
 def _describe(reader: Any) -> str:

@@ -41,11 +41,30 @@ def resize(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int
     else:
         img = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
         out = img.round_().clamp_(0, 255).to(torch.uint8)
-    if label is None:
-        return out, None
-    # int64 labels: interpolate a uint8 copy (train ids and 255 fit) to keep nearest exact and fast.
-    lab = F.interpolate(label[None, None].to(torch.uint8), size=size, mode="nearest")[0, 0]
-    return out, lab.to(torch.int64)
+    return out, (None if label is None else resize_nearest(label, size))
+
+
+def resize_nearest(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A label map (or mask) [H, W] resized to ``size`` (h, w) by nearest neighbour, dtype kept."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    # Interpolated as a uint8 copy (train ids, 255 and masks fit): exact for nearest, and fast.
+    out = F.interpolate(label[None, None].to(torch.uint8), size=size, mode="nearest")[0, 0]
+    return out.to(label.dtype)
+
+
+def margin_mask(height: int, width: int, margins: tuple[int, int, int, int]) -> torch.Tensor:
+    """bool [H, W]: False within (top, bottom, left, right) pixels of the border, as HRDA's
+    ``crop_pseudo_margins`` marks the image regions whose pseudo-labels are not trusted."""
+    mask = torch.ones(height, width, dtype=torch.bool)
+    top, bottom, left, right = margins
+    mask[:top] = False
+    mask[:, :left] = False
+    if bottom > 0:   # a slice from -0 would cover everything
+        mask[height - bottom:] = False
+    if right > 0:
+        mask[:, width - right:] = False
+    return mask
 
 
 def resize_keep_ratio(image: torch.Tensor, label: torch.Tensor | None, scale: tuple[int, int]
