@@ -202,9 +202,13 @@ def _rank_counts(rank: int, world: int, port: int, root: str, out: str) -> None:
     calls: list[int] = []
     real = rcs_mod.class_pixel_counts
     rcs_mod.class_pixel_counts = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[assignment]
-    counts, path = cached_class_counts(folder_dataset(root, "train"))
-    np.save(Path(out) / f"{rank}.npy", counts)
-    (Path(out) / f"{rank}.txt").write_text(f"{len(calls)} {path}")
+    try:
+        counts, path = cached_class_counts(folder_dataset(root, "train"))
+    except UserError as exc:
+        (Path(out) / f"{rank}.txt").write_text(f"error {exc}")
+    else:
+        np.save(Path(out) / f"{rank}.npy", counts)
+        (Path(out) / f"{rank}.txt").write_text(f"{len(calls)} {path}")
     dist.destroy_process_group()
 
 
@@ -223,3 +227,15 @@ def test_under_torchrun_rank_zero_counts_and_shares(tmp_path: Path) -> None:
     cache = tmp_path / "ds" / "labels" / "domainmerge_rcs_train.json"
     assert (tmp_path / "0.txt").read_text() == f"1 {cache}"      # rank 0 computed and wrote
     assert (tmp_path / "1.txt").read_text() == f"0 {cache}"      # rank 1 only received
+
+    # a bad label found by rank 0 fails every rank with its message (no rank left waiting)
+    bad = lab.copy()
+    bad[1, 0, 0] = 77
+    write_folder(tmp_path / "bad", bad)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    torch.multiprocessing.spawn(_rank_counts, args=(2, port, str(tmp_path / "bad"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"{rank}.txt").read_text().startswith("error ")
+        assert "label value 77 is not a train id" in (tmp_path / f"{rank}.txt").read_text()

@@ -152,10 +152,15 @@ def cached_class_counts(reader: Any, num_classes: int = NUM_CLASSES, *, cache: s
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         shared: list[Any] = [None]
         if dist.get_rank() == 0:
-            counts, path = _cached_counts(reader, num_classes, cache, workers, progress)
-            shared = [(counts.tolist(), None if path is None else str(path))]
+            try:
+                counts, path = _cached_counts(reader, num_classes, cache, workers, progress)
+                shared = [(counts.tolist(), None if path is None else str(path), None)]
+            except UserError as exc:   # every rank must leave the broadcast, and fail alike
+                shared = [(None, None, str(exc))]
         dist.broadcast_object_list(shared, src=0)
-        rows, where = shared[0]
+        rows, where, error = shared[0]
+        if error is not None:
+            raise UserError(error)
         return np.asarray(rows, dtype=np.int64).reshape(-1, num_classes), None if where is None else Path(where)
     return _cached_counts(reader, num_classes, cache, workers, progress)
 
