@@ -153,13 +153,13 @@ def test_a_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tmp
 @pytest.mark.parametrize("arch,recipe", [("daformer_mitb5", "daformer"), ("daformer_r101", "daformer"),
                                          ("hrda_mitb5", "hrda")])
 def test_one_step_of_the_real_networks_trains_every_parameter(arch, recipe):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     src, tgt = SyntheticDataset("game", "train", 2, size=(64, 64)), SyntheticDataset("city", "train", 2, size=(64, 64))
-    r = get_recipe(recipe, mic=True, batch_size=1, ignore_top=4, ignore_bottom=8, rcs=False,
+    r = get_recipe(recipe, batch_size=1, ignore_top=4, ignore_bottom=8, rcs=False,
                    fd_classes=tuple(range(19)))     # every class, so the distance reaches the backbone on any crop
     tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, progress=False))
     state = tr.step(0)
-    assert set(state["losses"]) == {"source", "fd", "pseudo", "mic"}
+    assert set(state["losses"]) == {"source", "fd", "pseudo"}
     assert all(torch.isfinite(v) for v in state["losses"].values())
     missing = [n for n, p in tr.model.named_parameters() if p.requires_grad and
                (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)]
