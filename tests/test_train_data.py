@@ -227,3 +227,7 @@ def test_bad_input() -> None:
         next(batches(ts, 0, start_iter=0))
     with pytest.raises(UserError, match="recipe"):
         recipe_crops("dacs", "gta", "cityscapes")
+    for bad in ({"crop": (0, 512)}, {"scale": (1280,)}, {"flip": 1.5}, {"cat_max_ratio": 0.0},
+                {"pseudo_margins": (30, -1, 0, 0)}):
+        with pytest.raises(UserError):
+            CropConfig(**bad)  # type: ignore[arg-type]

@@ -59,6 +59,17 @@ class CropConfig:
     flip: float = 0.5
     pseudo_margins: tuple[int, int, int, int] | None = None
 
+    def __post_init__(self) -> None:
+        for name, value in (("scale", self.scale), ("crop", self.crop)):
+            if value is not None and (len(value) != 2 or min(value) < 1):
+                raise UserError(f"{name} {value}: must be two positive sizes")
+        if not 0.0 <= self.flip <= 1.0:
+            raise UserError(f"flip probability {self.flip}: must lie in [0, 1]")
+        if self.cat_max_ratio <= 0:
+            raise UserError(f"cat_max_ratio {self.cat_max_ratio}: must be positive (1 disables the test)")
+        if self.pseudo_margins is not None and (len(self.pseudo_margins) != 4 or min(self.pseudo_margins) < 0):
+            raise UserError(f"pseudo_margins {self.pseudo_margins}: must be four sizes >= 0 (top, bottom, left, right)")
+
 
 # The authors' settings: lhoyer/DAFormer configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py,
 # lhoyer/HRDA configs/_base_/datasets/uda_gtaHR_to_cityscapesHR_1024x1024.py and
