@@ -154,9 +154,9 @@ class TrainSet(torch.utils.data.Dataset):
             image, label = resize_keep_ratio(image, label, self.crop.scale)
             valid = None if valid is None else resize_nearest(valid, (image.shape[-2], image.shape[-1]))
         out = self._crop_flip(image, label, valid, rng)
-        if self.rcs is not None and cls is not None and self.rcs.min_crop_ratio > 0:
+        if self.rcs is not None and cls is not None and self.rcs.min_crop_ratio > 0 and self.crop.crop is not None:
             # DAFormer: re-draw the crop (and flip) until it shows enough of the drawn class; the
-            # draw after the last failed test is used unchecked.
+            # draw after the last failed test is used unchecked. (Without a crop nothing can change.)
             for _ in range(RCS_CROP_TRIES):
                 if int(out["label"].eq(cls).sum()) > self.rcs.min_crop_pixels():
                     break
