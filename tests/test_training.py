@@ -31,9 +31,9 @@ def test_recipes_carry_the_authors_values():
     assert (d.lr, d.head_lr_mult, d.weight_decay, d.warmup_iters, d.iters, d.batch_size) == (6e-5, 10, 0.01, 1500,
                                                                                                40000, 2)
     assert (d.alpha, d.pseudo_threshold, d.fd_lambda, d.ignore_top, d.ignore_bottom) == (0.999, 0.968, 0.005, 15, 120)
-    assert (d.crop, d.source_scale, d.target_scale, d.rcs_temperature, d.rcs_min_crop_ratio) == (
-        (512, 512), (1280, 720), (1024, 512), 0.01, 0.5)
-    assert h.hrda and h.crop == (1024, 1024) and h.detail_loss_weight == 0.1 and h.crop_divisible == 8
+    assert (d.rcs_temperature, d.rcs_min_pixels, d.rcs_min_crop_ratio, d.pseudo_margins) == (0.01, 3000, 0.5, None)
+    assert h.hrda and h.detail_loss_weight == 0.1 and h.crop_divisible == 8
+    assert h.pseudo_margins == (30, 240, 30, 30) and h.ignore_top == h.ignore_bottom == 0
     assert h.rcs_min_crop_ratio == 2.0 and not h.mic
     assert m.mic and (m.mask_ratio, m.mask_block_size, m.mic_lambda) == (0.7, 64, 1.0)
     with pytest.raises(UserError, match="unknown"):

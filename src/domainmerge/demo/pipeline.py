@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
+from domainmerge.data.training import CropConfig
 from domainmerge.errors import UserError
 from domainmerge.evaluation.lmc import barrier, dip_below_line, lambda_grid
 from domainmerge.evaluation.metrics import SegMetric, harmonic_mean
@@ -42,10 +43,10 @@ HEAD = "decode_head."
 # sampling; the ImageNet feature distance and the pseudo-label margins are off (no ImageNet
 # model in this world, and the synthetic scenes have no ego-car hood or sky rows to skip).
 SUPERVISED = Recipe(name="demo-supervised", uda=False, iters=300, batch_size=8, lr=1e-3, warmup_iters=30,
-                    warmup_ratio=0.0, rcs=False, source_scale=None, target_scale=None, crop=None)
+                    warmup_ratio=0.0, rcs=False)
 SELF_TRAINING = Recipe(name="demo-selftraining", iters=300, batch_size=4, lr=6e-4, warmup_iters=30, warmup_ratio=0.0,
                        alpha=0.99, ignore_top=0, ignore_bottom=0, jitter_p=0.5, fd_lambda=0.0, rcs_temperature=0.1,
-                       rcs_min_pixels=0, rcs_min_crop_ratio=0.0, source_scale=None, target_scale=None, crop=None)
+                       rcs_min_pixels=0, rcs_min_crop_ratio=0.0)
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,9 @@ class Demo:
     def _train(self, name: str, recipe: Recipe, init: StateDict, seed: int, source: Any,
                target: Any | None = None) -> StateDict:
         """One run of the shared trainer (in memory, no checkpoint files) from ``init``."""
+        whole = CropConfig()   # whole 64x128 images, flipped half of the time
         result = adapt(AdaptConfig(source, target, arch=self.p.arch, init_state=init, recipe=recipe, seed=seed,
-                                   desc=name), log=self.log)
+                                   source_crop=whole, target_crop=whole, desc=name), log=self.log)
         records = result.records
         tail = records[-max(1, len(records) // 5):]
         summary = {"loss_first": records[0]["loss_source"],

@@ -24,6 +24,7 @@ feature-distance mask size, BatchNorm statistics) are summed over ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -174,7 +175,7 @@ class Trainer:
 
     def __init__(self, config: AdaptConfig, log: Callable[[str], None] = print) -> None:
         from domainmerge.data.rcs import RareClassSampler
-        from domainmerge.data.training import CropConfig, TrainSet, batches
+        from domainmerge.data.training import TrainSet, batches, recipe_crops
         from domainmerge.models import build_model
 
         self.config, self.log = config, log
@@ -191,8 +192,12 @@ class Trainer:
 
         # -- data
         source_reader = _reader(config.source, "--source")
-        source_crop = config.source_crop or CropConfig(r.source_scale, r.crop, r.cat_max_ratio, r.flip)
-        target_crop = config.target_crop or CropConfig(r.target_scale, r.crop, r.cat_max_ratio, r.flip)
+        kinds = [str(s[0]) if isinstance(s, (tuple, list)) else "" for s in (config.source, config.target)]
+        source_crop, target_crop = recipe_crops("hrda" if r.hrda else "daformer", kinds[0], kinds[1])
+        source_crop = config.source_crop or source_crop
+        target_crop = config.target_crop or target_crop
+        if r.pseudo_margins is not None:
+            target_crop = dataclasses.replace(target_crop, pseudo_margins=r.pseudo_margins)
         rcs = RareClassSampler.from_dataset(source_reader, temperature=r.rcs_temperature,
                                             min_pixels=r.rcs_min_pixels,
                                             min_crop_ratio=r.rcs_min_crop_ratio) if r.rcs else None
@@ -297,11 +302,14 @@ class Trainer:
 
         # 2. pseudo-labels of the teacher on the clean target images
         assert self.teacher is not None and self.tgt_iter is not None
-        xt = next(self.tgt_iter)["image"].to(dev)
+        tgt = next(self.tgt_iter)
+        xt = tgt["image"].to(dev)
         with torch.no_grad(), autocast(dev, self.amp):
             t_logits = resized_logits(self.teacher(normalize(xt)).float(), xt.shape[-2:])
         plabel, confident = pseudo_labels(t_logits, r.pseudo_threshold)
         pweight, share = pseudo_weight(confident, plabel, r.ignore_top, r.ignore_bottom)
+        if "valid" in tgt:   # HRDA's pseudo-label margins, cut from the stored image like the crop
+            pweight = pweight * tgt["valid"].to(dev)
 
         # 3. ClassMix of each slot's source image onto its target image, strong augmentation
         mixed, mlabel, mweight = [], [], []

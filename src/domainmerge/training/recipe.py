@@ -18,9 +18,10 @@ AIR-DISCOVER/Model-Merging-MTDA; the merging paper trains with the HRDA recipe):
   1280x720, Cityscapes to 1024x512, 512x512 crops, cat_max_ratio 0.75, flip 0.5);
 - HRDA: ``configs/hrda/gtaHR2csHR_hrda.py`` (scales [1, 0.5], detail crop 512, detail loss
   0.1, crop coordinates divisible by 8, features for the distance at scale 0.5, RCS min crop
-  ratio 2.0, pseudo-label margins [30, 240, 30, 30]) and
+  ratio 2.0, pseudo-label margins [30, 240, 30, 30] of the stored image) and
   ``configs/_base_/datasets/uda_gtaHR_to_cityscapesHR_1024x1024.py`` (GTA at 2560x1440,
-  Cityscapes at 2048x1024, 1024x1024 crops);
+  Cityscapes at 2048x1024, 1024x1024 crops); the resize and crop sizes per dataset kind live in
+  :func:`domainmerge.data.training.recipe_crops`;
 - MIC: ``seg/configs/mic/gtaHR2csHR_mic_hrda.py`` (mode ``separatetrgaug``, block masks of 64
   pixels, mask ratio 0.7, lambda 1, same teacher and threshold as self-training).
 """
@@ -46,7 +47,7 @@ class Recipe:
     name: str = "daformer"
     # -- optimisation
     iters: int = 40000
-    batch_size: int = 2                    # images per domain per iteration (global batch)
+    batch_size: int = 2                    # images per domain, iteration and process
     lr: float = 6e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
@@ -67,12 +68,8 @@ class Recipe:
     fd_lambda: float = 0.005
     fd_classes: tuple[int, ...] = THING_CLASSES
     fd_min_ratio: float = 0.75
-    # -- data
-    source_scale: tuple[int, int] | None = (1280, 720)
-    target_scale: tuple[int, int] | None = (1024, 512)
-    crop: tuple[int, int] | None = (512, 512)
-    cat_max_ratio: float = 0.75
-    flip: float = 0.5
+    # -- data (resize and crop sizes per dataset kind: domainmerge.data.training.recipe_crops)
+    pseudo_margins: tuple[int, int, int, int] | None = None   # HRDA: (top, bottom, left, right) of the image
     rcs: bool = True
     rcs_temperature: float = 0.01
     rcs_min_pixels: int = 3000
@@ -102,11 +99,10 @@ def get_recipe(name: str = "daformer", *, mic: bool = False, **overrides: Any) -
         raise UserError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
     recipe = Recipe()
     if name == "hrda":
-        recipe = recipe.replace(name="hrda", hrda=True, source_scale=(2560, 1440), target_scale=(2048, 1024),
-                                crop=(1024, 1024), rcs_min_crop_ratio=2.0,
-                                # HRDA masks margins [30, 240, 30, 30] of the full image before
-                                # cropping; here the top/bottom rows of the crop (DAFormer's form).
-                                ignore_top=30, ignore_bottom=240)
+        # HRDA masks the pseudo-label margins of the stored image (before resize and crop)
+        # instead of the top/bottom rows of the crop.
+        recipe = recipe.replace(name="hrda", hrda=True, rcs_min_crop_ratio=2.0, ignore_top=0, ignore_bottom=0,
+                                pseudo_margins=(30, 240, 30, 30))
     if mic:
         recipe = recipe.replace(mic=True)
     return recipe.replace(**overrides)
