@@ -166,3 +166,18 @@ def test_one_step_of_the_real_networks_trains_every_parameter(arch, recipe):
     assert missing == []
     assert tr.teacher is not None and tr.imnet is not None
     assert all(p.grad is None and not p.requires_grad for net in (tr.teacher, tr.imnet) for p in net.parameters())
+
+
+def test_hrda_mic_under_bf16_autocast_trains_and_validates(tmp_path):
+    """The HRDA path end to end (multi-resolution crops, fused sliding-window pseudo-labels, slide
+    validation) under CPU bf16 autocast, the logic CUDA AMP runs."""
+    torch.set_num_threads(1)
+    cfg = _config(tmp_path / "h", arch="tiny_hrda_r", recipe="hrda", iters=2, amp="bf16",
+                  val=SyntheticDataset("night", "val", 2, size=(32, 64)), val_every=2)
+    cfg.val_mode = "whole"
+    result = adapt(cfg, log=lambda s: None)
+    last = result.records[-1]
+    assert all(torch.isfinite(torch.tensor(last[k])) for k in ("loss_source", "loss_fd", "loss_pseudo", "loss_mic"))
+    assert 0 <= result.validation[-1]["val"]["miou"] <= 100
+    ck = _load(tmp_path / "h" / "latest.pth")
+    assert any(k.startswith("model.decode_head.scale_attention.") for k in ck["state_dict"])
