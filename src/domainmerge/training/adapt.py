@@ -184,10 +184,13 @@ class Trainer:
             raise UserError(f"iterations ({r.iters}) and batch size ({r.batch_size}) must be at least 1")
         self.uda = r.uda and config.target is not None
         self.out = _check_out(config)
-        self.device = device = torch.device(config.device)
+        device = torch.device(config.device)
         self.amp = None if config.amp in (None, "none") else config.amp
         autocast(device, self.amp)   # validates the combination before any work
         dist_on = distributed.init_from_env()
+        if device.type == "cuda" and dist_on:   # init_from_env bound this rank to GPU LOCAL_RANK
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
 
         # -- data
