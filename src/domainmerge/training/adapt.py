@@ -488,8 +488,11 @@ def _checkpoint(out: Path, n: int, tr: Trainer, config: AdaptConfig) -> Path | N
     _save(latest, payload)
     tmp = out / f".iter_{n}.pth.link"
     tmp.unlink(missing_ok=True)
-    os.link(latest, tmp)
-    os.replace(tmp, out / f"iter_{n}.pth")
+    try:
+        os.link(latest, tmp)
+        os.replace(tmp, out / f"iter_{n}.pth")
+    except OSError:   # a file system without hard links: a second copy
+        _save(out / f"iter_{n}.pth", payload)
     return latest
 
 
