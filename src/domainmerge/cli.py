@@ -20,6 +20,7 @@ COMMANDS = [
     "inspect",
     "score",
     "convert_labels",
+    "adapt",
     "align",
     "evaluate",
     "recalibrate",

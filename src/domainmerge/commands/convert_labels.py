@@ -22,6 +22,8 @@ Convert a dataset's raw label ids to the 19 Cityscapes train ids (255 = ignored)
   acdc        gt/**/*_gt_labelIds.png
   darkzurich  gt/**/*_gt_labelIds.png
 Up-to-date outputs (newer than their source) are skipped, so rerunning is cheap.
+--rcs-split SPLIT also counts the pixels of each class per label of SPLIT (e.g. gta train) and
+caches them beside the labels for rare-class sampling in `domainmerge adapt`.
 """
 
 
@@ -33,6 +35,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("dataset", metavar="DATASET", help="gta, cityscapes, idd, acdc or darkzurich")
     p.add_argument("root", metavar="ROOT", help="the dataset's root folder")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--rcs-split", action="append", default=[], metavar="SPLIT",
+                   help="after converting, cache the rare-class sampling statistics of SPLIT "
+                        "(repeatable; e.g. train for gta)")
     p.set_defaults(func=run)
 
 
@@ -135,6 +140,13 @@ def run(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise UserError(f"{root}: dataset root not found; give the folder that holds the dataset")
     jobs = plan_conversions(args.dataset, root)
+    from domainmerge.data.readers import LAYOUTS
+
+    allowed = LAYOUTS[args.dataset].splits
+    for split in args.rcs_split:   # checked before converting anything
+        if allowed and split not in allowed:
+            raise UserError(f"--rcs-split {split}: {args.dataset} has no such split; choose one of "
+                            f"{', '.join(allowed)}")
     for folder in sorted({target.parent for _, target, _ in jobs}):
         check_output_dir(folder)  # the labels are written beside the raw ones: check before converting
     bar: dict[str, Any] = {"total": len(jobs), "desc": f"convert {args.dataset}", "unit": "file"}
@@ -146,4 +158,13 @@ def run(args: argparse.Namespace) -> int:
     n = sum(written)
     print(f"convert-labels {args.dataset}: wrote {n}, {len(jobs) - n} already up to date, under {root}",
           file=sys.stderr)
+    for split in args.rcs_split:
+        from domainmerge.data.rcs import cached_class_counts
+        from domainmerge.data.readers import layout_dataset
+
+        reader = layout_dataset(args.dataset, root, split)
+        counts, cache = cached_class_counts(reader, workers=args.workers if args.workers > 1 else 0,
+                                            progress=True)
+        print(f"convert-labels {args.dataset} {split}: class statistics of {len(counts)} labels in "
+              f"{cache or 'memory only (no writable cache folder)'}", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,29 @@ import torch
 from torch import nn
 
 from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
+from domainmerge.data.training import CropConfig
 from domainmerge.demo.claims import ALL_CHECKS, Judge, Stat, format_check, judged, not_tested
 from domainmerge.errors import UserError
 from domainmerge.evaluation.lmc import barrier, dip_below_line, lambda_grid
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, harmonic_mean
 from domainmerge.reporting import jsonable
-from domainmerge.training.loop import TrainConfig, seed_everything, train_supervised
-from domainmerge.training.pretrain import pretrain, reset_head
-from domainmerge.training.stda import STDAConfig, train_stda
+from domainmerge.training import AdaptConfig, Recipe, adapt
+from domainmerge.training.init import reset_head
 
 StateDict = dict[str, torch.Tensor]
 HEAD = "decode_head."
+
+# The demo's training runs all go through domainmerge.training.adapt with small values: whole
+# 64x128 images (no resize or crop, flips), batch 8 supervised / 4 per domain self-training,
+# AdamW with head lr x10 and the authors' warm-up + poly schedule. Self-training keeps DACS
+# (EMA teacher, confidence-weighted pseudo-labels, ClassMix, jitter, blur) and rare-class
+# sampling; the ImageNet feature distance and the pseudo-label margins are off (no ImageNet
+# model in this world, and the synthetic scenes have no ego-car hood or sky rows to skip).
+SUPERVISED = Recipe(name="demo-supervised", uda=False, iters=300, batch_size=8, lr=1e-3, warmup_iters=30,
+                    warmup_ratio=0.0, rcs=False)
+SELF_TRAINING = Recipe(name="demo-selftraining", iters=300, batch_size=4, lr=6e-4, warmup_iters=30, warmup_ratio=0.0,
+                       alpha=0.99, ignore_top=0, ignore_bottom=0, jitter_p=0.5, fd_lambda=0.0, rcs_temperature=0.1,
+                       rcs_min_pixels=0, rcs_min_crop_ratio=0.0)
 
 
 @dataclass(frozen=True)
@@ -50,9 +62,9 @@ class Preset:
     n_source: int = 300
     n_target: int = 150
     n_val: int = 50
-    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(iters=250, lr=2e-3, warmup=20))
-    source: TrainConfig = field(default_factory=lambda: TrainConfig(iters=250, lr=1e-3, warmup=20))
-    stda: STDAConfig = field(default_factory=lambda: STDAConfig(iters=150, warmup=10))
+    pretrain: Recipe = SUPERVISED.replace(iters=250, lr=2e-3, warmup_iters=20)
+    source: Recipe = SUPERVISED.replace(iters=250, lr=1e-3, warmup_iters=20)
+    stda: Recipe = SELF_TRAINING.replace(iters=150, warmup_iters=10)
     lambdas: int = 5
     recal_images: int = 64          # unlabeled target images for the BN-recalibration baseline (uses data)
     combine_all: bool = False       # also a data-combination run over all targets (four-target table)
@@ -70,14 +82,14 @@ PRESETS: dict[str, Preset] = {
     # buffer rules (3) or to lift the 4-way merge clear of the best single model (5).
     "quick": Preset("quick", claims=("1", "2", "4", "world-1", "world-2")),
     "full": Preset("full", n_pretrain=400, n_source=600, n_target=300, n_val=100,
-                   pretrain=TrainConfig(iters=600, lr=2e-3, warmup=40),
-                   source=TrainConfig(iters=600, lr=1e-3, warmup=40),
-                   stda=STDAConfig(iters=500, warmup=30), lambdas=11, combine_all=True, methods=True),
+                   pretrain=SUPERVISED.replace(iters=600, lr=2e-3, warmup_iters=40),
+                   source=SUPERVISED.replace(iters=600, lr=1e-3, warmup_iters=40),
+                   stda=SELF_TRAINING.replace(iters=500, warmup_iters=30), lambdas=11, combine_all=True, methods=True),
     # A miniature of the whole pipeline for the test suite (seconds, meaningless numbers).
     "tiny": Preset("tiny", targets=("city", "night"), size=(32, 64), n_pretrain=8, n_source=8, n_target=8,
-                   n_val=4, pretrain=TrainConfig(iters=2, batch_size=2, warmup=1),
-                   source=TrainConfig(iters=2, batch_size=2, warmup=1),
-                   stda=STDAConfig(iters=2, batch_size=2, warmup=1), lambdas=3, resamples=200),
+                   n_val=4, pretrain=SUPERVISED.replace(iters=2, batch_size=2, warmup_iters=1),
+                   source=SUPERVISED.replace(iters=2, batch_size=2, warmup_iters=1),
+                   stda=SELF_TRAINING.replace(iters=2, batch_size=2, warmup_iters=1), lambdas=3, resamples=200),
 }
 
 
@@ -173,13 +185,28 @@ class Demo:
                                 for d, ds in [(SOURCE, self.source), *self.val.items()]}}
         self._done("world", start)
 
+    def _train(self, name: str, recipe: Recipe, init: StateDict, seed: int, source: Any,
+               target: Any | None = None) -> StateDict:
+        """One run of the shared trainer (in memory, no checkpoint files) from ``init``."""
+        whole = CropConfig()   # whole 64x128 images, flipped half of the time
+        result = adapt(AdaptConfig(source, target, arch=self.p.arch, init_state=init, recipe=recipe, seed=seed,
+                                   source_crop=whole, target_crop=whole, desc=name), log=self.log)
+        records = result.records
+        tail = records[-max(1, len(records) // 5):]
+        summary = {"loss_first": records[0]["loss_source"],
+                   "source_loss_last": sum(r["loss_source"] for r in tail) / len(tail)}
+        if "pseudo_weight" in records[0]:
+            summary["pseudo_weight_last"] = sum(r["pseudo_weight"] for r in tail) / len(tail)
+        self.results.setdefault("training", {})[name] = summary
+        return result.student
+
     def pretrain_stage(self) -> None:
         start = self._stage(f"pretraining on the generic shape task ({self.p.pretrain.iters} it)")
         model = self._new_model(self.seed)
-        losses = pretrain(model, self.pretrain_data.images, self.pretrain_data.labels, self.p.pretrain,
-                          seed_everything(self.seed))
-        self.results["pretrain_loss"] = {"first": losses[0], "last": losses[-1]}
-        self._save("pretrained", model, {"stage": "pretrain"})
+        sd = self._train("pretrain", self.p.pretrain, model.state_dict(), self.seed, self.pretrain_data)
+        self.results["pretrain_loss"] = {"first": self.results["training"]["pretrain"]["loss_first"],
+                                         "last": self.results["training"]["pretrain"]["source_loss_last"]}
+        self._save("pretrained", sd, {"stage": "pretrain"})
         self._done("pretrain", start)
 
     def _source_only(self, name: str, init: StateDict | None, seed: int) -> None:
@@ -187,9 +214,8 @@ class Demo:
         if init is not None:
             model.load_state_dict(init)
         reset_head(model, seed + 1)
-        train_supervised(model, self.source.images, self.source.labels, self.p.source,
-                         seed_everything(seed + 2), desc=name)
-        self._save(name, model, {"stage": "source-only"})
+        sd = self._train(name, self.p.source, model.state_dict(), seed + 2, self.source)
+        self._save(name, sd, {"stage": "source-only"})
 
     def source_stage(self) -> None:
         start = self._stage(f"source-only training on {SOURCE} ({self.p.source.iters} it), "
@@ -198,16 +224,11 @@ class Demo:
         self._done("source_only", start)
 
     def _stda(self, name: str, init: StateDict, targets: Sequence[str], seed: int) -> None:
-        model = self._new_model(seed)
-        model.load_state_dict(init)
-        images = torch.cat([self.train[t].images for t in targets])
-        stats = train_stda(model, self.source.images, self.source.labels, images, self.p.stda,
-                           seed_everything(seed), desc=name)
-        tail = max(1, len(stats.pseudo_weight) // 5)
-        self.results.setdefault("training", {})[name] = {
-            "targets": list(targets), "pseudo_weight_last": sum(stats.pseudo_weight[-tail:]) / tail,
-            "source_loss_last": sum(stats.source_loss[-tail:]) / tail}
-        self._save(name, model, {"stage": "stda", "targets": list(targets)})
+        target = self.train[targets[0]] if len(targets) == 1 else \
+            torch.utils.data.ConcatDataset([self.train[t] for t in targets])
+        sd = self._train(name, self.p.stda, init, seed, self.source, target)
+        self.results["training"][name]["targets"] = list(targets)
+        self._save(name, sd, {"stage": "stda", "targets": list(targets)})
 
     def stda_stage(self) -> None:
         for i, t in enumerate(self.p.targets):
@@ -236,8 +257,8 @@ class Demo:
     def _recalibrated(self, net: nn.Module, state_dict: StateDict, targets: Sequence[str]) -> StateDict:
         """``state_dict`` with BN statistics re-estimated (cumulative average) on ``recal_images``
         unlabeled training images spread evenly over ``targets``, in batches of 8."""
+        from domainmerge.evaluation.inference import normalize as normalise
         from domainmerge.evaluation.recalibrate import recalibrate_bn, spread_indices
-        from domainmerge.training.loop import normalise
 
         idx = spread_indices({t: len(self.train[t]) for t in targets}, self.p.recal_images)
         images = torch.cat([self.train[t].images[idx[t]] for t in targets])

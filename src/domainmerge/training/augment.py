@@ -1,9 +1,24 @@
-"""Strong augmentation for self-training, as small torch functions: ClassMix, colour jitter, blur."""
+"""Strong augmentation for self-training, as small torch functions: ClassMix, colour jitter, blur.
+
+Every random draw comes from :func:`sample_generator`, a pure function of (seed, iteration,
+global sample slot, stream): a resumed run or a run split over ranks draws the same numbers.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from domainmerge.data.rcs import rng_for
+
+# Random streams of the trainer, numbered after the data pipeline's (TrainSet 0, RCS 1).
+STREAMS = {name: 100 + i for i, name in enumerate(
+    ("classmix", "jitter_mix", "jitter_mic", "mic_mask", "hrda_source", "hrda_mix", "hrda_mic", "dropout"))}
+
+
+def sample_generator(seed: int, iteration: int, slot: int, stream: str) -> torch.Generator:
+    """A CPU torch generator that is a pure function of (seed, iteration, slot, stream)."""
+    return torch.Generator().manual_seed(int(rng_for(seed, iteration, slot, STREAMS[stream]).integers(2**62)))
 
 
 def classmix_mask(labels: torch.Tensor, generator: torch.Generator, ignore_index: int = 255) -> torch.Tensor:
@@ -70,3 +85,12 @@ def gaussian_blur(images: torch.Tensor, generator: torch.Generator, sigma_range:
         x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
         out.append(x[0])
     return torch.stack(out)
+
+
+def strong_transform(image: torch.Tensor, generator: torch.Generator, *, jitter_strength: float, jitter_p: float,
+                     blur: bool) -> torch.Tensor:
+    """DACS' strong augmentation of one 0-255 float image [3, H, W]: colour jitter, then blur."""
+    out = colour_jitter(image[None], generator, strength=jitter_strength, p=jitter_p)
+    if blur:
+        out = gaussian_blur(out, generator)
+    return out[0]

@@ -1,0 +1,507 @@
+"""Single-target domain adaptation by self-training (phase 1 of the method): :func:`adapt`.
+
+One iteration (DAFormer's ``DACS.forward_train``, with HRDA and MIC when the recipe says so):
+
+1. source batch: cross-entropy (HRDA: fused + 0.1 x detail) plus, when lambda > 0, the thing-class
+   feature distance to the frozen ImageNet copy, one backward;
+2. target batch: the EMA teacher (BatchNorm in training mode, dropout off) predicts pseudo-labels
+   (HRDA: fused sliding-window prediction) weighted by the confident share of the global batch;
+3. ClassMix pastes half of each source image's classes onto the target image of the same slot;
+   colour jitter and blur; cross-entropy against the mixed labels and weights, one backward;
+4. MIC: the target image, jittered and blurred separately and block-masked, against the same
+   pseudo-labels and weights, one backward;
+5. AdamW step with the schedule's rate; the teacher takes the EMA of the student with the rate of
+   the next iteration (DAFormer updates it at the start of the next iteration).
+
+Determinism: every random draw is a pure function of (seed, iteration, global sample slot):
+data (:mod:`domainmerge.data.training`), ClassMix, jitter, blur, MIC masks and HRDA boxes
+(:func:`~domainmerge.training.augment.sample_generator`); dropout uses torch's global generator
+re-seeded from (seed, iteration, rank) every iteration. Resuming therefore needs only the
+weights and the optimiser state, and under torchrun the global batch (ranks x batch size) sees
+the samples a single process with that batch would; batch-level quantities (pseudo-label share,
+feature-distance mask size, BatchNorm statistics) are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
+from domainmerge.errors import UserError
+from domainmerge.evaluation import distributed
+from domainmerge.evaluation.inference import autocast, normalize
+from domainmerge.training.augment import classmix_mask, sample_generator, strong_transform
+from domainmerge.training.ema import ema_update, frozen_copy
+from domainmerge.training.hrda import crop_to, detail_box, train_forward
+from domainmerge.training.mic import block_mask
+from domainmerge.training.recipe import Recipe
+from domainmerge.training.schedule import build_optimizer, set_lr
+from domainmerge.training.selftrain import feature_distance, pseudo_labels, pseudo_weight, resized_logits, weighted_ce
+
+LATEST = "latest.pth"
+LOG = "log.jsonl"
+LOSSES = ("source", "fd", "pseudo", "mic")
+
+
+@dataclass
+class AdaptConfig:
+    """One run. ``source``/``target``/``val``: ``(kind, root, split)`` for ``build_dataset`` or an
+    already-built reader. ``target=None`` trains on the labelled source only (no teacher).
+    ``pretrained``: backbone weights (SegFormer/HF MiT, mmseg ResNetV1c); ``init_state``: a
+    full state dict to start from instead. The frozen ImageNet copy of the feature distance is
+    the network as initialised. ``source_crop``/``target_crop`` default to the recipe's.
+    ``batch_size``/``iters`` live in the recipe (batch per process)."""
+
+    source: Any
+    target: Any | None = None
+    out: str | Path | None = None
+    arch: str = "daformer_mitb5"
+    arch_options: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | Path | None = None
+    trust_pickle: bool = False
+    init_state: Mapping[str, Tensor] | None = None
+    recipe: Recipe = field(default_factory=Recipe)
+    source_crop: Any | None = None          # domainmerge.data.training.CropConfig
+    target_crop: Any | None = None
+    val: Any | None = None
+    val_every: int = 4000                   # DAFormer: evaluation interval 4000
+    val_mode: str | None = None             # None: 'slide' (1024, stride 512) for HRDA, else 'whole'
+    save_every: int = 5000                  # Model-Merging-MTDA: checkpoint interval 5000
+    log_every: int = 50                     # mmcv's default logger interval
+    amp: str | None = None                  # None, 'bf16' or 'fp16'
+    seed: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    force: bool = False
+    stop_at: int | None = None              # stop (and save) after this iteration; the schedule keeps ``iters``
+    progress: bool = True
+    desc: str = "adapt"
+
+
+@dataclass
+class AdaptResult:
+    """The trained networks (student: the model that gets merged), per-iteration records and
+    validation scores, and the last checkpoint written (None without ``out``)."""
+
+    student: dict[str, Tensor]
+    teacher: dict[str, Tensor] | None
+    records: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    iterations: int
+    checkpoint: Path | None
+
+
+class Student(nn.Module):
+    """The training forward of a segmentor (what DistributedDataParallel wraps): returns
+    (logits, HRDA detail logits or None, backbone features of the view the feature distance uses)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, boxes: list[tuple[int, int, int, int]] | None = None
+                ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        if boxes is not None:
+            return train_forward(self.model, x, boxes)  # type: ignore[arg-type]
+        backbone, head = cast(nn.Module, self.model.backbone), cast(nn.Module, self.model.decode_head)
+        feats = backbone(x)
+        return head(feats), None, feats
+
+
+def _reader(spec: Any, what: str) -> Any:
+    if isinstance(spec, (tuple, list)):
+        from domainmerge.data.readers import build_dataset
+
+        if len(spec) != 3:
+            raise UserError(f"{what}: give KIND ROOT SPLIT, got {' '.join(map(str, spec))}")
+        return build_dataset(str(spec[0]), spec[1], str(spec[2]))
+    return spec
+
+
+def _check_out(config: AdaptConfig) -> Path | None:
+    """The output folder: refused when it holds a run unless resuming (needs latest.pth) or forced."""
+    if config.out is None:
+        if config.resume:
+            raise UserError("--resume needs --out, the folder of the run to continue")
+        return None
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    has_run = (out / LATEST).exists() or (out / LOG).exists()
+    if config.resume:
+        if not (out / LATEST).exists():
+            raise UserError(f"{out}: holds no {LATEST} to resume; drop --resume to start a new run")
+    elif has_run and not config.force:
+        raise UserError(f"{out}: holds a training run; pass --resume to continue it or --force to start over")
+    if distributed.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        if has_run and config.force and not config.resume:
+            for old in [out / LATEST, out / LOG, *out.glob("iter_*.pth")]:
+                old.unlink(missing_ok=True)
+    return out
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    from domainmerge.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _dropout_off(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+
+
+class Trainer:
+    """The state of one run (data, student, teacher, ImageNet copy, optimiser) and its iteration.
+
+    :meth:`step` computes the losses of one iteration and their gradients; :meth:`update` applies
+    them (AdamW, then the teacher's EMA); :func:`adapt` loops over both and writes the outputs.
+    """
+
+    def __init__(self, config: AdaptConfig, log: Callable[[str], None] = print) -> None:
+        from domainmerge.data.rcs import RareClassSampler
+        from domainmerge.data.training import TrainSet, batches, recipe_crops
+        from domainmerge.models import build_model
+
+        self.config, self.log = config, log
+        r = self.recipe = config.recipe
+        if r.iters < 1 or r.batch_size < 1:
+            raise UserError(f"iterations ({r.iters}) and batch size ({r.batch_size}) must be at least 1")
+        self.uda = r.uda and config.target is not None
+        self.out = _check_out(config)
+        device = torch.device(config.device)
+        self.amp = None if config.amp in (None, "none") else config.amp
+        autocast(device, self.amp)   # validates the combination before any work
+        dist_on = distributed.init_from_env()
+        if device.type == "cuda" and dist_on:   # init_from_env bound this rank to GPU LOCAL_RANK
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+
+        # -- data
+        source_reader = _reader(config.source, "--source")
+        kinds = [str(s[0]) if isinstance(s, (tuple, list)) else "" for s in (config.source, config.target)]
+        source_crop, target_crop = recipe_crops("hrda" if r.hrda else "daformer", kinds[0], kinds[1])
+        source_crop = config.source_crop or source_crop
+        target_crop = config.target_crop or target_crop
+        if r.pseudo_margins is not None:
+            target_crop = dataclasses.replace(target_crop, pseudo_margins=r.pseudo_margins)
+        rcs = RareClassSampler.from_dataset(source_reader, temperature=r.rcs_temperature,
+                                            min_pixels=r.rcs_min_pixels,
+                                            min_crop_ratio=r.rcs_min_crop_ratio) if r.rcs else None
+        source_set = TrainSet(source_reader, source_crop, seed=config.seed, labeled=True, rcs=rcs)
+        target_set = TrainSet(_reader(config.target, "--target"), target_crop, seed=config.seed + 1,
+                              labeled=False) if self.uda else None
+        self.val_reader = _reader(config.val, "--val") if config.val is not None else None
+
+        # -- networks
+        torch.manual_seed(config.seed)
+        model = build_model(config.arch, num_classes=NUM_CLASSES, **config.arch_options)
+        self.is_hrda = hasattr(model, "hr_crop_size")
+        if r.hrda and not self.is_hrda:
+            raise UserError(f"--recipe hrda needs an HRDA architecture (hrda_*), got {config.arch}")
+        if config.init_state is not None:
+            model.load_state_dict(config.init_state)
+        elif config.pretrained is not None:
+            from domainmerge.models.pretrained import load_pretrained
+
+            log(load_pretrained(model, config.pretrained, trust_pickle=config.trust_pickle))
+        model.to(device)
+        self.use_fd = self.uda and r.fd_lambda > 0
+        self.imnet = frozen_copy(model).eval() if self.use_fd else None
+        self.teacher = frozen_copy(model) if self.uda else None
+
+        self.start = 0
+        opt_state = None
+        if config.resume and self.out is not None:
+            opt_state = self._load(self.out / LATEST, model)
+        if dist_on and self.world > 1:
+            from domainmerge.training.syncbn import sync_batchnorm
+
+            model = sync_batchnorm(model, device)
+            self.teacher = sync_batchnorm(self.teacher, device) if self.teacher is not None else None
+        self.model = model
+        self.student: nn.Module = Student(model)
+        self.optimizer = build_optimizer(model, r)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+        if dist_on and self.world > 1:
+            self.student = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16" and device.type == "cuda")
+        model.train()
+        if self.teacher is not None:
+            self.teacher.train()
+            _dropout_off(self.teacher)
+        b = r.batch_size
+        self.src_iter = batches(source_set, b, start_iter=self.start, rank=self.rank, world_size=self.world,
+                                workers=config.workers)
+        self.tgt_iter = batches(target_set, b, start_iter=self.start, rank=self.rank, world_size=self.world,
+                                workers=config.workers) if target_set is not None else None
+        self.crop_hw: tuple[int, ...] | None = None
+
+    def _load(self, path: Path, model: nn.Module) -> Any:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        meta = ck.get("meta", {}).get("domainmerge", {})
+        if meta.get("arch") != self.config.arch:
+            raise UserError(f"{path}: a run of {meta.get('arch')!r}, not --arch {self.config.arch}")
+        sd = ck["state_dict"]
+        for prefix, net in (("model.", model), ("ema_model.", self.teacher), ("imnet_model.", self.imnet)):
+            if net is not None:
+                net.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        self.start = int(ck["meta"]["iter"])
+        self.log(f"resuming {path} at iteration {self.start}")
+        return ck.get("optimizer")
+
+    def _forward(self, x: Tensor, labels: Tensor, weight: Tensor | None, it: int, slots: list[int],
+                 stream: str) -> tuple[Tensor, list[Tensor]]:
+        """Segmentation loss of the student on uint8 images ``x`` (and its backbone features)."""
+        boxes = _boxes(self.is_hrda, self.model, tuple(x.shape[-2:]), self.recipe, self.config.seed, it, slots,
+                       stream)
+        with autocast(self.device, self.amp):
+            logits, detail, feats = self.student(normalize(x), boxes)
+        return _seg_loss(logits, detail, labels, weight, boxes, self.recipe), feats
+
+    def step(self, it: int) -> dict[str, Any]:
+        """Losses of iteration ``it`` (0-based) backpropagated into the student's gradients.
+
+        Returns {'losses': {name: tensor}, 'pseudo_weight': float or None, 'lr': float}.
+        """
+        r, dev, seed = self.recipe, self.device, self.config.seed
+        torch.manual_seed(int(sample_generator(seed, it, self.rank, "dropout").initial_seed()))
+        lr = set_lr(self.optimizer, it, r)
+        slots = [self.rank * r.batch_size + j for j in range(r.batch_size)]
+        src = next(self.src_iter)
+        xs, ys = src["image"].to(dev), src["label"].to(dev)
+        self.crop_hw = tuple(xs.shape[-2:])
+        losses: dict[str, Tensor] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # 1. source: supervised loss (+ feature distance), one backward
+        loss, feats = self._forward(xs, ys, None, it, slots, "hrda_source")
+        losses["source"] = loss.detach()
+        if self.use_fd:
+            fd = self._feature_distance(xs, ys, feats)
+            losses["fd"] = fd.detach()
+            loss = loss + fd
+        self.scaler.scale(loss).backward()
+        if not self.uda:
+            return {"losses": losses, "pseudo_weight": None, "lr": lr}
+
+        # 2. pseudo-labels of the teacher on the clean target images
+        assert self.teacher is not None and self.tgt_iter is not None
+        tgt = next(self.tgt_iter)
+        xt = tgt["image"].to(dev)
+        with torch.no_grad(), autocast(dev, self.amp):
+            t_logits = resized_logits(self.teacher(normalize(xt)).float(), xt.shape[-2:])
+        plabel, confident = pseudo_labels(t_logits, r.pseudo_threshold)
+        pweight, share = pseudo_weight(confident, plabel, r.ignore_top, r.ignore_bottom)
+        if "valid" in tgt:   # HRDA's pseudo-label margins, cut from the stored image like the crop
+            pweight = pweight * tgt["valid"].to(dev)
+
+        # 3. ClassMix of each slot's source image onto its target image, strong augmentation
+        mixed, mlabel, mweight = [], [], []
+        for j, slot in enumerate(slots):
+            mask = classmix_mask(ys[j:j + 1].cpu(), sample_generator(seed, it, slot, "classmix"))[0].to(dev)
+            img = torch.where(mask, xs[j].float(), xt[j].float())
+            mixed.append(strong_transform(img.cpu(), sample_generator(seed, it, slot, "jitter_mix"),
+                                          jitter_strength=r.jitter_strength, jitter_p=r.jitter_p,
+                                          blur=r.blur).to(dev))
+            mlabel.append(torch.where(mask, ys[j], plabel[j]))
+            mweight.append(torch.where(mask, torch.ones_like(pweight[j]), pweight[j]))
+        loss_mix, _ = self._forward(torch.stack(mixed), torch.stack(mlabel), torch.stack(mweight), it, slots,
+                                    "hrda_mix")
+        losses["pseudo"] = loss_mix.detach()
+        self.scaler.scale(loss_mix).backward()
+
+        # 4. MIC: separately augmented, block-masked target images against the same pseudo-labels
+        if r.mic:
+            masked = []
+            for slot, image in zip(slots, xt):
+                img = strong_transform(image.float().cpu(), sample_generator(seed, it, slot, "jitter_mic"),
+                                       jitter_strength=r.jitter_strength, jitter_p=r.jitter_p, blur=r.blur)
+                keep = block_mask(img.shape[-2], img.shape[-1], r.mask_block_size, r.mask_ratio,
+                                  sample_generator(seed, it, slot, "mic_mask"))
+                masked.append((img * keep).to(dev))
+            loss_mic, _ = self._forward(torch.stack(masked), plabel, pweight, it, slots, "hrda_mic")
+            loss_mic = r.mic_lambda * loss_mic
+            losses["mic"] = loss_mic.detach()
+            self.scaler.scale(loss_mic).backward()
+        return {"losses": losses, "pseudo_weight": share, "lr": lr}
+
+    def _feature_distance(self, xs: Tensor, ys: Tensor, feats: list[Tensor]) -> Tensor:
+        """lambda x mean L2 distance to the ImageNet copy's deepest features over the global thing mask."""
+        r = self.recipe
+        assert self.imnet is not None
+        with torch.no_grad():
+            view = normalize(xs)
+            if self.is_hrda:   # HRDA compares the context (half-resolution) features
+                view = F.interpolate(view, scale_factor=float(cast(float, self.model.lr_scale)), mode="bilinear",
+                                     align_corners=False)
+            ref = cast(nn.Module, self.imnet.backbone)(view)[-1]
+        dsum, count = feature_distance(feats[-1], ref, ys, r.fd_classes, r.fd_min_ratio, NUM_CLASSES)
+        total = float(distributed.all_reduce_sum(count.reshape(1).cpu())[0])
+        # the mean over the global mask; x world size because DDP averages the ranks' gradients
+        return r.fd_lambda * dsum * (self.world / total) if total > 0 else dsum * 0.0
+
+    def update(self, it: int) -> None:
+        """AdamW step, then the teacher's EMA with the rate of iteration ``it + 1``."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.teacher is not None:
+            ema_update(self.teacher, self.model, self.recipe.alpha, it + 1)
+
+
+def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptResult:
+    """Train ``config.arch`` on the labelled source and (self-training) the unlabelled target.
+
+    With ``config.out``: ``OUT/latest.pth`` and ``OUT/iter_N.pth`` every ``save_every`` iterations
+    and at the end (atomic; iter_N is a hard link of latest), and ``OUT/log.jsonl`` every
+    ``log_every`` iterations (losses, pseudo-label weight, learning rate, images/s) and after each
+    validation (mIoU). Checkpoints are the authors' container: ``{'meta': {'iter', 'CLASSES',
+    'PALETTE', 'domainmerge'}, 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'},
+    'optimizer': ...}``. A non-finite loss stops the run with a UserError naming the iteration.
+    """
+    from tqdm import tqdm
+
+    tr = Trainer(config, log)
+    r, out, world = tr.recipe, tr.out, tr.world
+    records: list[dict[str, Any]] = []
+    validation: list[dict[str, Any]] = []
+    main = distributed.is_main_process()
+    end = r.iters if config.stop_at is None else min(config.stop_at, r.iters)
+    bar = tqdm(total=end, initial=tr.start, desc=config.desc, disable=not (config.progress and main),
+               dynamic_ncols=True, mininterval=1.0, leave=False)
+    last_saved: Path | None = (out / LATEST) if (out is not None and tr.start > 0) else None
+    log_fh = open(out / LOG, "a", encoding="utf-8") if (out is not None and main) else None
+    t_last = time.perf_counter()
+    try:
+        for it in range(tr.start, end):
+            state = tr.step(it)
+            losses: dict[str, Tensor] = state["losses"]
+            # Losses averaged over ranks (one collective), also the NaN check every rank agrees on.
+            names = [k for k in LOSSES if k in losses]
+            values = distributed.all_reduce_sum(torch.stack([losses[k].float().cpu() for k in names])) / world
+            if not bool(torch.isfinite(values).all()):
+                bad = names[int((~torch.isfinite(values)).nonzero()[0])]
+                kept = f"; {last_saved} stays" if last_saved is not None else ""
+                raise UserError(f"iteration {it + 1}: the {bad} loss is {float(values[names.index(bad)])}; "
+                                f"training stopped{kept} (lower the learning rate or check the data)")
+            tr.update(it)
+
+            now = time.perf_counter()
+            images = (2 if tr.uda else 1) * r.batch_size * world
+            record: dict[str, Any] = {"iter": it + 1, "lr": state["lr"],
+                                      **{f"loss_{k}": float(v) for k, v in zip(names, values)},
+                                      "images_per_s": images / max(now - t_last, 1e-9)}
+            if state["pseudo_weight"] is not None:
+                record["pseudo_weight"] = state["pseudo_weight"]
+            t_last = now
+            records.append(record)
+            bar.update(1)
+            n = it + 1
+            if log_fh is not None and (n % config.log_every == 0 or n == end):
+                log_fh.write(json.dumps(record) + "\n")
+                log_fh.flush()
+                bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss_")})
+            if tr.val_reader is not None and config.val_every > 0 and (n % config.val_every == 0 or n == end):
+                validation.append(_validate(tr.model, tr.val_reader, config, tr.is_hrda, n, log, log_fh))
+            if out is not None and (n % config.save_every == 0 or n == end):
+                last_saved = _checkpoint(out, n, tr, config) or last_saved
+    finally:
+        bar.close()
+        if log_fh is not None:
+            log_fh.close()
+    return AdaptResult(student={k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()},
+                       teacher=None if tr.teacher is None else {k: v.detach().cpu().clone()
+                                                               for k, v in tr.teacher.state_dict().items()},
+                       records=records, validation=validation, iterations=end, checkpoint=last_saved)
+
+
+def _boxes(is_hrda: bool, model: nn.Module, size: tuple[int, ...], r: Recipe, seed: int, it: int, slots: list[int],
+           stream: str) -> list[tuple[int, int, int, int]] | None:
+    if not is_hrda:
+        return None
+    hr_crop = cast(tuple[int, int], model.hr_crop_size)
+    crop = (min(hr_crop[0], size[0]), min(hr_crop[1], size[1]))
+    return [detail_box(size[0], size[1], crop, r.crop_divisible, sample_generator(seed, it, slot, stream))
+            for slot in slots]
+
+
+def _seg_loss(logits: Tensor, detail: Tensor | None, labels: Tensor, weight: Tensor | None,
+              boxes: list[tuple[int, int, int, int]] | None, r: Recipe) -> Tensor:
+    loss = weighted_ce(logits, labels, weight)
+    if detail is not None and boxes is not None and r.detail_loss_weight > 0:
+        loss = loss + r.detail_loss_weight * weighted_ce(detail, crop_to(labels, boxes),
+                                                         None if weight is None else crop_to(weight, boxes))
+    return loss
+
+
+def _validate(model: nn.Module, reader: Any, config: AdaptConfig, is_hrda: bool, n: int,
+              log: Callable[[str], None], log_fh: Any) -> dict[str, Any]:
+    from domainmerge.evaluation.inference import evaluate_model
+
+    mode = config.val_mode or ("slide" if is_hrda else "whole")
+    scores = evaluate_model(model, reader, mode=mode, device=config.device, progress=False, amp=config.amp
+                            if config.amp not in (None, "none") else None, desc="val")
+    model.train()
+    entry = {"iter": n, "val": scores.to_dict()}
+    if distributed.is_main_process():
+        from domainmerge.reporting import class_table
+
+        log(f"iteration {n}: validation mIoU {scores.miou:.2f}\n{class_table({'val': scores})}")
+        if log_fh is not None:
+            log_fh.write(json.dumps({"iter": n, "val_miou": scores.miou}) + "\n")
+    return entry
+
+
+def _checkpoint(out: Path, n: int, tr: Trainer, config: AdaptConfig) -> Path | None:
+    """Rank 0 writes ``latest.pth`` atomically and hard-links it as ``iter_N.pth``."""
+    if not distributed.is_main_process():
+        return None
+    sd: dict[str, Tensor] = {}
+    for prefix, net in (("model.", tr.model), ("ema_model.", tr.teacher), ("imnet_model.", tr.imnet)):
+        if net is not None:
+            sd.update({prefix + k: v.detach().cpu() for k, v in net.state_dict().items()})
+    record = {"arch": config.arch, "recipe": asdict(config.recipe), "seed": config.seed, "world_size": tr.world,
+              "batch_size": config.recipe.batch_size, "crop": list(tr.crop_hw) if tr.crop_hw else None,
+              "source": _describe(config.source), "target": _describe(config.target)}
+    payload = {"meta": {"iter": n, "CLASSES": list(CLASSES), "PALETTE": [list(p) for p in PALETTE],
+                        "domainmerge": record},
+               "state_dict": sd, "optimizer": tr.optimizer.state_dict()}
+    latest = out / LATEST
+    _save(latest, payload)
+    tmp = out / f".iter_{n}.pth.link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(latest, tmp)
+        os.replace(tmp, out / f"iter_{n}.pth")
+    except OSError:   # a file system without hard links: a second copy
+        _save(out / f"iter_{n}.pth", payload)
+    return latest
+
+
+def _describe(spec: Any) -> str | None:
+    if spec is None:
+        return None
+    if isinstance(spec, (tuple, list)):
+        return " ".join(map(str, spec))
+    return type(spec).__name__
+
+
+__all__ = ["AdaptConfig", "AdaptResult", "Student", "Trainer", "adapt"]

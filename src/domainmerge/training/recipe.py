@@ -1,0 +1,108 @@
+"""The authors' self-training recipes as one frozen dataclass, with defaults per recipe.
+
+Values and where they come from (files of lhoyer/DAFormer, lhoyer/HRDA, lhoyer/MIC and
+AIR-DISCOVER/Model-Merging-MTDA; the merging paper trains with the HRDA recipe):
+
+- optimiser: ``configs/_base_/schedules/adamw.py`` (AdamW lr 6e-5, betas (0.9, 0.999), weight
+  decay 0.01) and the per-experiment ``paramwise_cfg`` (``head`` lr x10, ``pos_block`` and
+  ``norm`` decay x0), e.g. ``configs/hrda/gtaHR2iddHR_hrda.py``;
+- schedule: ``configs/_base_/schedules/poly10warm.py`` (poly power 1.0, min_lr 0, linear
+  warm-up 1500 iterations from ratio 1e-6); ``runner max_iters=40000``; batch 2
+  (``samples_per_gpu=2`` in the dataset bases);
+- self-training: ``configs/_base_/uda/dacs.py`` (pseudo threshold 0.968, ClassMix, colour jitter
+  strength 0.2 with probability 0.2, Gaussian blur) and ``dacs_a999_fdthings.py`` (alpha 0.999,
+  ImageNet feature distance lambda 0.005 on classes 6, 7, 11-18 with min ratio 0.75);
+- DAFormer: ``configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py``
+  (pseudo-weight ignore top 15 / bottom 120 rows; RCS temperature 0.01, min pixels 3000, min crop
+  ratio 0.5) and ``configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py`` (GTA resized to
+  1280x720, Cityscapes to 1024x512, 512x512 crops, cat_max_ratio 0.75, flip 0.5);
+- HRDA: ``configs/hrda/gtaHR2csHR_hrda.py`` (scales [1, 0.5], detail crop 512, detail loss
+  0.1, crop coordinates divisible by 8, features for the distance at scale 0.5, RCS min crop
+  ratio 2.0, pseudo-label margins [30, 240, 30, 30] of the stored image) and
+  ``configs/_base_/datasets/uda_gtaHR_to_cityscapesHR_1024x1024.py`` (GTA at 2560x1440,
+  Cityscapes at 2048x1024, 1024x1024 crops); the resize and crop sizes per dataset kind live in
+  :func:`domainmerge.data.training.recipe_crops`;
+- MIC: ``seg/configs/mic/gtaHR2csHR_mic_hrda.py`` (mode ``separatetrgaug``, block masks of 64
+  pixels, mask ratio 0.7, lambda 1, same teacher and threshold as self-training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from domainmerge.errors import UserError
+
+RECIPES = ("daformer", "hrda")
+# Cityscapes train ids of the 'thing' classes: pole, traffic light, traffic sign, person, rider,
+# car, truck, bus, train, motorcycle, bicycle minus pole (dacs_a999_fdthings.py).
+THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every hyper-parameter of one self-training run (defaults: DAFormer's GTA->Cityscapes)."""
+
+    name: str = "daformer"
+    # -- optimisation
+    iters: int = 40000
+    batch_size: int = 2                    # images per domain, iteration and process
+    lr: float = 6e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    head_lr_mult: float = 10.0             # custom key 'head'
+    no_decay_keys: tuple[str, ...] = ("pos_block", "norm")
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    # -- self-training (DACS)
+    uda: bool = True                       # False: supervised training on the source only
+    alpha: float = 0.999
+    pseudo_threshold: float = 0.968
+    ignore_top: int = 15                   # pseudo-weight rows ignored at the top of the crop
+    ignore_bottom: int = 120
+    jitter_strength: float = 0.2
+    jitter_p: float = 0.2
+    blur: bool = True
+    fd_lambda: float = 0.005
+    fd_classes: tuple[int, ...] = THING_CLASSES
+    fd_min_ratio: float = 0.75
+    # -- data (resize and crop sizes per dataset kind: domainmerge.data.training.recipe_crops)
+    pseudo_margins: tuple[int, int, int, int] | None = None   # HRDA: (top, bottom, left, right) of the image
+    rcs: bool = True
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: int = 3000
+    rcs_min_crop_ratio: float = 0.5
+    # -- HRDA
+    hrda: bool = False
+    detail_crop: tuple[int, int] = (512, 512)
+    detail_loss_weight: float = 0.1
+    crop_divisible: int = 8
+    # -- MIC
+    mic: bool = False
+    mask_ratio: float = 0.7
+    mask_block_size: int = 64
+    mic_lambda: float = 1.0
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with ``changes``; unknown names are a UserError."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise UserError(f"recipe {self.name!r}: unknown setting(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+def get_recipe(name: str = "daformer", *, mic: bool = False, **overrides: Any) -> Recipe:
+    """The authors' settings for ``name`` ('daformer' or 'hrda'), with MIC when ``mic``."""
+    if name not in RECIPES:
+        raise UserError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
+    recipe = Recipe()
+    if name == "hrda":
+        # HRDA masks the pseudo-label margins of the stored image (before resize and crop)
+        # instead of the top/bottom rows of the crop.
+        recipe = recipe.replace(name="hrda", hrda=True, rcs_min_crop_ratio=2.0, ignore_top=0, ignore_bottom=0,
+                                pseudo_margins=(30, 240, 30, 30))
+    if mic:
+        recipe = recipe.replace(mic=True)
+    return recipe.replace(**overrides)

@@ -1,0 +1,183 @@
+"""The self-training loop: resume, DDP equivalence, checkpoints other commands read, bad input,
+and one step of the real networks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from domainmerge.cli import main
+from domainmerge.data.synthetic import SyntheticDataset
+from domainmerge.data.training import CropConfig
+from domainmerge.errors import UserError
+from domainmerge.training import AdaptConfig, adapt, get_recipe
+from domainmerge.training.adapt import Trainer
+
+WHOLE = CropConfig(None, None)
+
+
+def _world(size=(32, 64), n=6):
+    return SyntheticDataset("game", "train", n, size=size), SyntheticDataset("night", "train", n, size=size)
+
+
+def _config(out=None, *, arch="tiny_daformer_r", recipe="daformer", iters=4, batch=2, **kw):
+    src, tgt = _world()
+    r = get_recipe(recipe, mic=kw.pop("mic", True), iters=iters, batch_size=batch, warmup_iters=2,
+                   ignore_top=2, ignore_bottom=4, rcs_min_pixels=20, lr=kw.pop("lr", 6e-4))
+    return AdaptConfig(src, tgt, out=out, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE,
+                       progress=False, save_every=2, log_every=1, **kw)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
+    torch.set_num_threads(1)
+    adapt(_config(tmp_path / "a"), log=lambda s: None)
+    first = adapt(_config(tmp_path / "b", stop_at=2), log=lambda s: None)
+    assert first.iterations == 2 and _load(tmp_path / "b" / "latest.pth")["meta"]["iter"] == 2
+    adapt(_config(tmp_path / "b", resume=True), log=lambda s: None)
+    a, b = _load(tmp_path / "a" / "latest.pth"), _load(tmp_path / "b" / "latest.pth")
+    assert a["meta"]["iter"] == b["meta"]["iter"] == 4
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    # the weights moved, and the student is not the teacher
+    assert not torch.equal(a["state_dict"]["model.decode_head.conv_seg.weight"],
+                           a["state_dict"]["imnet_model.decode_head.conv_seg.weight"])
+    assert not torch.equal(a["state_dict"]["model.decode_head.conv_seg.weight"],
+                           a["state_dict"]["ema_model.decode_head.conv_seg.weight"])
+    lines = [json.loads(s) for s in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in lines] == [1, 2, 3, 4]
+    for key in ("loss_source", "loss_fd", "loss_pseudo", "loss_mic", "pseudo_weight", "lr", "images_per_s"):
+        assert key in lines[-1]
+
+
+def test_checkpoints_are_the_authors_container_and_merge_and_evaluate_read_them(tmp_path, capsys):
+    torch.set_num_threads(1)
+    result = adapt(_config(tmp_path / "run", iters=2, val=SyntheticDataset("night", "val", 2, size=(32, 64)),
+                           val_every=2), log=lambda s: None)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["iter_2.pth", "latest.pth", "log.jsonl"]
+    ck = _load(tmp_path / "run" / "iter_2.pth")
+    assert ck["meta"]["iter"] == 2 and len(ck["meta"]["CLASSES"]) == 19 and ck["meta"]["domainmerge"]["arch"]
+    prefixes = {k.split(".", 1)[0] for k in ck["state_dict"]}
+    assert prefixes == {"model", "ema_model", "imnet_model"} and "optimizer" in ck
+    for k, v in result.student.items():
+        assert torch.equal(ck["state_dict"]["model." + k], v)
+    assert 0 <= result.validation[0]["val"]["miou"] <= 100
+    out = tmp_path / "merged.pth"
+    assert main(["merge", str(tmp_path / "run" / "iter_2.pth"), str(tmp_path / "run" / "latest.pth"), "-o", str(out),
+                 "--only", "model.", "--quiet"]) == 0
+    assert main(["evaluate", str(out), "--domain", "night", "synthetic", "night", "val", "--device", "cpu",
+                 "--workers", "0", "--quiet"]) == 0
+    assert "night" in capsys.readouterr().out
+
+
+def _rank_run(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
+    torch.set_num_threads(1)
+    adapt(_config(out, iters=3, batch=1, arch_options={"dropout": 0.0}), log=lambda s: None)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_batch_1_equal_one_process_with_batch_2(tmp_path):
+    """Same samples, same augmentation, pseudo-label share and feature-distance mask over the global
+    batch, BatchNorm over the global batch (GlobalBatchNorm2d), so the weights agree up to float
+    rounding. Dropout is off: it draws per process from torch's generator."""
+    torch.set_num_threads(1)
+    adapt(_config(tmp_path / "one", iters=3, batch=2, arch_options={"dropout": 0.0}), log=lambda s: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_run, args=(2, port, str(tmp_path / "two")), nprocs=2, join=True)
+    one, two = _load(tmp_path / "one" / "latest.pth"), _load(tmp_path / "two" / "latest.pth")
+    assert two["meta"]["domainmerge"]["world_size"] == 2
+    moved = 0
+    for k, v in one["state_dict"].items():
+        w = two["state_dict"][k]
+        if v.is_floating_point():
+            torch.testing.assert_close(w, v, rtol=1e-4, atol=2e-5, msg=k)
+            moved += not torch.equal(v, one["state_dict"]["imnet_model." + k.split(".", 1)[1]])
+        else:
+            assert torch.equal(w, v), k
+    assert moved > 0
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+    base = ["adapt", "--arch", "tiny_daformer_r", "--device", "cpu", "--workers", "0"]
+    assert main([*base, "--source", "cityscapes", str(tmp_path / "nope"), "--target", "synthetic", "city",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "labels").mkdir()
+    assert main([*base, "--source", "folder", str(empty), "", "--target", "synthetic", "city",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert str(empty) in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest.pth").write_bytes(b"")
+    assert main([*base, "--source", "synthetic", "game", "--target", "synthetic", "city",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # a pretrained file of another architecture: the first differing key is named
+    from domainmerge.models import build_model
+
+    mit = tmp_path / "mit.pth"
+    torch.save(build_model("tiny_daformer_mit").backbone.state_dict(), mit)
+    assert main([*base, "--source", "synthetic", "game", "--target", "synthetic", "city", "--pretrained", str(mit),
+                 "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "mit.pth" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(UserError, match="hrda"):
+        adapt(_config(recipe="hrda"))
+
+
+def test_a_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tmp_path):
+    torch.set_num_threads(1)
+    cfg = _config(tmp_path / "run", iters=20, lr=1e30, mic=False)
+    cfg.save_every = 1
+    with pytest.raises(UserError, match=r"iteration (\d+): the \w+ loss is nan") as info:
+        adapt(cfg, log=lambda s: None)
+    bad = int(str(info.value).split()[1].rstrip(":"))
+    kept = _load(tmp_path / "run" / "latest.pth")
+    assert kept["meta"]["iter"] == bad - 1 and "latest.pth stays" in str(info.value)
+
+
+@pytest.mark.parametrize("arch,recipe", [("daformer_mitb5", "daformer"), ("daformer_r101", "daformer"),
+                                         ("hrda_mitb5", "hrda")])
+def test_one_step_of_the_real_networks_trains_every_parameter(arch, recipe):
+    torch.set_num_threads(1)
+    src, tgt = SyntheticDataset("game", "train", 2, size=(64, 64)), SyntheticDataset("city", "train", 2, size=(64, 64))
+    r = get_recipe(recipe, batch_size=1, ignore_top=4, ignore_bottom=8, rcs=False,
+                   fd_classes=tuple(range(19)))     # every class, so the distance reaches the backbone on any crop
+    tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, progress=False))
+    state = tr.step(0)
+    assert set(state["losses"]) == {"source", "fd", "pseudo"}
+    assert all(torch.isfinite(v) for v in state["losses"].values())
+    missing = [n for n, p in tr.model.named_parameters() if p.requires_grad and
+               (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)]
+    assert missing == []
+    assert tr.teacher is not None and tr.imnet is not None
+    assert all(p.grad is None and not p.requires_grad for net in (tr.teacher, tr.imnet) for p in net.parameters())
+
+
+def test_hrda_mic_under_bf16_autocast_trains_and_validates(tmp_path):
+    """The HRDA path end to end (multi-resolution crops, fused sliding-window pseudo-labels, slide
+    validation) under CPU bf16 autocast, the logic CUDA AMP runs."""
+    torch.set_num_threads(1)
+    cfg = _config(tmp_path / "h", arch="tiny_hrda_r", recipe="hrda", iters=2, amp="bf16",
+                  val=SyntheticDataset("night", "val", 2, size=(32, 64)), val_every=2)
+    cfg.val_mode = "whole"
+    result = adapt(cfg, log=lambda s: None)
+    last = result.records[-1]
+    assert all(torch.isfinite(torch.tensor(last[k])) for k in ("loss_source", "loss_fd", "loss_pseudo", "loss_mic"))
+    assert 0 <= result.validation[-1]["val"]["miou"] <= 100
+    ck = _load(tmp_path / "h" / "latest.pth")
+    assert any(k.startswith("model.decode_head.scale_attention.") for k in ck["state_dict"])
