@@ -121,3 +121,18 @@ def test_recipe_and_command_line_options_do_not_mix(files: Path, capsys: pytest.
     assert "give no checkpoints" in capsys.readouterr().err
     assert main(["merge", "--config", str(files / "nope.yaml"), "-o", str(files / "m.pth")]) == 2
     assert "recipe not found" in capsys.readouterr().err
+
+
+def test_merge_recipe_in_python_equals_the_command(files: Path) -> None:
+    from domainmerge.merging.recipe import load_recipe, merge_recipe
+
+    (files / "r.yaml").write_text("models: [a.pth, b.pth]\nbase: base.pth\nmethod: ties\ndensity: 0.5\n"
+                                  "rules:\n  - {match: 'decode_head.*', keep: own}\n")
+    outs = merge_recipe(load_recipe(files / "r.yaml"))
+    assert main(["merge", "--config", str(files / "r.yaml"), "-o", str(files / "m.pth"), "--quiet"]) == 0
+    assert len(outs) == 2
+    for i, out in enumerate(outs, 1):
+        written = load_state_dict(files / f"m.{i}.pth")
+        assert set(written) == set(out)
+        for k in out:
+            torch.testing.assert_close(written[k], out[k])

@@ -222,6 +222,33 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(data, str(p), p.parent)
 
 
+def merge_recipe(recipe: Recipe | str | Path, *, trust_pickle: bool = False) -> list[dict[str, Any]]:
+    """Merge in memory as a recipe says (a :class:`Recipe` or the path of a YAML file).
+
+    Returns one state dict, or one per model when a rule keeps each model's own tensors
+    (``keep: own``) or ``keep_heads`` is set. ``align`` is not applied here (use
+    :func:`domainmerge.alignment.matching.align_state_dicts` first); the command does both.
+
+    Example:
+        >>> import torch
+        >>> r = parse_recipe({"models": ["a.pth", "b.pth"]})
+        >>> r.method, r.buffers
+        ('linear', 'gaussian')
+    """
+    from domainmerge.checkpoint import load_state_dict
+    from domainmerge.merging.engine import DictSource, iter_merged, plan_merge
+
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    sources = [DictSource(load_state_dict(m, trust_pickle=trust_pickle), m) for m in r.models]
+    base = DictSource(load_state_dict(r.base, trust_pickle=trust_pickle), r.base) if r.base else None
+    plan = plan_merge(sources, r.options(), base=base)
+    outs: list[dict[str, Any]] = [{} for _ in range(plan.n_outputs)]
+    for key, tensors in iter_merged(sources, plan):
+        for out, t in zip(outs, tensors):
+            out[key] = t
+    return outs
+
+
 def recipe_from_options(models: Sequence[str], options: MergeOptions, *, base: str | None = None,
                         align: bool = False, names: Sequence[str] | None = None) -> Recipe:
     """The recipe equal to a command line, so both write the same record."""
