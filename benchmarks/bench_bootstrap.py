@@ -10,8 +10,8 @@ of N images each (two models, paired).
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -19,15 +19,8 @@ from domainmerge.evaluation.bootstrap import compare, interval, paired_differenc
 from domainmerge.evaluation.metrics import ImageStats
 from domainmerge.reporting import markdown_table
 
-
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()   # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_metric import best_seconds  # noqa: E402  (one timing helper for the benchmarks)
 
 
 def fake_stats(rng: np.random.Generator, n: int, c: int) -> ImageStats:
