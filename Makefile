@@ -25,6 +25,8 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
+	# the import layers of docs/CONTRACTS.md: no upward import, no cycle (a second, reads sources only)
+	$(BIN)/python -m pytest -q -n 0 -p no:cacheprovider tests/test_layers.py
 
 typecheck: venv
 	$(BIN)/mypy

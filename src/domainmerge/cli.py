@@ -11,8 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from domainmerge import __version__
 from domainmerge.errors import Terminated, UserError, killed_worker_signal
+from domainmerge.version import __version__
 
 # Order is the order of `domainmerge --help`.
 COMMANDS = [

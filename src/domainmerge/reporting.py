@@ -1,25 +1,43 @@
-"""How results are shown and saved: Markdown tables like the paper's, JSON and CSV files.
+"""How results are shown and saved: Markdown tables like the paper's, plots, JSON and CSV files.
 
-Every command prints through this module so tables look the same everywhere: scores in
-percent with one decimal, one column per domain followed by the harmonic mean H (the paper's
-primary number) and the arithmetic mean. NaN (a score that does not exist) prints as "n/a"
-and is saved as JSON null / an empty CSV cell.
+Every command, ``evaluation.lmc`` and ``alignment.diagnostics`` render through this module so
+tables look the same everywhere: scores in percent with one decimal, one column per domain
+followed by the harmonic mean H (the paper's primary number) and the arithmetic mean. NaN (a
+score that does not exist) prints as "n/a" and is saved as JSON null / an empty CSV cell.
+
+Layer: reporting sits below evaluation, alignment, training and the demo (docs/CONTRACTS.md,
+"Layers"): it takes plain data (mappings, sequences, floats) and objects by their attributes
+(a ``SegScores`` is anything with ``iou``, ``miou``, ``class_names``; a result with ``to_dict()``
+is saved as that dict), and imports none of the modules whose results it renders.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from domainmerge.evaluation.metrics import SegScores, arithmetic_mean, harmonic_mean
-from domainmerge.fsutil import write_text_atomic
+from domainmerge.fsutil import atomic_path, write_text_atomic
+from domainmerge.tensors import arithmetic_mean, harmonic_mean
 
 MISSING = "n/a"
+
+
+class ClassScores(Protocol):
+    """What the class tables read of ``domainmerge.evaluation.SegScores``."""
+
+    @property
+    def iou(self) -> Any: ...            # per class, indexable
+    @property
+    def miou(self) -> float: ...
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -102,7 +120,7 @@ def interval_table(intervals: Mapping[str, Mapping[str, Any]], *, columns: Seque
     return markdown_table([name, *cols], body)
 
 
-def class_rows(scores_by_domain: Mapping[str, SegScores]) -> list[dict[str, Any]]:
+def class_rows(scores_by_domain: Mapping[str, ClassScores]) -> list[dict[str, Any]]:
     """One dict per class with its IoU in each domain, then an 'mIoU' row."""
     domains = list(scores_by_domain)
     names = _class_names(scores_by_domain)
@@ -113,14 +131,14 @@ def class_rows(scores_by_domain: Mapping[str, SegScores]) -> list[dict[str, Any]
     return rows
 
 
-def class_table(scores_by_domain: Mapping[str, SegScores]) -> str:
+def class_table(scores_by_domain: Mapping[str, ClassScores]) -> str:
     """Markdown: per-class IoU rows (and a final mIoU row) by domain columns."""
     domains = list(scores_by_domain)
     body = [[str(r["class"])] + [fmt(r[d]) for d in domains] for r in class_rows(scores_by_domain)]
     return markdown_table(["Class"] + domains, body)
 
 
-def _class_names(scores_by_domain: Mapping[str, SegScores]) -> tuple[str, ...]:
+def _class_names(scores_by_domain: Mapping[str, ClassScores]) -> tuple[str, ...]:
     names = {s.class_names for s in scores_by_domain.values()}
     if len(names) != 1:
         raise ValueError("all domains must be scored over the same classes")
@@ -128,9 +146,13 @@ def _class_names(scores_by_domain: Mapping[str, SegScores]) -> tuple[str, ...]:
 
 
 def jsonable(obj: Any) -> Any:
-    """``obj`` with NaN/inf floats as None and SegScores/tuples/mappings made plain."""
-    if isinstance(obj, SegScores):
-        return obj.to_dict()
+    """``obj`` with NaN/inf floats as None, results with ``to_dict()`` (SegScores, Interval ...)
+    as that dict, dataclasses as dicts of their fields, tuples and mappings made plain."""
+    to_dict = getattr(obj, "to_dict", None)
+    if callable(to_dict) and not isinstance(obj, type):
+        return jsonable(to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
     if isinstance(obj, float):
         return None if not math.isfinite(obj) else obj
     if isinstance(obj, Mapping):
@@ -186,10 +208,120 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120, *, repla
     """Write a matplotlib figure as PNG atomically (temporary file, then rename) and close it."""
     import matplotlib.pyplot as plt
 
-    from domainmerge.fsutil import atomic_path
-
     try:
         with atomic_path(path, replace=replace) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)
     finally:
         plt.close(fig)
+
+
+# -- linear mode connectivity (evaluation.lmc) --------------------------------------------------
+def point_label(weights: Sequence[float]) -> str:
+    """'0.30' (lambda, the weight of the second model) for two models, '0.50/0.25/0.25' beyond."""
+    return f"{weights[1]:.2f}" if len(weights) == 2 else "/".join(f"{w:.2f}" for w in weights)
+
+
+def lmc_markdown(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, Any]],
+                 names: Sequence[str]) -> str:
+    """Markdown of ``evaluation.lmc.scan`` rows and ``barriers`` summary: the scores at every point
+    (mIoU per domain, H), then per metric the barrier and the dip below the line."""
+    domains = list(rows[0]["scores"])
+    k = len(names)
+    first = "lambda" if k == 2 else "weights (" + " / ".join(names) + ")"
+    body = [[point_label(r["weights"])] + [fmt(r["scores"][d]) for d in domains] + [fmt(r["H"])] for r in rows]
+    table = markdown_table([first, *domains, "H"], body)
+    where = "lambda" if k == 2 else "weights"
+    brows = [[m, fmt(s["endpoint_mean"]), fmt(s["min"]), point_label(s["argmin"]), fmt(s["barrier"]),
+              fmt(s["dip_below_line"]), fmt(s["max"]), point_label(s["argmax"])] for m, s in summary.items()]
+    btable = markdown_table(["metric", "mean of ends", "min", f"min at {where}", "barrier", "dip below line",
+                             "max", f"max at {where}"], brows)
+    ends = "end points" if k == 2 else "vertices"
+    head = (f"Interpolation between {' and '.join(names)}" if k == 2
+            else f"Simplex of {', '.join(names)}")
+    return (f"{head} (mIoU %, H = harmonic mean over domains)\n\n{table}\n\n"
+            f"Barrier = mean of the {ends} - minimum over the {'curve' if k == 2 else 'grid'} (Git Re-Basin's "
+            f"form). Dip below line = largest drop below the linear interpolation of the {ends}' own scores "
+            f"(<= 0: never below it).\n\n{btable}\n")
+
+
+def plot_lmc_curve(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
+    """PNG: mIoU per domain and H against lambda; dashed, the straight line between each curve's
+    end points (its midpoint is the level the barrier is measured from)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lams = [r["weights"][1] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric in [*rows[0]["scores"], "H"]:
+        ys = [r["H"] if metric == "H" else r["scores"][metric] for r in rows]
+        line, = ax.plot(lams, ys, marker="o", lw=2.5 if metric == "H" else 1.5, label=metric)
+        ax.plot([0, 1], [ys[0], ys[-1]], ls="--", lw=0.8, color=line.get_color())
+    ax.set_xlabel(f"lambda  ({names[0]} -> {names[1]})")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_lmc_simplex(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
+    """PNG: one ternary heat map per domain and for H over the 3-model simplex."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.tri as mtri
+
+    corners = [(0.0, 0.0), (1.0, 0.0), (0.5, math.sqrt(3) / 2)]
+    xs = [sum(w * c[0] for w, c in zip(r["weights"], corners)) for r in rows]
+    ys = [sum(w * c[1] for w, c in zip(r["weights"], corners)) for r in rows]
+    tri = mtri.Triangulation(xs, ys)
+    metrics = [*rows[0]["scores"], "H"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        zs = [r["H"] if metric == "H" else r["scores"][metric] for r in rows]
+        art = ax.tripcolor(tri, zs, shading="gouraud", cmap="viridis")
+        ax.plot([c[0] for c in [*corners, corners[0]]], [c[1] for c in [*corners, corners[0]]], color="k", lw=0.8)
+        for (cx, cy), name in zip(corners, names):
+            ax.annotate(name, (cx, cy), ha="center", va="top" if cy == 0 else "bottom", fontsize=8)
+        ax.set_title(f"{metric} (mIoU %)" if metric != "H" else "H")
+        ax.set_aspect("equal")
+        ax.axis("off")
+        fig.colorbar(art, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# -- task-vector diagnostics (alignment.diagnostics) -------------------------------------------
+def task_vector_markdown(report: Mapping[str, Any]) -> str:
+    """Markdown of ``alignment.diagnostics.task_vector_report``: per-module relative task-vector
+    norms and cosines, identity fractions, verdict."""
+    names = report["models"]
+    pairs = [(c["a"], c["b"]) for c in report["overall"]["cosine"]]
+    short = {n: Path(n).name for n in names} if len({Path(n).name for n in names}) == len(names) else {}
+
+    def cell(x: float | None, scale: float = 1.0, digits: int = 3) -> str:
+        return "n/a" if x is None else f"{scale * x:.{digits}f}"
+
+    def label(n: str) -> str:
+        return short.get(n, n)
+
+    header = (["module", "params"] + [f"rel. norm % {label(n)}" for n in names]
+              + [f"cos {label(a)} / {label(b)}" for a, b in pairs])
+    rows = []
+    for m in [*report["modules"], report["overall"]]:
+        rows.append([m["module"], str(m["params"])] + [cell(m["relative"][n], 100, 2) for n in names]
+                    + [cell(c["cosine"]) for c in m["cosine"]])
+    lines = ["Task vectors (model - base), norms relative to the base weights:", "",
+             markdown_table(header, rows), ""]
+    if report["excluded_keys"]:
+        lines.append(f"Not in the base (left out): {len(report['excluded_keys'])} tensors, e.g. "
+                     f"{report['excluded_keys'][0]}")
+    ident = ", ".join(f"{label(n)} {cell(f, 100, 1)}%" for n, f in report["identity"].items())
+    lines.append(f"Weight matching to {label(report['identity_reference'])}, units kept in place: {ident} "
+                 f"({report['identity_note']})")
+    lines += ["", f"Verdict: {report['verdict']['text']}", ""]
+    return "\n".join(lines)

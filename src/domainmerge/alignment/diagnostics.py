@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from itertools import combinations
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -144,32 +143,7 @@ def verdict(overall: Mapping[str, Any], identity: Mapping[str, float | None]) ->
 
 
 def render_report(report: Mapping[str, Any]) -> str:
-    """Markdown: per-module relative task-vector norms and cosines, identity fractions, verdict."""
-    from domainmerge.reporting import markdown_table
+    """Markdown of a :func:`task_vector_report` (:func:`domainmerge.reporting.task_vector_markdown`)."""
+    from domainmerge.reporting import task_vector_markdown
 
-    names = report["models"]
-    pairs = [(c["a"], c["b"]) for c in report["overall"]["cosine"]]
-    short = {n: Path(n).name for n in names} if len({Path(n).name for n in names}) == len(names) else {}
-
-    def cell(x: float | None, scale: float = 1.0, digits: int = 3) -> str:
-        return "n/a" if x is None else f"{scale * x:.{digits}f}"
-
-    def label(n: str) -> str:
-        return short.get(n, n)
-
-    header = (["module", "params"] + [f"rel. norm % {label(n)}" for n in names]
-              + [f"cos {label(a)} / {label(b)}" for a, b in pairs])
-    rows = []
-    for m in [*report["modules"], report["overall"]]:
-        rows.append([m["module"], str(m["params"])] + [cell(m["relative"][n], 100, 2) for n in names]
-                    + [cell(c["cosine"]) for c in m["cosine"]])
-    lines = ["Task vectors (model - base), norms relative to the base weights:", "",
-             markdown_table(header, rows), ""]
-    if report["excluded_keys"]:
-        lines.append(f"Not in the base (left out): {len(report['excluded_keys'])} tensors, e.g. "
-                     f"{report['excluded_keys'][0]}")
-    ident = ", ".join(f"{label(n)} {cell(f, 100, 1)}%" for n, f in report["identity"].items())
-    lines.append(f"Weight matching to {label(report['identity_reference'])}, units kept in place: {ident} "
-                 f"({report['identity_note']})")
-    lines += ["", f"Verdict: {report['verdict']['text']}", ""]
-    return "\n".join(lines)
+    return task_vector_markdown(report)

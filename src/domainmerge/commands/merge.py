@@ -233,7 +233,6 @@ def _dtype_summary(plan: Any, checkpoints: list[Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from domainmerge import __version__
     from domainmerge.checkpoint import (
         Checkpoint,
         SafetensorsWriter,
@@ -246,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.fsutil import atomic_path, check_output_path
     from domainmerge.merging import DictSource, StrippedSource, iter_merged, plan_merge
     from domainmerge.merging.engine import check_options
+    from domainmerge.version import __version__
 
     start = time.perf_counter()
     recipe = _apply_recipe(args)

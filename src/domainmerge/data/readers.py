@@ -222,7 +222,27 @@ def dataset_kinds() -> tuple[str, ...]:
 
 def build_dataset(kind: str, root: str | Path, split: str, strict: bool = True,
                   **options: Any) -> torch.utils.data.Dataset:
-    """The dataset ``kind`` (gta, cityscapes, idd, acdc, darkzurich, folder, ...) under ``root``."""
+    """The dataset ``kind`` under ``root``: items ``(image uint8 [3,H,W], label int64 [H,W], name)``.
+
+    Args:
+        kind: gta, cityscapes, idd, acdc, darkzurich, folder (images and labels in two folders),
+            synthetic (the demo's generated world: ``root`` names its domain), or a kind added
+            with :func:`register_dataset`.
+        root: the dataset's folder, in the layout its authors' code expects (README, "Data").
+        split: train, val, ... (the folder level of the layout).
+        strict: refuse an image without its label file (False: skip it).
+        options: options of the kind's reader (``length``, ``seed``, ``size`` for synthetic).
+
+    Returns:
+        A ``torch.utils.data.Dataset``; a missing folder or file raises a UserError naming it.
+
+    Example:
+        >>> from domainmerge import build_dataset
+        >>> val = build_dataset("synthetic", "city", "val", length=2, size=(32, 64))
+        >>> image, label, name = val[0]
+        >>> image.dtype, tuple(image.shape), tuple(label.shape), name
+        (torch.uint8, (3, 32, 64), (32, 64), 'city_val_00000')
+    """
     if kind not in _FACTORIES and kind in _PROVIDERS:
         importlib.import_module(_PROVIDERS[kind])
         if kind not in _FACTORIES:

@@ -168,12 +168,5 @@ def plot_sweeps(result: MethodsResult, out: str | Path) -> Path:
     return path
 
 
-def normalised_images(images: Tensor) -> Tensor:
-    """uint8 [N, 3, H, W] -> the network's normalised float input."""
-    from domainmerge.evaluation.inference import normalize
-
-    return normalize(images)
-
-
-__all__ = ["METHOD_ROWS", "SWEEPS", "MethodRow", "MethodsResult", "methods_table", "normalised_images",
+__all__ = ["METHOD_ROWS", "SWEEPS", "MethodRow", "MethodsResult", "methods_table",
            "plot_sweeps", "render_methods"]

@@ -32,6 +32,7 @@ from domainmerge.errors import UserError
 from domainmerge.evaluation.lmc import barrier, dip_below_line, lambda_grid
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, harmonic_mean
 from domainmerge.reporting import jsonable
+from domainmerge.tensors import normalize
 from domainmerge.training import AdaptConfig, Recipe, adapt
 from domainmerge.training.init import reset_head
 
@@ -259,13 +260,12 @@ class Demo:
     def _recalibrated(self, net: nn.Module, state_dict: StateDict, targets: Sequence[str]) -> StateDict:
         """``state_dict`` with BN statistics re-estimated (cumulative average) on ``recal_images``
         unlabeled training images spread evenly over ``targets``, in batches of 8."""
-        from domainmerge.evaluation.inference import normalize as normalise
         from domainmerge.evaluation.recalibrate import recalibrate_bn, spread_indices
 
         idx = spread_indices({t: len(self.train[t]) for t in targets}, self.p.recal_images)
         images = torch.cat([self.train[t].images[idx[t]] for t in targets])
         net.load_state_dict(state_dict)
-        recalibrate_bn(net, (normalise(images[i:i + 8]) for i in range(0, len(images), 8)))
+        recalibrate_bn(net, (normalize(images[i:i + 8]) for i in range(0, len(images), 8)))
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     def evaluate_stage(self) -> None:
@@ -344,7 +344,7 @@ class Demo:
         data-using ones read ``recal_images`` unlabeled training images per target."""
         from dataclasses import asdict
 
-        from domainmerge.demo.methods import MethodRow, methods_table, normalised_images
+        from domainmerge.demo.methods import MethodRow, methods_table
 
         if not self.p.methods:
             return
@@ -358,7 +358,7 @@ class Demo:
                                         dict(s[f"merged_{g}_backbone_heads"])),
                      "recal": MethodRow(f"linear, BN recalibrated on {self.p.recal_images} images", "recalibrated",
                                         dict(s[f"merged_{g}_recalibrated"]), True)} for g in groups}
-        images = {t: normalised_images(self.train[t].images[:self.p.recal_images]) for t in targets}
+        images = {t: normalize(self.train[t].images[:self.p.recal_images]) for t in targets}
 
         def score(sd: Mapping[str, torch.Tensor], domains: Sequence[str]) -> dict[str, float]:
             return {d: image_stats(net, sd, self.val[d]).miou() for d in domains}

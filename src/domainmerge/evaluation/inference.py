@@ -14,30 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from domainmerge.data.classes import MEAN, STD
 from domainmerge.errors import UserError, loader_errors
 from domainmerge.evaluation import distributed
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
 from domainmerge.evaluation.resize import rescale_size, resize_to_scale
-from domainmerge.models.hrda import crop_boxes
+from domainmerge.tensors import batched, crop_boxes, harmonic_mean, normalize
 
 MODES = ("whole", "slide")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def normalize(images: Tensor) -> Tensor:
-    """uint8 RGB images [..., 3, H, W] (0-255) -> float32 ``(x - MEAN) / STD``."""
-    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    return (images.float() - mean) / std
 
 
 def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -116,20 +108,6 @@ def predict(model: nn.Module, image: Tensor, mode: str = "whole", crop: tuple[in
     return logits
 
 
-Sample = tuple[Tensor, Tensor, str]
-
-
-def _batches(samples: Iterator[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Consecutive samples grouped up to ``batch_size``, only images of equal size together."""
-    batch: list[Sample] = []
-    for s in samples:
-        if batch and (len(batch) == batch_size or s[0].shape != batch[0][0].shape
-                      or s[1].shape != batch[0][1].shape):
-            yield batch
-            batch = []
-        batch.append(s)
-    if batch:
-        yield batch
 
 
 # Pixels per forward pass the default batch size aims at: a CPU is busy with about a
@@ -194,7 +172,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     # Each rank fills its own images' rows; the sum over ranks is every image in dataset order.
     rows = torch.zeros(len(dataset), 3, num_classes, dtype=torch.int64) if per_image else None
     done = 0
-    for batch in _batches(loader_errors(loader), batch_size):
+    for batch in batched(loader_errors(loader), batch_size, lambda s: (s[0].shape, s[1].shape)):
         images = torch.stack([s[0] for s in batch]).to(dev)
         labels = torch.stack([s[1] for s in batch]).to(dev)
         # mmseg order: resize the uint8 image (OpenCV bilinear, rounded), then normalise.
@@ -218,3 +196,75 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     if rows is not None:
         scores = replace(scores, per_image=ImageStats.from_rows(distributed.all_reduce_sum(rows)))
     return scores
+
+
+@dataclass(frozen=True)
+class DomainScores:
+    """One model's scores on several domains: ``scores[domain]`` (:class:`SegScores`), and the
+    paper's summary, the per-domain mIoU (``miou``) and their harmonic mean ``h``."""
+
+    scores: dict[str, SegScores]
+
+    @property
+    def miou(self) -> dict[str, float]:
+        """mIoU (percent) per domain, in the order the domains were given."""
+        return {d: s.miou for d, s in self.scores.items()}
+
+    @property
+    def h(self) -> float:
+        """H = K / sum_k 1 / mIoU_k over the domains (arXiv 2407.13771, the primary metric)."""
+        return harmonic_mean(self.miou.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every domain's ``SegScores.to_dict()`` and H."""
+        return {"domains": {d: s.to_dict() for d, s in self.scores.items()}, "H": self.h}
+
+
+def evaluate_domains(model: nn.Module, datasets: Mapping[str, Any], *,
+                     protocols: Mapping[str, Any] | None = None, device: str | torch.device = "cpu",
+                     batch_size: int | None = None, num_classes: int = 19, amp: str | None = None,
+                     workers: int | None = None, progress: bool = False, per_image: bool = False,
+                     max_windows: int | None = None) -> DomainScores:
+    """Evaluate ``model`` on every labelled dataset of ``datasets`` (one per domain).
+
+    Each domain goes through :func:`evaluate_model` with its protocol, so the numbers are those
+    of ``domainmerge evaluate``.
+
+    Args:
+        model: a network whose ``forward`` maps a normalised batch to logits (e.g. from
+            ``domainmerge.model_from_state_dict``).
+        datasets: domain name -> dataset of ``(image uint8 [3,H,W], label int64 [H,W], name)``
+            items (``domainmerge.build_dataset``, or any such ``torch.utils.data.Dataset``).
+        protocols: domain name -> :class:`domainmerge.evaluation.protocols.Protocol` (mode,
+            windows, resize); a domain without one is evaluated whole at native resolution.
+            ``protocols.resolve(family, kind)`` gives the authors' settings.
+        device, batch_size, num_classes, amp, workers, progress, per_image, max_windows: as
+            :func:`evaluate_model`.
+
+    Returns:
+        :class:`DomainScores`: ``.scores[domain]`` (SegScores), ``.miou`` per domain, ``.h``.
+
+    Example:
+        >>> import torch
+        >>> from domainmerge import build_dataset, build_model, evaluate_domains, harmonic_mean
+        >>> _ = torch.manual_seed(0)
+        >>> model = build_model("tiny_daformer_r")
+        >>> val = {d: build_dataset("synthetic", d, "val", length=4, size=(32, 64)) for d in ("city", "night")}
+        >>> result = evaluate_domains(model, val)
+        >>> list(result.miou)
+        ['city', 'night']
+        >>> result.h == harmonic_mean(result.miou.values()) and 0 <= result.h <= 100
+        True
+    """
+    protocols = protocols or {}
+    out: dict[str, SegScores] = {}
+    for name, dataset in datasets.items():
+        proto = protocols.get(name)
+        out[name] = evaluate_model(
+            model, dataset, mode=proto.mode if proto else "whole",
+            crop=(proto.crop if proto else None) or (1024, 1024),
+            stride=(proto.stride if proto else None) or (512, 512), device=device, batch_size=batch_size,
+            num_classes=num_classes, img_scale=proto.img_scale if proto else None, amp=amp, workers=workers,
+            progress=progress, desc=name, per_image=per_image, max_windows=max_windows)
+    return DomainScores(out)
+

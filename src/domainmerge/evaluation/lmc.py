@@ -121,85 +121,23 @@ def barriers(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def point_label(weights: Sequence[float]) -> str:
-    """'0.30' (lambda, the weight of the second model) for two models, '0.50/0.25/0.25' beyond."""
-    return f"{weights[1]:.2f}" if len(weights) == 2 else "/".join(f"{w:.2f}" for w in weights)
-
-
 def render(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, Any]],
            names: Sequence[str]) -> str:
-    """Markdown: the scores at every point (mIoU per domain, H), then the barriers."""
-    from domainmerge.reporting import fmt, markdown_table
+    """Markdown of a scan and its barriers (:func:`domainmerge.reporting.lmc_markdown`)."""
+    from domainmerge.reporting import lmc_markdown
 
-    domains = list(rows[0]["scores"])
-    k = len(names)
-    first = "lambda" if k == 2 else "weights (" + " / ".join(names) + ")"
-    body = [[point_label(r["weights"])] + [fmt(r["scores"][d]) for d in domains] + [fmt(r["H"])] for r in rows]
-    table = markdown_table([first, *domains, "H"], body)
-    where = "lambda" if k == 2 else "weights"
-    brows = [[m, fmt(s["endpoint_mean"]), fmt(s["min"]), point_label(s["argmin"]), fmt(s["barrier"]),
-              fmt(s["dip_below_line"]), fmt(s["max"]), point_label(s["argmax"])] for m, s in summary.items()]
-    btable = markdown_table(["metric", "mean of ends", "min", f"min at {where}", "barrier", "dip below line",
-                             "max", f"max at {where}"], brows)
-    ends = "end points" if k == 2 else "vertices"
-    head = (f"Interpolation between {' and '.join(names)}" if k == 2
-            else f"Simplex of {', '.join(names)}")
-    return (f"{head} (mIoU %, H = harmonic mean over domains)\n\n{table}\n\n"
-            f"Barrier = mean of the {ends} - minimum over the {'curve' if k == 2 else 'grid'} (Git Re-Basin's "
-            f"form). Dip below line = largest drop below the linear interpolation of the {ends}' own scores "
-            f"(<= 0: never below it).\n\n{btable}\n")
+    return lmc_markdown(rows, summary, names)
 
 
 def plot_curve(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
-    """PNG: mIoU per domain and H against lambda; dashed, the straight line between each curve's
-    end points (its midpoint is the level the barrier is measured from)."""
-    import matplotlib
+    """PNG of a two-model scan (:func:`domainmerge.reporting.plot_lmc_curve`)."""
+    from domainmerge.reporting import plot_lmc_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from domainmerge.reporting import save_figure
-
-    lams = [r["weights"][1] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for metric in [*rows[0]["scores"], "H"]:
-        ys = [r["H"] if metric == "H" else r["scores"][metric] for r in rows]
-        line, = ax.plot(lams, ys, marker="o", lw=2.5 if metric == "H" else 1.5, label=metric)
-        ax.plot([0, 1], [ys[0], ys[-1]], ls="--", lw=0.8, color=line.get_color())
-    ax.set_xlabel(f"lambda  ({names[0]} -> {names[1]})")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_xlim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
+    plot_lmc_curve(rows, names, path)
 
 
 def plot_ternary(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
-    """PNG: one ternary heat map per domain and for H over the 3-model simplex."""
-    import matplotlib
+    """PNG of a three-model scan (:func:`domainmerge.reporting.plot_lmc_simplex`)."""
+    from domainmerge.reporting import plot_lmc_simplex
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.tri as mtri
-
-    from domainmerge.reporting import save_figure
-
-    corners = [(0.0, 0.0), (1.0, 0.0), (0.5, math.sqrt(3) / 2)]
-    xs = [sum(w * c[0] for w, c in zip(r["weights"], corners)) for r in rows]
-    ys = [sum(w * c[1] for w, c in zip(r["weights"], corners)) for r in rows]
-    tri = mtri.Triangulation(xs, ys)
-    metrics = [*rows[0]["scores"], "H"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        zs = [r["H"] if metric == "H" else r["scores"][metric] for r in rows]
-        art = ax.tripcolor(tri, zs, shading="gouraud", cmap="viridis")
-        ax.plot([c[0] for c in [*corners, corners[0]]], [c[1] for c in [*corners, corners[0]]], color="k", lw=0.8)
-        for (cx, cy), name in zip(corners, names):
-            ax.annotate(name, (cx, cy), ha="center", va="top" if cy == 0 else "bottom", fontsize=8)
-        ax.set_title(f"{metric} (mIoU %)" if metric != "H" else "H")
-        ax.set_aspect("equal")
-        ax.axis("off")
-        fig.colorbar(art, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    plot_lmc_simplex(rows, names, path)

@@ -10,7 +10,7 @@ ignore_index gives the same classes zero weight).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,8 @@ import torch
 from domainmerge.data.classes import CLASSES
 from domainmerge.errors import UserError
 from domainmerge.evaluation import distributed
+from domainmerge.tensors import arithmetic_mean as arithmetic_mean  # re-exported: the means H is built from
+from domainmerge.tensors import harmonic_mean as harmonic_mean
 
 
 @dataclass(frozen=True, eq=False)
@@ -245,25 +247,3 @@ class SegMetric:
     def compute(self) -> SegScores:
         """Scores from the current counts (call ``sync`` first under torch.distributed)."""
         return scores_from_confusion(self.confusion, self.class_names)
-
-
-def harmonic_mean(values: Iterable[float]) -> float:
-    """K / sum(1 / v_k): the paper's H over per-domain mIoUs (0 if any is 0, NaN if any is NaN)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("harmonic mean of no values")
-    if any(math.isnan(v) for v in vals):
-        return math.nan
-    if any(v < 0 for v in vals):
-        raise ValueError(f"harmonic mean needs non-negative values, got {vals}")
-    if any(v == 0 for v in vals):
-        return 0.0
-    return len(vals) / sum(1.0 / v for v in vals)
-
-
-def arithmetic_mean(values: Iterable[float]) -> float:
-    """Plain mean of the values (NaN if any is NaN)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("arithmetic mean of no values")
-    return sum(vals) / len(vals)

@@ -152,9 +152,23 @@ def resolve_spec(state_dict: Mapping[str, Tensor], arch: str = "auto", **config:
 def model_from_state_dict(state_dict: Mapping[str, Tensor], arch: str = "auto", **config: Any) -> nn.Module:
     """A network holding ``state_dict`` (loaded strictly), in eval mode, float32.
 
-    ``arch='auto'`` detects the architecture; a name from ``ARCHS`` forces it (``config``
-    overrides options such as ``hr_crop_size``). A state dict that does not fit raises a
-    UserError naming what was found.
+    Args:
+        state_dict: the network's tensors without wrapper prefix (``strip_model_prefix`` of a
+            training checkpoint's keys).
+        arch: ``'auto'`` detects the architecture from the keys and shapes (MiT-B0...B5 or
+            ResNetV1c backbones, DAFormer / DeepLabV2 heads, HRDA); a name from ``ARCHS`` forces it.
+        config: overrides of the spec's options, such as ``hr_crop_size``.
+
+    Returns:
+        The network in eval mode with copies of the tensors (training it leaves ``state_dict``
+        unchanged). A state dict that does not fit raises a UserError naming what was found.
+
+    Example:
+        >>> from domainmerge import build_model, model_from_state_dict
+        >>> sd = build_model("tiny_daformer_r").state_dict()
+        >>> net = model_from_state_dict(sd)
+        >>> sorted(net.state_dict()) == sorted(sd) and not net.training
+        True
     """
     spec = resolve_spec(state_dict, arch, **config)
     with torch.device("meta"):

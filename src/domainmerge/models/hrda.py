@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from domainmerge.tensors import crop_boxes
+
 
 class HRDAHead(nn.Module):
     """Container for the shared segmentation head and the scale-attention head."""
@@ -22,23 +24,6 @@ class HRDAHead(nn.Module):
         super().__init__()
         self.head = head
         self.scale_attention = scale_attention
-
-
-def crop_boxes(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int,
-                                                                                                       int, int]]:
-    """Sliding-window boxes (y1, y2, x1, x2) covering an image, as mmseg/HRDA place them: a
-    regular grid with the last window shifted back to end at the border; windows larger than
-    the image are clipped to it."""
-    ch, cw = crop
-    sh, sw = stride
-    rows = max(height - ch + sh - 1, 0) // sh + 1
-    cols = max(width - cw + sw - 1, 0) // sw + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
-            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
-    return boxes
 
 
 class HRDAEncoderDecoder(nn.Module):

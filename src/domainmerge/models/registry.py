@@ -70,6 +70,23 @@ def get_spec(arch: str, num_classes: int = 19, **config: Any) -> ModelSpec:
 
 
 def build_model(arch: str, num_classes: int = 19, **config: Any) -> nn.Module:
-    """A freshly initialised network by name, e.g. ``build_model('daformer_mitb5')`` or
-    ``build_model('tiny_daformer_r', num_classes=19)``; see :func:`get_spec` for ``config``."""
+    """A freshly initialised network by name.
+
+    Args:
+        arch: a name of ``ARCHS``: ``daformer_mitb5``, ``hrda_r101``, ... and the tiny ones the
+            tests and the demo use (``tiny_daformer_r``, ``tiny_hrda_r``, ...).
+        num_classes: classes of the segmentation head (19: the Cityscapes train classes).
+        config: options of the spec (see :func:`get_spec`), e.g. ``hr_crop_size`` for HRDA.
+
+    Returns:
+        The network (``nn.Module``); ``forward`` maps a normalised batch [B, 3, H, W] to logits
+        [B, num_classes, h, w].
+
+    Example:
+        >>> import torch
+        >>> from domainmerge import build_model
+        >>> net = build_model("tiny_daformer_r").eval()
+        >>> net(torch.zeros(1, 3, 32, 64)).shape[:2]
+        torch.Size([1, 19])
+    """
     return get_spec(arch, num_classes, **config).build()

@@ -1,0 +1,97 @@
+"""Low-level helpers shared by models, evaluation, training, reporting and the demo.
+
+One home for each: the network's input normalisation (:func:`normalize`, any device), the
+sliding-window boxes of mmseg/HRDA (:func:`crop_boxes`), grouping images of equal size into
+batches (:func:`batched`), and the means over domains every table shows (:func:`harmonic_mean`,
+the paper's H, and :func:`arithmetic_mean`). This module imports nothing of domainmerge but the
+datasets' MEAN/STD, so every layer above may use it (docs/CONTRACTS.md, "Layers").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from domainmerge.data.classes import MEAN, STD
+
+T = TypeVar("T")
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 RGB images [..., 3, H, W] (0-255) -> float32 ``(x - MEAN) / STD`` on their device.
+
+    Args:
+        images: uint8 (or float, 0-255 scale) RGB images, channels third from last.
+
+    Returns:
+        float32 tensor of the same shape and device, normalised with ``domainmerge.data.MEAN``/``STD``.
+
+    Example:
+        >>> import torch
+        >>> from domainmerge.tensors import normalize
+        >>> white = normalize(torch.full((3, 1, 1), 255, dtype=torch.uint8))
+        >>> [round(v, 3) for v in white.flatten().tolist()]     # (255 - MEAN) / STD per channel
+        [2.249, 2.429, 2.64]
+    """
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.float() - mean) / std
+
+
+def crop_boxes(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+               ) -> list[tuple[int, int, int, int]]:
+    """Sliding-window boxes (y1, y2, x1, x2) covering an image, as mmseg/HRDA place them: a
+    regular grid with the last window shifted back to end at the border; windows larger than
+    the image are clipped to it (mmseg ``EncoderDecoder.slide_inference``)."""
+    ch, cw = crop
+    sh, sw = stride
+    rows = max(height - ch + sh - 1, 0) // sh + 1
+    cols = max(width - cw + sw - 1, 0) // sw + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
+            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return boxes
+
+
+def batched(items: Iterable[T], batch_size: int, shape: Callable[[T], Any]) -> Iterator[list[T]]:
+    """Consecutive ``items`` grouped up to ``batch_size``; an item whose ``shape(item)`` differs
+    from the batch's first starts a new batch (only images of equal size are stacked)."""
+    batch: list[T] = []
+    for item in items:
+        if batch and (len(batch) == batch_size or shape(item) != shape(batch[0])):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def harmonic_mean(values: Iterable[float]) -> float:
+    """K / sum(1 / v_k): the paper's H over per-domain mIoUs (0 if any is 0, NaN if any is NaN)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("harmonic mean of no values")
+    if any(math.isnan(v) for v in vals):
+        return math.nan
+    if any(v < 0 for v in vals):
+        raise ValueError(f"harmonic mean needs non-negative values, got {vals}")
+    if any(v == 0 for v in vals):
+        return 0.0
+    return len(vals) / sum(1.0 / v for v in vals)
+
+
+def arithmetic_mean(values: Iterable[float]) -> float:
+    """Plain mean of the values (NaN if any is NaN)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("arithmetic mean of no values")
+    return sum(vals) / len(vals)
+
+
+__all__ = ["arithmetic_mean", "batched", "crop_boxes", "harmonic_mean", "normalize"]
