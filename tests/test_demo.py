@@ -9,6 +9,7 @@ import torch
 from domainmerge.checkpoint import load_state_dict, strip_model_prefix
 from domainmerge.cli import main
 from domainmerge.demo import PRESETS, parse_targets
+from domainmerge.demo.records import DemoResults
 from domainmerge.errors import UserError
 from domainmerge.evaluation.bootstrap import verdict
 from domainmerge.models import build_model
@@ -42,16 +43,17 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
     curve = res["interpolation"]
     assert len(curve["lambda"]) == PRESETS["tiny"].lambdas
     for label in ("shared_init", "different_init"):
-        assert len(curve[label]["H"]) == len(curve["lambda"]) and "barrier_miou" in curve[label]
-    # Barriers recomputed by hand from the recorded curves: the largest drop below the chord
-    # between the end points, and PAPER.md's mean of the end points minus the minimum.
+        assert len(curve[label]["H"]) == len(curve["lambda"])
+    # Recomputed by hand from the recorded curves: the dip below the line (the largest drop below
+    # the chord between the end points) and the barrier (mean of the end points minus the minimum).
     lams = curve["lambda"]
     for label in ("shared_init", "different_init"):
         for key in (a, b, "H"):
             v = curve[label][key]
             chord = max((1 - lam) * v[0] + lam * v[-1] - x for lam, x in zip(lams, v))
-            assert curve[label]["barrier"][key] == pytest.approx(chord)
-            assert curve[label]["barrier_paper"][key] == pytest.approx((v[0] + v[-1]) / 2 - min(v))
+            assert curve[label]["dip_below_line"][key] == pytest.approx(chord)
+            assert curve[label]["barrier"][key] == pytest.approx((v[0] + v[-1]) / 2 - min(v))
+        assert curve[label]["dip_below_line_miou"] == max(curve[label]["dip_below_line"][d] for d in (a, b))
     # The interpolation end points are the two models themselves (lambda 0 and 1).
     assert curve["shared_init"][a][0] == pytest.approx(scores[f"stda_{a}"][a])
     assert curve["shared_init"][b][-1] == pytest.approx(scores[f"stda_{b}"][b])
@@ -74,8 +76,14 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
     assert t1["estimate"] == pytest.approx(h(f"merged_{a}+{b}_gaussian") - max(h(f"stda_{a}"), h(f"stda_{b}")))
     assert (t1["margin"], t1["side"]) == (2.0, ">=")
     t4 = {t["label"]: t for t in checks["4"]["tests"]}
-    assert t4["shared-init barrier"]["estimate"] == pytest.approx(curve["shared_init"]["barrier_miou"])
-    assert t4["different-init barrier"]["estimate"] == pytest.approx(curve["different_init"]["barrier_miou"])
+    assert t4["shared-init dip below line"]["estimate"] == pytest.approx(curve["shared_init"]["dip_below_line_miou"])
+    assert t4["different-init dip below line"]["estimate"] == pytest.approx(
+        curve["different_init"]["dip_below_line_miou"])
+    # The typed record reads results.json back field by field.
+    back = DemoResults.from_dict(res)
+    assert back.check("4").condition("shared-init dip below line").estimate == t4["shared-init dip below line"]["estimate"]
+    assert back.interpolation is not None and back.interpolation.lambdas == lams
+    assert back.to_dict()["interpolation"] == curve and back.scores == scores
     for f in ("results.md", "interpolation.png", "merging.png"):
         assert (out / f).stat().st_size > 0
     md = (out / "results.md").read_text()
@@ -128,7 +136,11 @@ def test_tiny_demo_over_two_seeds(tmp_path, capsys, monkeypatch):
     for cid in ("1", "2", "4", "world-1", "world-2"):
         for s in (0, 1):
             own = next(c for c in runs[s]["checks"] if c["id"] == cid)
-            assert summary["checks"][cid]["verdicts"][str(s)] == own["verdict"] in ("PASS", "FAIL", "TIE")
+            # The verdict is the one its stored intervals and margins give (a test not judged says SKIP).
+            vs = [verdict(t["low"], t["high"], t["margin"], t["side"]) for t in own["tests"]]
+            assert own["tests"] and [t["verdict"] for t in own["tests"]] == vs
+            assert own["verdict"] == ("FAIL" if "FAIL" in vs else "TIE" if "TIE" in vs else "PASS")
+            assert summary["checks"][cid]["verdicts"][str(s)] == own["verdict"]
     assert summary["checks"]["3"]["verdicts"] == {"0": "SKIP", "1": "SKIP"}
     diffs = [next(c for c in runs[s]["checks"] if c["id"] == "1")["tests"][0]["estimate"] for s in (0, 1)]
     assert summary["checks"]["1"]["tests"]["merged - best single"]["mean"] == pytest.approx(sum(diffs) / 2)

@@ -57,10 +57,11 @@ def test_demo_pipeline_writes_the_methods_table(tmp_path) -> None:
 
     out = tmp_path / "demo"
     res = run_demo(replace(PRESETS["tiny"], methods=True), out, log=lambda _: None)
-    rows = res["methods"]["rows"]["city+night"]
-    assert [r["method"] for r in rows][-2:] == ["linear_heads", "recalibrated"]
+    assert res.methods is not None
+    rows = res.methods.rows["city+night"]
+    assert [r.method for r in rows][-2:] == ["linear_heads", "recalibrated"]
     # the table's linear row is the pipeline's own Gaussian merge, scored on the same images
-    linear = next(r for r in rows if r["method"] == "linear")
-    assert linear["scores"] == pytest.approx(res["scores"]["merged_city+night_gaussian"], abs=1e-9)
+    linear = next(r for r in rows if r.method == "linear")
+    assert linear.scores == pytest.approx(res.scores["merged_city+night_gaussian"], abs=1e-9)
     assert "## Merge methods, city+night" in (out / "results.md").read_text()
     assert (out / "methods.png").exists()

@@ -325,3 +325,59 @@ def task_vector_markdown(report: Mapping[str, Any]) -> str:
                  f"({report['identity_note']})")
     lines += ["", f"Verdict: {report['verdict']['text']}", ""]
     return "\n".join(lines)
+
+
+# -- generic plots (the demo's figures) ---------------------------------------------------------
+def plot_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], str]]],
+                path: str | os.PathLike[str], *, xlabel: str | Mapping[str, str], ylabel: str,
+                reference: tuple[str, float] | None = None, width: float = 5.0, dpi: int = 110,
+                replace: bool | None = None) -> None:
+    """PNG: side by side, one panel per ``panels`` entry (its title), each a line plot of its
+    series ``{label: (x, y, matplotlib format such as '-o')}`` on a shared y axis; ``xlabel``
+    one for all or per panel; ``reference`` (label, y) a dashed horizontal line in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for label, (xs, ys, style) in series.items():
+            ax.plot(list(xs), list(ys), style, label=label)
+        if reference is not None:
+            ax.axhline(reference[1], color="k", ls="--", lw=1, label=reference[0])
+        ax.set_title(title)
+        ax.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel[title])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=dpi, replace=replace)
+
+
+def plot_bars(values: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str], *, title: str, ylabel: str,
+              dpi: int = 110, replace: bool | None = None) -> None:
+    """PNG: grouped bars, one group per ``values`` entry (its x tick label) with one bar per
+    series ``values[group][series]`` (series in first-seen order, a legend entry each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(values)
+    series: list[str] = []
+    for per in values.values():
+        series += [k for k in per if k not in series]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / max(1, len(series))
+    for i, key in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(groups))], [values[g].get(key, math.nan) for g in groups], width,
+               label=key)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=dpi, replace=replace)

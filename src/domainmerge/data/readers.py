@@ -2,7 +2,8 @@
 
 Every dataset here is a pair of folders walked recursively: an image ``<stem><image_suffix>``
 under the image folder pairs with ``<stem><label_suffix>`` at the same relative place under
-the label folder (the layouts mmseg-based domain-adaptation code expects, PAPER.md). Items are
+the label folder (the layouts of the mmseg-based domain-adaptation code the paper, arXiv 2407.13771, builds on:
+AIR-DISCOVER/Model-Merging-MTDA, lhoyer/HRDA). Items are
 ``(image, label, name)``: image uint8 [3, H, W] RGB, label int64 [H, W] in 0..18 and 255, name
 the image's relative path without its suffix (for writing predictions next to it).
 """

@@ -10,9 +10,9 @@ run cannot tell). A claim made of several conditions is PASS only if every condi
 
 Maxima and minima over models (the best single model, the smallest gap) are taken inside each
 resample, so the selection of the best model is itself resampled. The barrier of an
-interpolation curve (claim 4) is a threshold on a whole curve: each resample re-scores every
-point of the curve on the same resampled images and takes the curve's barrier, which gives the
-barrier's interval.
+interpolation curve's dip below the line (claim 4) is a threshold on a whole curve: each
+resample re-scores every point of the curve on the same resampled images and takes the curve's
+dip, which gives the dip's interval.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from domainmerge.demo.records import Check, Condition
 from domainmerge.evaluation.bootstrap import (
     PairedBootstrap,
     combine_verdicts,
@@ -75,8 +76,8 @@ class Judge:
         return Stat(harmonic_mean([p.est for p in per]),
                     harmonic_mean_samples([p.samples for p in per]))
 
-    def barrier(self, curve: Sequence[Mapping[str, ImageStats]], lambdas: Sequence[float],
-                domains: Sequence[str]) -> Stat:
+    def dip_below_line(self, curve: Sequence[Mapping[str, ImageStats]], lambdas: Sequence[float],
+                       domains: Sequence[str]) -> Stat:
         """Max over ``domains`` of the dip below the chord (``lmc.dip_below_line``) of the mIoU curve
         whose point i is scored by ``curve[i][domain]``, in each resample."""
         weights = [(1 - lam, lam) for lam in lambdas]
@@ -88,38 +89,35 @@ class Judge:
             per_domain.append(Stat(dip_below_line(ests, weights, [ests[0], ests[-1]]), (chord - values).max(0)))
         return Stat.reduce(per_domain, "max")
 
-    def test(self, label: str, stat: Stat, margin: float, side: str) -> dict[str, Any]:
+    def test(self, label: str, stat: Stat, margin: float, side: str) -> Condition:
         """One condition 'stat side margin' judged from the stat's interval."""
         ci = percentile_interval(stat.est, stat.samples, self.level)
-        return {"label": label, "estimate": ci.estimate, "low": ci.low, "high": ci.high, "level": self.level,
-                "margin": margin, "side": side, "verdict": verdict(ci.low, ci.high, margin, side)}
+        return Condition(label, ci.estimate, ci.low, ci.high, self.level, margin, side,
+                         verdict(ci.low, ci.high, margin, side))
 
 
-def judged(cid: str, text: str, tests: Sequence[Mapping[str, Any]], detail: str, kind: str = "claim") -> dict[str, Any]:
+def judged(cid: str, text: str, tests: Sequence[Condition], detail: str, kind: str = "claim") -> Check:
     """A check's record: its conditions with their intervals and the combined verdict."""
-    return {"id": cid, "kind": kind, "claim": text, "verdict": combine_verdicts([t["verdict"] for t in tests]),
-            "tests": list(tests), "detail": detail}
+    return Check(cid, kind, text, combine_verdicts([t.verdict for t in tests]), list(tests), detail)
 
 
-def not_tested(cid: str, text: str, why: str = "", kind: str = "claim") -> dict[str, Any]:
+def not_tested(cid: str, text: str, why: str = "", kind: str = "claim") -> Check:
     """A check the preset does not test (by declaration or because it has too few targets)."""
-    return {"id": cid, "kind": kind, "claim": text, "verdict": "SKIP", "tests": [],
-            "detail": NOT_TESTED if not why else f"{NOT_TESTED} ({why})"}
+    return Check(cid, kind, text, "SKIP", [], NOT_TESTED if not why else f"{NOT_TESTED} ({why})")
 
 
-def format_test(t: Mapping[str, Any]) -> str:
+def format_test(t: Condition) -> str:
     """'merged - best single +6.6 [+4.1, +9.0] (needs >= +2.0)'."""
-    pct = f"{t['level'] * 100:g}%"
-    return (f"{t['label']} {t['estimate']:+.2f} [{pct} {t['low']:+.2f}, {t['high']:+.2f}] "
-            f"(claim {t['side']} {t['margin']:g})")
+    pct = f"{t.level * 100:g}%"
+    return f"{t.label} {t.estimate:+.2f} [{pct} {t.low:+.2f}, {t.high:+.2f}] (claim {t.side} {t.margin:g})"
 
 
-def format_check(c: Mapping[str, Any]) -> str:
+def format_check(c: Check) -> str:
     """The printed line: verdict, id, claim, then each condition's difference and interval."""
-    if c["verdict"] == "SKIP":
-        return f"SKIP [{c['id']}] {c['claim']}: {c['detail']}"
-    tests = "; ".join(format_test(t) for t in c["tests"])
-    return f"{c['verdict']} [{c['id']}] {c['claim']}: {tests}; {c['detail']}"
+    if c.verdict == "SKIP":
+        return f"SKIP [{c.id}] {c.claim}: {c.detail}"
+    tests = "; ".join(format_test(t) for t in c.tests)
+    return f"{c.verdict} [{c.id}] {c.claim}: {tests}; {c.detail}"
 
 
 __all__ = ["ALL_CHECKS", "NOT_TESTED", "Judge", "Stat", "format_check", "format_test", "judged", "not_tested"]

@@ -11,15 +11,14 @@ lambda) are run on the largest group.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor, nn
 
-from domainmerge.evaluation.metrics import harmonic_mean
+from domainmerge.demo.records import MethodRow, MethodsResult, stda
 from domainmerge.merging import merge_state_dicts
 from domainmerge.merging.learned import adamerging, fisher_diagonal, fisher_merge
+from domainmerge.tensors import harmonic_mean
 
 StateDict = dict[str, Tensor]
 Scorer = Callable[[Mapping[str, Tensor], Sequence[str]], dict[str, float]]
@@ -37,35 +36,6 @@ SWEEPS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "ties": ("density", "density", (0.05, 0.1, 0.2, 0.5, 1.0)),
     "dare_linear": ("drop", "drop rate", (0.0, 0.3, 0.5, 0.7, 0.9)),
 }
-
-
-@dataclass
-class MethodRow:
-    """One merged model: its scores per domain, H, and whether the method read target images."""
-
-    label: str
-    method: str
-    scores: dict[str, float]
-    uses_data: bool = False
-
-    def h(self, domains: Sequence[str]) -> float:
-        return harmonic_mean([self.scores[d] for d in domains])
-
-
-@dataclass
-class MethodsResult:
-    """The methods table per group, and the knob sweeps on the largest group."""
-
-    groups: dict[str, list[str]] = field(default_factory=dict)           # group label -> targets
-    rows: dict[str, list[MethodRow]] = field(default_factory=dict)       # group label -> rows
-    sweeps: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> {values, H}
-    sweep_group: str = ""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MethodsResult:
-        """The result back from its JSON form (``dataclasses.asdict``)."""
-        rows = {g: [MethodRow(**r) for r in rs] for g, rs in data["rows"].items()}
-        return cls(dict(data["groups"]), rows, dict(data["sweeps"]), data["sweep_group"])
 
 
 def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str, Tensor],
@@ -91,7 +61,7 @@ def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str,
     """
     result = MethodsResult(groups={g: list(t) for g, t in groups.items()})
     for g, targets in groups.items():
-        sds = [models[f"stda_{t}"] for t in targets]
+        sds = [models[stda(t)] for t in targets]
         rows = []
         for label, method, knobs in METHOD_ROWS:
             merged = merge_state_dicts(sds, base=None if method == "linear" else base, method=method, seed=seed,
@@ -107,7 +77,7 @@ def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str,
         result.rows[g] = rows
     largest = max(groups, key=lambda g: len(groups[g]))
     result.sweep_group = largest
-    sds = [models[f"stda_{t}"] for t in groups[largest]]
+    sds = [models[stda(t)] for t in groups[largest]]
     for method, (knob, _, values) in SWEEPS.items():
         hs = []
         for v in values:
@@ -143,28 +113,15 @@ def render_methods(result: MethodsResult) -> str:
 
 
 def plot_sweeps(result: MethodsResult, out: str | Path) -> Path:
-    """methods.png: H against each method's main knob, with the linear merge as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from domainmerge.reporting import save_figure
+    """methods.png: H against each method's main knob, with the linear merge as a dashed line."""
+    from domainmerge.reporting import plot_panels
 
     doms = result.groups[result.sweep_group]
     linear = next(r.h(doms) for r in result.rows[result.sweep_group] if r.method == "linear")
-    fig, axes = plt.subplots(1, len(result.sweeps), figsize=(4 * len(result.sweeps), 3.4), sharey=True)
-    for ax, (method, sweep) in zip(list(axes), result.sweeps.items()):
-        ax.plot(sweep["values"], sweep["H"], "-o", label=method)
-        ax.axhline(linear, color="k", ls="--", lw=1, label="linear")
-        ax.set_xlabel(SWEEPS[method][1])
-        ax.set_title(method)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel(f"H over {len(doms)} targets (mIoU %)")
-    fig.tight_layout()
     path = Path(out) / "methods.png"
-    save_figure(fig, path, dpi=110)
+    plot_panels({method: {method: (sweep["values"], sweep["H"], "-o")} for method, sweep in result.sweeps.items()},
+                path, xlabel={method: SWEEPS[method][1] for method in result.sweeps},
+                ylabel=f"H over {len(doms)} targets (mIoU %)", reference=("linear", linear), width=4.0)
     return path
 
 

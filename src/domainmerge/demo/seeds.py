@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from domainmerge.demo.pipeline import Preset, run_demo
+from domainmerge.demo.records import DemoResults, combined, group, merged, stda
 from domainmerge.errors import UserError
-from domainmerge.evaluation.metrics import harmonic_mean
 from domainmerge.reporting import fmt, markdown_table
+from domainmerge.tensors import harmonic_mean
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -30,29 +31,29 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def numbers(results: Mapping[str, Any]) -> dict[str, float]:
+def numbers(results: DemoResults) -> dict[str, float]:
     """The numbers of one run worth comparing across seeds, by a readable key: every score, H of
-    every model over the first two targets (and over all targets), the interpolation barriers,
-    every check's difference, the wall time."""
+    every model over the first two targets (and over all targets), the interpolation curves'
+    dips below the line and barriers, every check's difference, the wall time."""
     out: dict[str, float] = {}
-    targets = results["targets"]
+    targets = results.targets
     pair = targets[:2]
-    for model, per in results["scores"].items():
+    for model, per in results.scores.items():
         for d, v in per.items():
             out[f"{model} {d}"] = v
         if all(d in per for d in pair):
-            out[f"{model} H({'+'.join(pair)})"] = harmonic_mean([per[d] for d in pair])
+            out[f"{model} H({group(pair)})"] = harmonic_mean([per[d] for d in pair])
         if len(targets) > 2 and all(d in per for d in targets):
             out[f"{model} H(all)"] = harmonic_mean([per[d] for d in targets])
-    for label in ("shared_init", "different_init"):
-        cur = results["interpolation"][label]
-        for form in ("barrier", "barrier_paper"):
-            for k, v in cur[form].items():
-                out[f"{label} {form} {k}"] = v
-    for c in results["checks"]:
-        for t in c["tests"]:
-            out[f"check {c['id']}: {t['label']}"] = t["estimate"]
-    out["wall time (s)"] = results["wall_time_s"]
+    if results.interpolation is not None:
+        for label, curve in results.interpolation.curves.items():
+            for form, values in (("dip_below_line", curve.dip_below_line), ("barrier", curve.barrier)):
+                for k, v in values.items():
+                    out[f"{label} {form} {k}"] = v
+    for c in results.checks:
+        for t in c.tests:
+            out[f"check {c.id}: {t.label}"] = t.estimate
+    out["wall time (s)"] = results.wall_time_s
     return out
 
 
@@ -63,7 +64,7 @@ def _mean_std(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "values": list(values)}
 
 
-def summarize_seeds(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+def summarize_seeds(runs: Mapping[int, DemoResults]) -> dict[str, Any]:
     """Mean and sample standard deviation (n - 1) of every number over the seeds, and each
     check's verdict per seed."""
     seeds = list(runs)
@@ -73,14 +74,13 @@ def summarize_seeds(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
         keys += [k for k in nums if k not in keys]
     first = runs[seeds[0]]
     checks = {}
-    for c in first["checks"]:
-        by_seed = {s: next(x for x in runs[s]["checks"] if x["id"] == c["id"]) for s in seeds}
-        checks[c["id"]] = {"claim": c["claim"], "kind": c["kind"],
-                           "verdicts": {str(s): by_seed[s]["verdict"] for s in seeds},
-                           "tests": {t["label"]: _mean_std([next(u for u in by_seed[s]["tests"]
-                                                                 if u["label"] == t["label"])["estimate"]
-                                                            for s in seeds]) for t in c["tests"]}}
-    return {"preset": first["preset"], "targets": first["targets"], "seeds": seeds,
+    for c in first.checks:
+        by_seed = {s: runs[s].check(c.id) for s in seeds}
+        checks[c.id] = {"claim": c.claim, "kind": c.kind,
+                        "verdicts": {str(s): by_seed[s].verdict for s in seeds},
+                        "tests": {t.label: _mean_std([by_seed[s].condition(t.label).estimate for s in seeds])
+                                  for t in c.tests}}
+    return {"preset": first.preset, "targets": first.targets, "seeds": seeds,
             "numbers": {k: _mean_std([per_seed[s].get(k, math.nan) for s in seeds]) for k in keys},
             "checks": checks}
 
@@ -135,9 +135,10 @@ def run_seeds(preset: Preset, out: str | Path, seeds: Sequence[int], *, force: b
     log(checks_table(summary))
     log("")
     a, b = summary["targets"][:2]
-    pair = f"H({a}+{b})"
-    headline = {f"stda_{a} {pair}", f"stda_{b} {pair}", f"combined_{a}_{b} {pair}", f"merged_{a}+{b}_gaussian {pair}",
-                f"merged_{a}+{b}_backbone_heads {pair}", "merged_all_gaussian H(all)"}
+    pair = f"H({group([a, b])})"
+    headline = {f"{stda(a)} {pair}", f"{stda(b)} {pair}", f"{combined([a, b])} {pair}",
+                f"{merged(group([a, b]), 'gaussian')} {pair}", f"{merged(group([a, b]), 'backbone_heads')} {pair}",
+                f"{merged('all', 'gaussian')} H(all)"}
     log(numbers_table(summary, keep=lambda k: k in headline or k.startswith("check ")))
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and one folder per seed")
     return summary

@@ -4,16 +4,21 @@ Interpolated models come from the merge kernels (``domainmerge.merging.interpola
 ``merge_state_dicts``), never from a second averaging implementation, so a curve's point at
 lambda = 0.5 is exactly what ``domainmerge merge`` writes.
 
-Barrier, Git Re-Basin's form (PAPER.md): for a loss, B = max_lambda L(theta_lambda) -
-(L(theta_0) + L(theta_1)) / 2; for an accuracy-like score such as mIoU, the drop of the curve's
-minimum below the mean of its end points, B = (m_0 + m_1) / 2 - min_lambda m_lambda. Since the
-end points lie on the curve, B >= 0, and B equals |m_0 - m_1| / 2 for a monotone curve without
-a dip. Over a simplex of K models the end points become its K vertices.
+Two quantities, one name each, here, in the demo, the reports and the README:
 
-Because per-domain curves of models adapted to different domains have very different end
-points, the tables also give the dip below the straight line between the end points
-(Frankle et al.'s form): max_lambda ((1 - lambda) m_0 + lambda m_1 - m_lambda), over a simplex
-max_w (sum_k w_k m_k - m_w); <= 0 when the curve never falls below that line.
+*Barrier* (:func:`barrier`): Git Re-Basin's form (Ainsworth et al., ICLR 2023), the one the
+paper's linear-mode-connectivity analysis states (arXiv 2407.13771, "Empirical Analysis for
+Linear Mode Connectivity"): for a loss, B = max_lambda L(theta_lambda) - (L(theta_0) +
+L(theta_1)) / 2; for an accuracy-like score such as mIoU, the drop of the curve's minimum
+below the mean of its end points, B = (m_0 + m_1) / 2 - min_lambda m_lambda. Since the end
+points lie on the curve, B >= 0, and B equals |m_0 - m_1| / 2 for a monotone curve without a
+dip. Over a simplex of K models the end points become its K vertices.
+
+*Dip below the line* (:func:`dip_below_line`): per-domain curves of models adapted to
+different domains have very different end points, so the tables also give how far the curve
+falls below the straight line between its end points (Frankle et al.'s form):
+max_lambda ((1 - lambda) m_0 + lambda m_1 - m_lambda), over a simplex max_w (sum_k w_k m_k -
+m_w); <= 0 when the curve never falls below that line.
 """
 
 from __future__ import annotations
