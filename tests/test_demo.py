@@ -81,7 +81,8 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
         curve["different_init"]["dip_below_line_miou"])
     # The typed record reads results.json back field by field.
     back = DemoResults.from_dict(res)
-    assert back.check("4").condition("shared-init dip below line").estimate == t4["shared-init dip below line"]["estimate"]
+    shared = back.check("4").condition("shared-init dip below line")
+    assert shared.estimate == t4["shared-init dip below line"]["estimate"]
     assert back.interpolation is not None and back.interpolation.lambdas == lams
     assert back.to_dict()["interpolation"] == curve and back.scores == scores
     for f in ("results.md", "interpolation.png", "merging.png"):
