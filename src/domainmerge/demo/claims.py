@@ -9,8 +9,8 @@ of the margin), FAIL (the whole interval on the other side) or TIE (it straddles
 run cannot tell). A claim made of several conditions is PASS only if every condition passes.
 
 Maxima and minima over models (the best single model, the smallest gap) are taken inside each
-resample, so the selection of the best model is itself resampled. The barrier of an
-interpolation curve's dip below the line (claim 4) is a threshold on a whole curve: each
+resample, so the selection of the best model is itself resampled. An interpolation curve's dip
+below the line (claim 4) is a threshold on a whole curve: each
 resample re-scores every point of the curve on the same resampled images and takes the curve's
 dip, which gives the dip's interval.
 """
