@@ -35,3 +35,16 @@ def test_every_public_name_is_importable_and_documented() -> None:
     for name in domainmerge.__all__:
         value = getattr(domainmerge, name)
         assert (value.__doc__ or "").strip(), f"domainmerge.{name} has no docstring"
+
+
+# Public functions whose docstrings follow the Args / Returns / Example layout (PEP 257 + doctest).
+STRUCTURED = ["align_state_dicts", "build_dataset", "build_model", "evaluate_domains", "model_from_state_dict"]
+
+
+@pytest.mark.parametrize("name", STRUCTURED)
+def test_public_function_docstrings_have_args_returns_and_an_example(name: str) -> None:
+    import domainmerge
+
+    doc = getattr(domainmerge, name).__doc__ or ""
+    for section in ("Args:", "Returns:", "Example:", ">>> "):
+        assert section in doc, f"domainmerge.{name}: no {section!r} in its docstring"

@@ -24,6 +24,14 @@ Example:
     tensor([1., 3.])
     >>> domainmerge.interpolate(a, b, 0.25)["w"]
     tensor([0.5000, 2.5000])
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "merged.pth")
+    >>> _ = domainmerge.save_checkpoint(path, domainmerge.merge_state_dicts([a, b]), meta={"note": "demo"})
+    >>> domainmerge.load_state_dict(path)
+    {'w': tensor([1., 3.])}
+    >>> with domainmerge.open_checkpoint(path) as ck:
+    ...     ck.extras["meta"]
+    {'note': 'demo'}
 """
 
 from __future__ import annotations
