@@ -22,9 +22,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("checkpoint", "data"),
     ("tensors",),
     ("reporting",),
-    ("models",),
-    ("merging",),
-    ("alignment", "evaluation"),
+    ("models", "alignment"),
+    ("merging",),       # merge --align calls alignment; lmc (evaluation) calls the merge kernels
+    ("evaluation",),
     ("training",),
     ("demo",),
     ("commands",),
