@@ -14,8 +14,10 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "domainmerge"
 
-# Lowest first. A module may import its own package's modules and those of lower layers; modules
-# of one layer do not import each other's packages. Keep in step with docs/CONTRACTS.md.
+# Lowest first. A module may import its own unit's modules and those of lower layers; units of one
+# layer do not import each other. A unit is a top-level module or package of domainmerge, or a
+# module given its own row ('package.module': it then leaves its package's layer). Keep in step
+# with docs/CONTRACTS.md.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version"),
     ("fsutil",),
@@ -66,9 +68,14 @@ def imported(name: str, path: Path, known: set[str]) -> set[str]:
 
 
 def unit(module: str) -> str:
-    """The layer unit of a module: its top-level package or module under domainmerge ('' for the root)."""
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else ""
+    """The layer unit of a module: the longest entry of LAYERS that is the module or one of its
+    packages (e.g. 'evaluation', or a module given its own row such as 'merging.files'); the
+    top-level package or module under domainmerge otherwise ('' for the root)."""
+    parts = module.split(".")[1:]
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in RANK:
+            return ".".join(parts[:n])
+    return parts[0] if parts else ""
 
 
 def graph() -> dict[str, set[str]]:
@@ -150,3 +157,5 @@ def test_imports_are_read_from_the_source(tmp_path: Path, source: str, expected:
 def test_an_upward_import_and_a_cycle_are_found() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert RANK["reporting"] < RANK["evaluation"] < RANK["demo"]
+    assert unit("domainmerge.evaluation.lmc") == "evaluation" and unit("domainmerge") == ""
+    assert unit("domainmerge.reporting") == "reporting"

@@ -2,7 +2,7 @@
 
 One home for each: the network's input normalisation (:func:`normalize`, any device), the
 sliding-window boxes of mmseg/HRDA (:func:`crop_boxes`), grouping images of equal size into
-batches (:func:`batched`), and the means over domains every table shows (:func:`harmonic_mean`,
+batches (:func:`equal_size_batches`), and the means over domains every table shows (:func:`harmonic_mean`,
 the paper's H, and :func:`arithmetic_mean`). This module imports nothing of domainmerge but the
 datasets' MEAN/STD, so every layer above may use it (docs/CONTRACTS.md, "Layers").
 """
@@ -59,12 +59,13 @@ def crop_boxes(height: int, width: int, crop: tuple[int, int], stride: tuple[int
     return boxes
 
 
-def batched(items: Iterable[T], batch_size: int, shape: Callable[[T], Any]) -> Iterator[list[T]]:
-    """Consecutive ``items`` grouped up to ``batch_size``; an item whose ``shape(item)`` differs
-    from the batch's first starts a new batch (only images of equal size are stacked)."""
+def equal_size_batches(items: Iterable[T], batch_size: int, size: Callable[[T], Any]) -> Iterator[list[T]]:
+    """Consecutive ``items`` grouped up to ``batch_size``, only items of equal ``size(item)``
+    together (a change of size starts a new batch): how evaluation and BN recalibration batch
+    images of a dataset whose images may differ in size."""
     batch: list[T] = []
     for item in items:
-        if batch and (len(batch) == batch_size or shape(item) != shape(batch[0])):
+        if batch and (len(batch) == batch_size or size(item) != size(batch[0])):
             yield batch
             batch = []
         batch.append(item)
@@ -94,4 +95,4 @@ def arithmetic_mean(values: Iterable[float]) -> float:
     return sum(vals) / len(vals)
 
 
-__all__ = ["arithmetic_mean", "batched", "crop_boxes", "harmonic_mean", "normalize"]
+__all__ = ["arithmetic_mean", "crop_boxes", "equal_size_batches", "harmonic_mean", "normalize"]

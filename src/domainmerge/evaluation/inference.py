@@ -26,7 +26,7 @@ from domainmerge.errors import UserError, loader_errors
 from domainmerge.evaluation import distributed
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
 from domainmerge.evaluation.resize import rescale_size, resize_to_scale
-from domainmerge.tensors import batched, crop_boxes, harmonic_mean, normalize
+from domainmerge.tensors import crop_boxes, equal_size_batches, harmonic_mean, normalize
 
 MODES = ("whole", "slide")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -172,7 +172,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     # Each rank fills its own images' rows; the sum over ranks is every image in dataset order.
     rows = torch.zeros(len(dataset), 3, num_classes, dtype=torch.int64) if per_image else None
     done = 0
-    for batch in batched(loader_errors(loader), batch_size, lambda s: (s[0].shape, s[1].shape)):
+    for batch in equal_size_batches(loader_errors(loader), batch_size, lambda s: (s[0].shape, s[1].shape)):
         images = torch.stack([s[0] for s in batch]).to(dev)
         labels = torch.stack([s[1] for s in batch]).to(dev)
         # mmseg order: resize the uint8 image (OpenCV bilinear, rounded), then normalise.
