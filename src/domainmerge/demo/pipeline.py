@@ -93,7 +93,7 @@ class Preset:
     claims: tuple[str, ...] = ALL_CHECKS
     resamples: int = 1000
     level: float = 0.95
-    methods: bool = False           # the methods table: every merge method of domainmerge (issue 12)
+    methods: bool = False           # the methods table: every merge method (README, "Merge methods beyond the paper")
 
 
 PRESETS: dict[str, Preset] = {
