@@ -31,6 +31,7 @@ from domainmerge.demo.claims import ALL_CHECKS, Judge, Stat, format_check, judge
 from domainmerge.demo.records import (
     BUFFER_RULES,
     COMBINED_ALL,
+    DIFFINIT,
     SOURCE_ONLY,
     Check,
     Curve,
@@ -55,7 +56,6 @@ HEAD = "decode_head."
 # the per-domain curves of two targets' models end at very different heights, so the paper's
 # barrier (mean of the ends - minimum) is large even for a straight line.
 TEXT4 = "interpolation dip below the line: shared init <= 1 mIoU, different init >= 10"
-DIFFINIT = "_diffinit"   # name suffix of the runs from a different random initialisation
 
 # The demo's training runs all go through domainmerge.training.adapt with small values: whole
 # 64x128 images (no resize or crop, flips), batch 8 supervised / 4 per domain self-training,

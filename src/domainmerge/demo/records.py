@@ -21,11 +21,12 @@ from domainmerge.tensors import harmonic_mean
 
 # -- model names ---------------------------------------------------------------------------------
 SOURCE_ONLY = "source_only"
+DIFFINIT = "_diffinit"     # name suffix of the runs from a different random initialisation
 BUFFER_RULES = ("gaussian", "mean", "first")
 
 
 def stda(target: str, suffix: str = "") -> str:
-    """'stda_city' (``suffix``: 'stda_city_diffinit')."""
+    """'stda_city' (``suffix`` DIFFINIT: 'stda_city_diffinit')."""
     return f"stda_{target}{suffix}"
 
 
@@ -198,6 +199,5 @@ class DemoResults:
         return cls(**kw)
 
 
-__all__ = ["BUFFER_RULES", "COMBINED_ALL", "SOURCE_ONLY", "Check", "Condition", "Curve", "DemoResults", "Interpolation",
-           "MethodRow", "MethodsResult", "combined",
-           "group", "merged", "stda"]
+__all__ = ["BUFFER_RULES", "COMBINED_ALL", "DIFFINIT", "SOURCE_ONLY", "Check", "Condition", "Curve", "DemoResults",
+           "Interpolation", "MethodRow", "MethodsResult", "combined", "group", "merged", "stda"]
