@@ -219,3 +219,28 @@ def test_tiny_networks_run_on_real_tensors(name):
     with torch.no_grad():
         out = model(torch.randn(1, 3, 32, 64))
     assert out.shape[:2] == (1, 19) and torch.isfinite(out).all()
+
+
+def test_daformer_head_embeds_by_hand_and_runs_its_convs_on_nchw_tensors():
+    """The embedding is a per-pixel linear map (einsum here), returned as a contiguous NCHW
+    tensor as the authors' head makes it (``permute(0, 2, 1).contiguous()``): a transposed view
+    has channels-last strides that every conv of the head inherits, and oneDNN's channels-last
+    depthwise convs with dilation 12 and 18 are several times slower on CPU."""
+    torch.manual_seed(3)
+    model = build_model("tiny_daformer_mit").eval()
+    x = torch.randn(2, 3, 64, 128)
+    seen: list[bool] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+             for m in model.decode_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        feats = model.backbone(x)
+        embed = model.decode_head.embed_layers["0"]
+        got = embed(feats[0])
+        model.decode_head(feats)
+    for h in hooks:
+        h.remove()
+    want = torch.einsum("nchw,oc->nohw", feats[0], embed.proj.weight) + embed.proj.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous()
+    # 1x1 branch, 3 x (depthwise, pointwise), bottleneck, conv_seg.
+    assert len(seen) == 9 and all(seen)
