@@ -23,24 +23,25 @@ _WORKER_MARK = "in DataLoader worker process"
 class Option:
     """A keyword argument that an error message refers to (the one to change, or to give).
 
-    A message reads in Python terms (``allow_missing=True``, ``weights``, ``dtype=int64``); the
+    A message reads in Python terms (``allow_missing=True``, ``weights``, ``dtype='int64'``); the
     command line renders the same option as its flag (``--allow-missing``, ``--weights``,
     ``--dtype int64``), see :meth:`UserError.for_command`.
 
-    ``value``: the value shown with it (as the user would type it), None for the option alone.
+    ``value``: the value shown with it (``repr`` in Python, ``str`` on the command line), None for
+    the option alone.
     ``switch``: a boolean option to set to this value (True: ``name=True`` / ``--name``; False:
     ``name=False`` / ``--no-name``).
     """
 
     name: str
-    value: str | None = None
+    value: object = None
     switch: bool | None = None
 
     def python(self) -> str:
-        """The option as a Python keyword argument: ``allow_missing=True``, ``dtype=int64``."""
+        """The option as a Python keyword argument: ``allow_missing=True``, ``dtype='int64'``."""
         if self.switch is not None:
             return f"{self.name}={self.switch}"
-        return self.name if self.value is None else f"{self.name}={self.value}"
+        return self.name if self.value is None else f"{self.name}={self.value!r}"
 
     def flag(self, flags: Mapping[str, str] | None = None) -> str:
         """The option as a command-line flag; ``flags`` maps option names to a command's own flag
@@ -77,9 +78,10 @@ class UserError(Exception):
         return "".join(p if isinstance(p, str) else p.python() for p in self.parts)
 
     def for_command(self, flags: Mapping[str, str] | None = None) -> str:
-        # (not named `message`: torch re-raises a worker's exception class with message=... if it has one)
         """The message as the command line prints it: every option as a flag (``flags``: the
         command's own flag names, see :meth:`Option.flag`)."""
+        # Not called `message`: torch re-raises a worker's exception as cls(message=...) when the
+        # class has an attribute of that name.
         return "".join(p if isinstance(p, str) else p.flag(flags) for p in self.parts)
 
     @property

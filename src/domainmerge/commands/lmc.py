@@ -101,8 +101,8 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
                             "checkpoint is damaged or diverged")
     # The interpolation merges in memory; check first, naming the files and lmc's own options.
     plan_merge([DictSource(sd, c) for sd, c in zip(state_dicts, args.ckpts)],
-               MergeOptions(buffers=args.buffers, mismatch_advice="lmc needs models of one architecture with the "
-                                                                  "same keys; check --prefix and --arch"))
+               MergeOptions(buffers=args.buffers, mismatch_advice=("lmc needs models of one architecture with the "
+                                                                   "same keys; check --prefix and --arch",)))
     if args.align:
         from domainmerge.alignment.matching import align_state_dicts
 
