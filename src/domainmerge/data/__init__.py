@@ -7,6 +7,7 @@ from domainmerge.data.readers import (
     build_dataset,
     dataset_kinds,
     folder_dataset,
+    image_dataset,
     load_image,
     load_label,
     register_dataset,
@@ -14,6 +15,6 @@ from domainmerge.data.readers import (
 
 __all__ = [
     "CLASSES", "IGNORE_INDEX", "LAYOUTS", "MEAN", "NUM_CLASSES", "PALETTE", "STD",
-    "PairedFolderDataset", "build_dataset", "dataset_kinds", "folder_dataset", "load_image",
+    "PairedFolderDataset", "build_dataset", "dataset_kinds", "folder_dataset", "image_dataset", "load_image",
     "load_label", "register_dataset",
 ]

@@ -233,6 +233,13 @@ def build_dataset(kind: str, root: str | Path, split: str, strict: bool = True,
     return factory(root, split, strict=strict, **options)
 
 
+def image_dataset(kind: str, root: str | Path, split: str, *, strict: bool = True) -> torch.utils.data.Dataset:
+    """:func:`build_dataset` for reading images only (items still ``(image, label, name)``): the
+    readers that can skip labels do, so unlabeled splits (a target's training images) work."""
+    images_only = {"labels": False} if kind in LAYOUTS or kind == "folder" else {}
+    return build_dataset(kind, root, split, strict=strict, **images_only)
+
+
 def layout_dataset(kind: str, root: str | Path, split: str, *, strict: bool = True,
                    labels: bool = True) -> PairedFolderDataset:
     """A reader for one of the standard layouts in LAYOUTS."""
