@@ -159,7 +159,7 @@ def _load_network(ckpt: str, args: argparse.Namespace, overrides: dict[str, Any]
         spec = resolve_spec(sd, args.arch, **overrides)
         return model_from_state_dict(sd, args.arch, **overrides), spec.describe(), family_of(spec)
     except UserError as exc:
-        raise UserError(f"{ckpt}: {exc}") from None
+        raise exc.prefixed(f"{ckpt}: ") from None
 
 
 def _intervals(scores_of: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:

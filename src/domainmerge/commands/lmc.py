@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], name
         model = model_from_state_dict(state_dicts[0], args.arch)
         family = family_of(resolve_spec(state_dicts[0], args.arch))
     except UserError as exc:
-        raise UserError(f"{args.ckpts[0]}: {exc}") from None
+        raise exc.prefixed(f"{args.ckpts[0]}: ") from None
     protos = {name: resolve_protocol(args, family, kind) for name, kind, _, _ in domains}
     if main:
         for name, proto in protos.items():

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from domainmerge.data.classes import MEAN, STD
-from domainmerge.errors import UserError, loader_errors
+from domainmerge.errors import Option, UserError, loader_errors
 from domainmerge.evaluation import distributed
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
 from domainmerge.evaluation.resize import rescale_size, resize_to_scale
@@ -31,6 +31,7 @@ from domainmerge.models.hrda import crop_boxes
 
 MODES = ("whole", "slide")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+T = TypeVar("T")
 
 
 def normalize(images: Tensor) -> Tensor:
@@ -45,9 +46,10 @@ def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContex
     if amp is None:
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
-        raise UserError(f"--amp {amp}: unknown; use one of {', '.join(AMP_DTYPES)}")
+        raise UserError(Option("amp", amp), f": unknown; use one of {', '.join(AMP_DTYPES)}")
     if device.type != "cuda" and amp == "fp16":
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or no --amp on CPU")
+        raise UserError(Option("amp", "fp16"), " needs a CUDA device; use ", Option("amp", "bf16"), " or no ",
+                        Option("amp"), " on CPU")
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
@@ -73,7 +75,7 @@ def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tup
     n, _, height, width = x.shape
     crop = (min(crop[0], height), min(crop[1], width))
     if stride[0] < 1 or stride[1] < 1:
-        raise UserError(f"--stride {stride}: both values must be positive")
+        raise UserError(Option("stride", stride), ": both values must be positive")
     boxes = crop_boxes(height, width, crop, stride)
     total: Tensor | None = None
     count = x.new_zeros(1, 1, height, width)
@@ -102,7 +104,7 @@ def predict(model: nn.Module, image: Tensor, mode: str = "whole", crop: tuple[in
     ``max_batch``: at most this many windows per forward in slide mode (None: all of them).
     """
     if mode not in MODES:
-        raise UserError(f"--mode {mode}: unknown; use one of {', '.join(MODES)}")
+        raise UserError(Option("mode", mode), f": unknown; use one of {', '.join(MODES)}")
     x = image.unsqueeze(0) if image.dim() == 3 else image
     if not x.is_floating_point():
         x = normalize(x)
@@ -112,22 +114,22 @@ def predict(model: nn.Module, image: Tensor, mode: str = "whole", crop: tuple[in
         logits = slide_logits(model, x, tuple(crop), tuple(stride), max_batch=max_batch, amp=amp)  # type: ignore
     if num_classes is not None and logits.shape[1] != num_classes:
         raise UserError(f"the network predicts {logits.shape[1]} classes, not {num_classes}; "
-                        "set --num-classes to match the checkpoint")
+                        "set ", Option("num_classes"), " to match the checkpoint")
     return logits
 
 
 Sample = tuple[Tensor, Tensor, str]
 
 
-def _batches(samples: Iterator[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Consecutive samples grouped up to ``batch_size``, only images of equal size together."""
-    batch: list[Sample] = []
-    for s in samples:
-        if batch and (len(batch) == batch_size or s[0].shape != batch[0][0].shape
-                      or s[1].shape != batch[0][1].shape):
+def equal_size_batches(items: Iterable[T], batch_size: int, size: Callable[[T], object]) -> Iterator[list[T]]:
+    """Consecutive items grouped up to ``batch_size``, only items of equal ``size(item)`` together
+    (a change of size starts a new batch): how evaluation and BN recalibration batch images."""
+    batch: list[T] = []
+    for item in items:
+        if batch and (len(batch) == batch_size or size(item) != size(batch[0])):
             yield batch
             batch = []
-        batch.append(s)
+        batch.append(item)
     if batch:
         yield batch
 
@@ -182,7 +184,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     if workers is None:
         workers = default_workers(dataset)
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+        raise UserError(Option("batch_size", batch_size), ": must be at least 1")
     model = model.to(dev).eval()
     metric = SegMetric(num_classes, ignore_index)
     shard = distributed.shard_indices(len(dataset))
@@ -194,7 +196,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     # Each rank fills its own images' rows; the sum over ranks is every image in dataset order.
     rows = torch.zeros(len(dataset), 3, num_classes, dtype=torch.int64) if per_image else None
     done = 0
-    for batch in _batches(loader_errors(loader), batch_size):
+    for batch in equal_size_batches(loader_errors(loader), batch_size, lambda s: (s[0].shape, s[1].shape)):
         images = torch.stack([s[0] for s in batch]).to(dev)
         labels = torch.stack([s[1] for s in batch]).to(dev)
         # mmseg order: resize the uint8 image (OpenCV bilinear, rounded), then normalise.
