@@ -10,11 +10,13 @@ from domainmerge.data.readers import (
     image_dataset,
     load_image,
     load_label,
+    pair_files,
+    read_label_map,
     register_dataset,
 )
 
 __all__ = [
     "CLASSES", "IGNORE_INDEX", "LAYOUTS", "MEAN", "NUM_CLASSES", "PALETTE", "STD",
     "PairedFolderDataset", "build_dataset", "dataset_kinds", "folder_dataset", "image_dataset", "load_image",
-    "load_label", "register_dataset",
+    "load_label", "pair_files", "read_label_map", "register_dataset",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from domainmerge.data.classes import CLASSES
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 from domainmerge.evaluation import distributed
 
 
@@ -219,8 +219,8 @@ class SegMetric:
             pred, target = pred[keep], target[keep]
             if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= c):
                 bad = int(pred.min()) if int(pred.min()) < 0 else int(pred.max())
-                raise UserError(f"predicted value {bad} outside [0, {c}) on a labelled pixel; "
-                                f"check --num-classes ({c}) and the prediction files")
+                raise UserError(f"predicted value {bad} outside [0, {c}) on a labelled pixel; check ",
+                                Option("num_classes", c), " and the prediction files")
         # One bincount over target * C + pred: ignored pixels land in the bins from ign * C on,
         # and any ground-truth value in [C, ign) lands between C * C and ign * C.
         # The narrowest integer type that holds every key keeps this pass memory-light.
