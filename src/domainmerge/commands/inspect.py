@@ -22,11 +22,10 @@ def add_parser(sub: Any) -> None:
 
 def nonfinite_warning(summary: dict[str, Any]) -> str | None:
     """The warning line for a checkpoint with NaN/inf tensors, or None."""
+    from domainmerge.merging.engine import nonfinite_message
+
     bad = summary["nonfinite"]
-    if not bad:
-        return None
-    return (f"warning: {summary['file']}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); "
-            "the checkpoint is damaged or diverged")
+    return f"warning: {nonfinite_message(summary['file'], bad)}" if bad else None
 
 
 def _fmt(x: float | None, spec: str) -> str:

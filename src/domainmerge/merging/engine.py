@@ -374,6 +374,13 @@ def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k, t in tensors.items() if not all_finite(t)]
 
 
+def nonfinite_message(name: str, bad: Sequence[str]) -> str:
+    """The one line that says a checkpoint holds ``bad`` non-finite tensors (from
+    :func:`nonfinite_keys`)."""
+    return (f"{name}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the checkpoint is damaged "
+            "or diverged")
+
+
 class _Reader:
     """Reads tensors from the sources."""
 
