@@ -10,6 +10,7 @@ the image's relative path without its suffix (for writing predictions next to it
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -220,7 +221,7 @@ def _index(folder: Path, suffix: str) -> dict[str, Path]:
             for p in sorted(folder.rglob(f"*{suffix}")) if p.is_file()}
 
 
-def pair_files(pred_dir: str | Path, gt_dir: str | Path, pred_suffix: str = ".png",
+def pair_files(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str], pred_suffix: str = ".png",
                gt_suffix: str = "_labelTrainIds.png") -> list[tuple[Path, Path]]:
     """(prediction, ground truth) pairs of two folders of label maps, in ground-truth order.
 

@@ -185,7 +185,8 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
     if note and warn is not None:
         warn(note)
     # Build every dataset first: a wrong path fails before any network is loaded.
-    datasets = {name: build_dataset(kind, root, split, strict=strict) for name, kind, root, split in domains}
+    datasets: dict[str, Any] = {name: build_dataset(kind, root, split, strict=strict)
+                                for name, kind, root, split in domains}
     kinds = {name: kind for name, kind, _, _ in domains}
     result = Evaluation(note=note)
     loaded: tuple[str, Any, str, str] | None = None

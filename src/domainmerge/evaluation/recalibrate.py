@@ -158,7 +158,8 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
     if batch_size < 1:
         raise UserError(Option("batch_size", batch_size), ": must be at least 1")
     check_output_path(output, force=force, inputs=(checkpoint,))
-    datasets = {name: image_dataset(kind, root, split, strict=strict) for name, kind, root, split in domains}
+    datasets: dict[str, Any] = {name: image_dataset(kind, root, split, strict=strict)
+                                for name, kind, root, split in domains}
     indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, images)
     with open_checkpoint(checkpoint, trust_pickle=trust_pickle) as ck:
         full = ck.state_dict()
