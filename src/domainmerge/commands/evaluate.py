@@ -11,6 +11,7 @@ from domainmerge.commands._common import (
     add_inference_options,
     add_network_options,
     parse_domains,
+    protocol_settings,
     resolve_device,
 )
 
@@ -102,9 +103,6 @@ def run(args: argparse.Namespace) -> int:
     if args.ci:
         check_settings(args.resamples, args.level)
 
-    def pair(value: list[int] | None) -> tuple[int, int] | None:
-        return (int(value[0]), int(value[1])) if value else None
-
     with distributed.process_group_from_env():
         main = distributed.is_main_process()
 
@@ -113,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
 
         result = evaluate_checkpoints(
             list(args.ckpts), domains, per_domain=args.per_domain, arch=args.arch, prefix=args.prefix,
-            trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite, hr_crop=pair(args.hr_crop),
-            protocol=args.protocol, mode=args.mode, crop=pair(args.crop), stride=pair(args.stride),
-            img_scale=pair(args.img_scale), max_windows=args.max_windows, device=resolve_device(args.device),
+            trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite,
+            hr_crop=(args.hr_crop[0], args.hr_crop[1]) if args.hr_crop else None, **protocol_settings(args),
+            device=resolve_device(args.device),
             batch_size=args.batch_size, num_classes=args.num_classes, amp=args.amp, workers=args.workers,
             strict=not args.no_strict, save_pred=args.save_pred, per_image=args.ci, progress=not args.quiet,
             log=stderr if main and not args.quiet else None, warn=stderr if main else None)

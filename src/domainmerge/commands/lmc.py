@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     """Scan with :func:`domainmerge.evaluation.checkpoints.interpolate_checkpoints`, print the
     table on rank 0, write the files under --out."""
     from domainmerge import reporting
-    from domainmerge.commands._common import parse_domains, resolve_device
+    from domainmerge.commands._common import parse_domains, protocol_settings, resolve_device
     from domainmerge.evaluation import distributed, lmc
     from domainmerge.evaluation.checkpoints import interpolate_checkpoints
     from domainmerge.fsutil import check_output_dir, check_output_path
@@ -59,16 +59,12 @@ def run(args: argparse.Namespace) -> int:
             if out_dir.is_dir():
                 check_output_path(path, force=args.force, inputs=tuple(args.ckpts))
 
-    def pair(value: list[int] | None) -> tuple[int, int] | None:
-        return (int(value[0]), int(value[1])) if value else None
-
     with distributed.process_group_from_env():
         main = distributed.is_main_process()
         found = interpolate_checkpoints(
             args.ckpts, domains, steps=args.steps, grid=args.grid, buffers=args.buffers, align=args.align,
-            arch=args.arch, prefix=args.prefix, trust_pickle=args.trust_pickle, protocol=args.protocol,
-            mode=args.mode, crop=pair(args.crop), stride=pair(args.stride), img_scale=pair(args.img_scale),
-            max_windows=args.max_windows, device=resolve_device(args.device), batch_size=args.batch_size,
+            arch=args.arch, prefix=args.prefix, trust_pickle=args.trust_pickle, **protocol_settings(args),
+            device=resolve_device(args.device), batch_size=args.batch_size,
             num_classes=args.num_classes, amp=args.amp, workers=args.workers, strict=not args.no_strict,
             progress=not args.quiet, log=(lambda line: print(line, file=sys.stderr)) if main else None)
     if not main:

@@ -10,6 +10,7 @@ from domainmerge.commands._common import (
     add_network_options,
     add_protocol_options,
     parse_domains,
+    protocol_settings,
     resolve_device,
 )
 
@@ -45,10 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.evaluation.recalibrate import recalibrate_file
 
     domains = parse_domains(args.domain, "train")
-    img_scale = (int(args.img_scale[0]), int(args.img_scale[1])) if args.img_scale else None
     report = recalibrate_file(
         args.checkpoint, args.output, domains=domains, images=args.images, batch_size=args.batch_size,
-        protocol=args.protocol, img_scale=img_scale, arch=args.arch, prefix=args.prefix,
+        **protocol_settings(args), arch=args.arch, prefix=args.prefix,
         device=resolve_device(args.device), trust_pickle=args.trust_pickle, strict=not args.no_strict,
         force=args.force, progress=not args.quiet, log=None if args.quiet else lambda line: print(line, flush=True))
     print(f"wrote {args.output} ({report.total_images} images, {report.batches} batches)")
