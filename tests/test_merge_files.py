@@ -269,3 +269,18 @@ def test_the_command_line_names_the_flag(pair, tmp_path: Path, capsys: pytest.Ca
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_inspect_gives_the_reason_with_the_flag(pair, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from domainmerge.merging.inspection import inspect_files
+
+    a_path, _, a, _ = pair
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in a.items()}, "model.extra.w": torch.ones(1)}},
+               tmp_path / "extra.pth")
+    found = inspect_files([a_path, tmp_path / "extra.pth"])
+    assert found.comparison is not None and not found.comparison["mergeable"]
+    assert "allow_missing=True" in found.comparison["reason"] and isinstance(found.merge_error, MergeError)
+    assert main(["inspect", str(a_path), str(tmp_path / "extra.pth")]) == 0
+    assert "no: " in (out := capsys.readouterr().out) and "pass --allow-missing" in out
+    assert main(["inspect", str(a_path), str(tmp_path / "extra.pth"), "--json"]) == 0
+    assert "pass --allow-missing" in json.loads(capsys.readouterr().out)["comparison"]["reason"]

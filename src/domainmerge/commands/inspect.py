@@ -81,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.merging.inspection import inspect_files
 
     found = inspect_files(args.inputs, base=args.base, trust_pickle=args.trust_pickle)
+    comparison = found.comparison
+    if comparison is not None and found.merge_error is not None:  # the reason with the flags to use
+        comparison = {k: v for k, v in comparison.items() if k != "error"}
+        comparison["reason"] = found.merge_error.for_command()
     diagnostics_text = None
     if found.diagnostics is not None:
         from domainmerge.alignment.diagnostics import render_report
@@ -91,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if warning:
             print(f"domainmerge inspect: {warning}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"checkpoints": found.summaries, "comparison": found.comparison,
+        print(json.dumps({"checkpoints": found.summaries, "comparison": comparison,
                           "diagnostics": found.diagnostics}, indent=2, default=str))
     else:
-        print(render(found.summaries, found.comparison, diagnostics_text), end="")
+        print(render(found.summaries, comparison, diagnostics_text), end="")
     return 0

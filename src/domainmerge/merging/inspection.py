@@ -68,13 +68,14 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
 
 
 def compare(cks: Sequence[Checkpoint]) -> dict[str, Any]:
-    """Whether the checkpoints can be merged, and per module how far apart they are from the first."""
+    """Whether the checkpoints can be merged, and per module how far apart they are from the first
+    (when they cannot: the reason, and the engine's error under 'error')."""
 
     try:
         plan_merge(cks, MergeOptions())
         verdict: dict[str, Any] = {"mergeable": True, "reason": "same keys and shapes"}
     except UserError as exc:
-        return {"mergeable": False, "reason": str(exc), "distances": {}}
+        return {"mergeable": False, "reason": str(exc), "distances": {}, "error": exc}
     ref = cks[0]
     keys = ref.keys()
     prefixes = detect_prefixes(keys)
@@ -109,6 +110,11 @@ class Inspection:
     summaries: list[dict[str, Any]]
     comparison: dict[str, Any] | None = None
     diagnostics: Any = None
+
+    @property
+    def merge_error(self) -> UserError | None:
+        """Why the files cannot be merged (the engine's error), or None."""
+        return self.comparison.get("error") if self.comparison else None
 
 
 def inspect_files(paths: Sequence[str | os.PathLike[str]], *, base: str | os.PathLike[str] | None = None,
