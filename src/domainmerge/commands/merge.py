@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from domainmerge.commands._common import add_domain_argument, parse_domains, resolve_device
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 
 
 def add_parser(sub: Any) -> None:
@@ -71,16 +71,14 @@ def add_parser(sub: Any) -> None:
                    help="allow full unpickling of .pth files (only for files you trust)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=run, recipe_defaults={dest: p.get_default(dest) for dest in RECIPE_FLAGS})
+    p.set_defaults(func=run, recipe_defaults={dest: p.get_default(dest) for dest in RECIPE_OPTIONS})
 
 
-# Options a recipe sets; giving one beside --config is refused rather than silently overridden.
-RECIPE_FLAGS = {"weights": "--weights", "buffers": "--buffers", "counts": "--counts", "keep_heads": "--keep-heads",
-                "names": "--names", "only": "--only", "allow_missing": "--allow-missing", "align": "--align",
-                "method": "--method", "base": "--base", "lam": "--lambda", "density": "--density",
-                "drop": "--drop", "seed": "--seed"}
 # Library options whose flag is not --name-with-dashes (errors name options; the CLI names flags).
 FLAGS = {"lam": "--lambda", "domains": "--domain"}
+# Options a recipe sets; giving one beside --config is refused rather than silently overridden.
+RECIPE_OPTIONS = ("weights", "buffers", "counts", "keep_heads", "names", "only", "allow_missing", "align", "method",
+                  "base", "lam", "density", "drop", "seed")
 
 
 def _check_config(args: argparse.Namespace) -> None:
@@ -88,11 +86,11 @@ def _check_config(args: argparse.Namespace) -> None:
     if args.inputs:
         raise UserError(f"--config {args.config}: the recipe lists the models; give no checkpoints beside it")
     defaults = getattr(args, "recipe_defaults", {})
-    for dest, flag in RECIPE_FLAGS.items():
+    for dest in RECIPE_OPTIONS:
         if dest in defaults and getattr(args, dest) != defaults[dest]:
-            raise UserError(f"{flag} is given beside --config {args.config}; set it in the recipe instead")
-    if args.domain:
-        raise UserError(f"--domain is given beside --config {args.config}; the recipe's methods read no images")
+            raise UserError(Option(dest), f" is given beside --config {args.config}; set it in the recipe instead")
+    if args.domain:  # a recipe's methods read no images
+        raise UserError("--domain is only read by the methods that use data (fisher, adamerging)")
 
 
 def _human(nbytes: float) -> str:
