@@ -284,3 +284,31 @@ def test_inspect_gives_the_reason_with_the_flag(pair, tmp_path: Path, capsys: py
     assert "no: " in (out := capsys.readouterr().out) and "pass --allow-missing" in out
     assert main(["inspect", str(a_path), str(tmp_path / "extra.pth"), "--json"]) == 0
     assert "pass --allow-missing" in json.loads(capsys.readouterr().out)["comparison"]["reason"]
+
+
+class _Failing(torch.utils.data.Dataset):
+    """Item 1 raises a UserError naming an option (as a reader does)."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        if i == 1:
+            raise UserError("f.png: unreadable; skip such files with ", Option("strict", switch=False))
+        return i
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_worker_errors_name_the_flag_while_a_command_runs(workers: int) -> None:
+    from domainmerge.errors import command_messages, loader_errors
+
+    def first_error() -> str:
+        loader = torch.utils.data.DataLoader(_Failing(), batch_size=None, num_workers=workers)
+        with pytest.raises(UserError) as info:
+            list(loader_errors(loader))
+        return str(info.value)
+
+    assert first_error() == "f.png: unreadable; skip such files with strict=False"
+    with command_messages({}):
+        assert first_error() == "f.png: unreadable; skip such files with --no-strict"
+    assert first_error().endswith("strict=False")       # only while the command runs

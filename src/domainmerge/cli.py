@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from domainmerge import __version__
-from domainmerge.errors import Terminated, UserError, killed_worker_signal
+from domainmerge.errors import Terminated, UserError, command_messages, killed_worker_signal
 
 # Order is the order of `domainmerge --help`.
 COMMANDS = [
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with handle_termination():
+        with handle_termination(), command_messages(command_flags(args)):
             status = args.func(args)
     except UserError as exc:
         print(f"domainmerge {args.command}: error: {exc.for_command(command_flags(args))}", file=sys.stderr)

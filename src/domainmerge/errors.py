@@ -3,6 +3,7 @@ and what keeps it one line across DataLoader worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -57,17 +58,40 @@ class Option:
         return flag if self.value is None or self.switch is not None else f"{flag} {self.value}"
 
 
-Part = str | Option
+@dataclass(frozen=True)
+class Tool:
+    """A tool an error message points to, named as the Python function in the library and as the
+    command on the command line (``Tool("inspect", "domainmerge.merging.inspection.inspect_files")``
+    -> ``domainmerge inspect``)."""
+
+    command: str
+    function: str
+
+    def python(self) -> str:
+        """The function, as a notebook calls it."""
+        return self.function
+
+    def flag(self, flags: Mapping[str, str] | None = None) -> str:
+        """The command, as the shell runs it (``flags`` unused: the signature of :meth:`Option.flag`)."""
+        return f"`domainmerge {self.command}`"
+
+
+INSPECT = Tool("inspect", "domainmerge.merging.inspection.inspect_files")
+CONVERT_LABELS = Tool("convert-labels DATASET ROOT", "domainmerge.data.convert.convert_labels")
+
+Part = str | Option | Tool
 
 
 class UserError(Exception):
     """A problem the user can fix; its message is one line naming the file/key/value and the fix.
 
-    Give the message as one string, or as pieces of text and :class:`Option` s: ``str(exc)``
-    names an option as a Python keyword (``allow_missing=True``), :meth:`for_command` as the
-    command's flag (``--allow-missing``). Library code never writes a command-line flag into a
-    message itself. The command line prints :meth:`for_command` without a traceback and exits with
-    status 2.
+    Give the message as one string, or as pieces of text, :class:`Option` s and :class:`Tool` s:
+    ``str(exc)`` names an option as a Python keyword (``allow_missing=True``) and a tool as its
+    function, :meth:`for_command` as the command's flag (``--allow-missing``) and command. Library
+    code never writes a command-line flag or command into a message itself. The command line
+    prints :meth:`for_command` without a traceback and exits with status 2; while it runs a
+    command (:func:`command_messages`), ``str(exc)`` renders for the command too, so a message
+    embedded in another (or sent from a DataLoader worker as text) names the flags as well.
     """
 
     def __init__(self, *parts: Part):
@@ -75,6 +99,8 @@ class UserError(Exception):
         self.parts: tuple[Part, ...] = parts
 
     def __str__(self) -> str:
+        if _COMMAND_FLAGS:
+            return self.for_command(_COMMAND_FLAGS[-1])
         return "".join(p if isinstance(p, str) else p.python() for p in self.parts)
 
     def for_command(self, flags: Mapping[str, str] | None = None) -> str:
@@ -95,6 +121,22 @@ class UserError(Exception):
         out = copy.copy(self)
         out.parts = (text, *self.parts)
         return out
+
+
+# The flags of the command the command line is running (empty: a library call).
+_COMMAND_FLAGS: list[Mapping[str, str]] = []
+
+
+@contextlib.contextmanager
+def command_messages(flags: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, ``str()`` of a UserError names options as the command's flags (``flags``
+    as in :meth:`UserError.for_command`): for the command line only. DataLoader workers forked
+    inside the block inherit it, so the messages they send back read the same."""
+    _COMMAND_FLAGS.append(flags)
+    try:
+        yield
+    finally:
+        _COMMAND_FLAGS.pop()
 
 
 class MergeError(UserError):

@@ -28,7 +28,7 @@ from domainmerge.data.labels import (
     IDD_LEVEL3_TO_TRAIN_ID,
     IDD_NAME_TO_TRAIN_ID,
 )
-from domainmerge.errors import Option, UserError
+from domainmerge.errors import CONVERT_LABELS, Option, UserError
 
 Sample = tuple[torch.Tensor, torch.Tensor, str]
 
@@ -120,7 +120,7 @@ def load_label(path: str | Path, num_classes: int = NUM_CLASSES) -> torch.Tensor
     if bad.any():
         value = int(arr[bad].flat[0])
         raise UserError(f"{path}: label value {value} is not a train id (0-{num_classes - 1} or 255); "
-                        "convert raw ids first: domainmerge convert-labels DATASET ROOT")
+                        "convert raw ids first (", CONVERT_LABELS, ")")
     return torch.from_numpy(arr)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from domainmerge.data.classes import CLASSES
-from domainmerge.errors import Option, UserError
+from domainmerge.errors import CONVERT_LABELS, Option, UserError
 from domainmerge.evaluation import distributed
 
 
@@ -211,7 +211,7 @@ class SegMetric:
         if int(t_min) < 0 or int(t_max) > ign:
             bad = int(t_min) if int(t_min) < 0 else int(t_max)
             raise UserError(f"label value {bad} outside [0, {c}) and not the ignore label {ign}; "
-                            "convert labels to train ids (domainmerge convert-labels)")
+                            "convert labels to train ids (", CONVERT_LABELS, ")")
         p_min, p_max = torch.aminmax(pred)
         if int(p_min) < 0 or int(p_max) >= c:
             # Out-of-range predictions are harmless only on ignored pixels: drop those first.
@@ -230,7 +230,7 @@ class SegMetric:
         if bool(bins[c * c:ign * c].any()):
             stray = int(torch.nonzero(bins[c * c:ign * c])[0]) // c + c
             raise UserError(f"label value {stray} outside [0, {c}) and not the ignore label {ign}; "
-                            "convert labels to train ids (domainmerge convert-labels)")
+                            "convert labels to train ids (", CONVERT_LABELS, ")")
         return bins[:c * c].reshape(c, c)
 
     def sync(self) -> SegMetric:

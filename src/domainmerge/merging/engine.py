@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from domainmerge.errors import MergeError, Option, Part, UserError
+from domainmerge.errors import INSPECT, MergeError, Option, Part, UserError
 from domainmerge.merging.buffers import gaussian_pool, mixture_proportions, pooled_count
 from domainmerge.merging.parameters import common_dtype, normalise_weights, weighted_average
 from domainmerge.merging.roles import (
@@ -72,8 +72,7 @@ class StrippedSource:
             self.names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
         name = getattr(source, "path", "<state dict>")
         if not self.names:
-            raise UserError(f"{name}: no tensor key starts with {prefix!r}; check the prefixes with "
-                            "`domainmerge inspect`")
+            raise UserError(f"{name}: no tensor key starts with {prefix!r}; check the prefixes with ", INSPECT)
         self.source, self.path = source, name
         infos = getattr(source, "infos", None)
         if infos is not None:
@@ -281,7 +280,7 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
     holders = {k: [i for i, info in enumerate(infos) if k in info] for k in order}
     if len(sources) > 1 and not any(len(h) == len(sources) for h in holders.values()):
         raise MergeError(f"no tensor name is shared by all {len(sources)} inputs, so nothing would be merged; "
-                        "check the key prefixes with `domainmerge inspect`")
+                        "check the key prefixes with ", INSPECT)
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
     for k in order:
@@ -321,10 +320,10 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
                                           else dtypes[k])
     if options.keep_heads and not any(per_model.values()):
         raise MergeError(Option("keep_heads", options.keep_heads), ": no key lies under this prefix; "
-                         "check the head's prefix with `domainmerge inspect`")
+                         "check the head's prefix with ", INSPECT)
     if options.only and not any(under_prefix(k, options.only) for k in order):
         raise MergeError(Option("only", options.only), ": no key lies under this prefix; "
-                         "check the prefixes with `domainmerge inspect`")
+                         "check the prefixes with ", INSPECT)
     base_keys = _match_base(base, order, roles, shapes) if base is not None else {}
     return MergePlan(order, roles, merged, per_model, holders, shapes, dtypes, weights, options,
                      base=base, base_keys=base_keys)
@@ -352,7 +351,7 @@ def _match_base(base: Source, order: Sequence[str], roles: Mapping[str, Role],
         found[k] = bk
     if not found:
         raise MergeError(f"the base {_name(base, -1)} shares no parameter with the models; check its "
-                        "prefixes with `domainmerge inspect`")
+                        "prefixes with ", INSPECT)
     return found
 
 
