@@ -110,6 +110,22 @@ def _prediction_writer(folder: Path, created: list[Path]) -> Callable[[str, Any]
     return write
 
 
+def evaluate_with(model: nn.Module, dataset: Any, protocol: Any, *, device: str = "cpu",
+                  batch_size: int | None = None, num_classes: int = 19, amp: str | None = None,
+                  workers: int | None = None, max_windows: int | None = None, progress: bool = False,
+                  desc: str = "evaluate", on_prediction: Callable[[str, Any], None] | None = None,
+                  per_image: bool = False) -> SegScores:
+    """:func:`domainmerge.evaluation.inference.evaluate_model` under a test
+    :class:`~domainmerge.evaluation.protocols.Protocol` (mode, windows, image scale)."""
+    from domainmerge.evaluation.inference import evaluate_model
+
+    return evaluate_model(model, dataset, mode=protocol.mode, crop=protocol.crop or (1024, 1024),
+                          stride=protocol.stride or (512, 512), device=device, batch_size=batch_size,
+                          num_classes=num_classes, img_scale=protocol.img_scale, amp=amp, workers=workers,
+                          progress=progress, desc=desc, on_prediction=on_prediction, per_image=per_image,
+                          max_windows=max_windows)
+
+
 @dataclass
 class Evaluation:
     """:func:`evaluate_checkpoints`' result.
@@ -169,7 +185,6 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
         An :class:`Evaluation`.
     """
     from domainmerge.data import build_dataset
-    from domainmerge.evaluation.inference import evaluate_model
     from domainmerge.evaluation.protocols import resolve
 
     jobs, note = plan_jobs([str(c) for c in ckpts], [d[0] for d in domains], per_domain)
@@ -207,11 +222,10 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
             if save_pred is not None:
                 sub = Path(save_pred) / (job.row if len({j.row for j in jobs}) > 1 else "") / job.domain
                 save = _prediction_writer(sub, result.predictions)
-            scores = evaluate_model(
-                loaded[1], datasets[job.domain], mode=proto.mode, crop=proto.crop or (1024, 1024),
-                stride=proto.stride or (512, 512), device=device, batch_size=batch_size, num_classes=num_classes,
-                img_scale=proto.img_scale, amp=amp, workers=workers, progress=progress,
-                desc=f"{job.row} | {job.domain}", on_prediction=save, per_image=per_image, max_windows=max_windows)
+            scores = evaluate_with(loaded[1], datasets[job.domain], proto, device=device, batch_size=batch_size,
+                                   num_classes=num_classes, amp=amp, workers=workers, max_windows=max_windows,
+                                   progress=progress, desc=f"{job.row} | {job.domain}", on_prediction=save,
+                                   per_image=per_image)
             row = result.results.setdefault(job.row, {"checkpoints": {}, "arch": {}, "protocol": {}, "domains": {}})
             row["checkpoints"][job.domain] = job.ckpt
             row["arch"][job.domain] = loaded[2]
@@ -270,7 +284,6 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed, lmc
-    from domainmerge.evaluation.inference import evaluate_model
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.merging import DictSource, MergeOptions, nonfinite_keys, plan_merge
     from domainmerge.merging.engine import nonfinite_message
@@ -316,11 +329,9 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
 
     def score(merged: dict[str, torch.Tensor]) -> dict[str, float]:
         model.load_state_dict(merged)
-        return {name: evaluate_model(
-                    model, ds, mode=protos[name].mode, crop=protos[name].crop or (1024, 1024),
-                    stride=protos[name].stride or (512, 512), device=device, batch_size=batch_size,
-                    num_classes=num_classes, img_scale=protos[name].img_scale, amp=amp,
-                    workers=workers, progress=False, desc=name, max_windows=max_windows).miou
+        return {name: evaluate_with(model, ds, protos[name], device=device, batch_size=batch_size,
+                                    num_classes=num_classes, amp=amp, workers=workers, max_windows=max_windows,
+                                    desc=name).miou
                 for name, ds in datasets.items()}
 
     bar = tqdm(points, desc="lmc", unit="point", disable=not progress or not distributed.is_main_process())
