@@ -217,7 +217,7 @@ def merge_files(paths: Sequence[PathLike], out: PathLike, *, weights: Sequence[f
                                 progress=progress, log=log, start=start)
     if domains:
         raise MergeError(Option("domains"), f": only read by the methods that use data ({', '.join(DATA_METHODS)})")
-    recipe = recipe_from_options([str(p) for p in paths], options, base=str(base) if base else None,
+    recipe = recipe_from_options([str(p) for p in inputs], options, base=str(base) if base else None,
                                  align=align, names=names)
 
     with contextlib.ExitStack() as stack:
