@@ -233,8 +233,9 @@ def test_raw_ids_in_train_id_file_are_rejected(tmp_path: Path) -> None:
     make_cityscapes_val(tmp_path, n=1)
     ids_png(tmp_path / "gtFine/val/ulm/ulm_000000_gtFine_labelTrainIds.png", raw_ids(0))
     ds = build_dataset("cityscapes", tmp_path, "val")
-    with pytest.raises(UserError, match="not a train id.*convert-labels"):
+    with pytest.raises(UserError, match=r"not a train id.*domainmerge\.data\.convert\.convert_labels") as info:
         ds[0]
+    assert "`domainmerge convert-labels DATASET ROOT`" in info.value.for_command()   # on the command line
 
 
 def test_register_dataset(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from domainmerge.checkpoint import save_checkpoint
 from domainmerge.cli import main
-from domainmerge.commands.evaluate import Job, plan_jobs
+from domainmerge.evaluation.checkpoints import Job, plan_jobs
 from domainmerge.models import build_model
 
 H, W = 32, 64

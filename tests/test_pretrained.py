@@ -153,5 +153,6 @@ def test_files_for_other_architectures_are_refused(tmp_path: Path) -> None:
 def test_pickled_objects_need_trust(tmp_path: Path) -> None:
     source = backbone(fresh("tiny_daformer_r", 0))
     torch.save({"state_dict": source, "meta": {"config": argparse.Namespace(lr=6e-5)}}, tmp_path / "objects.pth")
-    with pytest.raises(UserError, match="trust-pickle"):
+    with pytest.raises(UserError, match="trust_pickle=True") as info:   # the keyword, in the library
         load_pretrained(fresh("tiny_daformer_r", 1), tmp_path / "objects.pth")
+    assert info.value.for_command().endswith("--trust-pickle")           # the flag, on the command line

@@ -76,8 +76,10 @@ def test_explicit_settings_mean_custom():
 
 @pytest.mark.parametrize("protocol", ["authors", "mtda"])
 def test_explicit_settings_with_authors_or_mtda_is_an_error(protocol):
-    with pytest.raises(UserError, match=f"--protocol {protocol} .*--mode --stride"):
+    with pytest.raises(UserError, match=f"^protocol='{protocol}' .*drop mode, stride") as info:
         resolve("hrda", "cityscapes", protocol, mode="slide", stride=(8, 8))
+    # the command line names the flags
+    assert f"--protocol {protocol} " in info.value.for_command() and "--mode, --stride" in info.value.for_command()
 
 
 def test_unknown_pairs():

@@ -209,9 +209,9 @@ def test_engine_dare_is_seeded_and_order_free() -> None:
     ({"method": "ties"}, False, "needs the base"),
     ({"method": "linear"}, True, "only used by the task-vector methods"),
     ({"method": "magic"}, True, "unknown merge method"),
-    ({"method": "ties", "density": 0.0}, True, "--density"),
-    ({"method": "dare_ties", "drop": 1.0}, True, "--drop"),
-    ({"method": "task_arithmetic", "lam": float("nan")}, True, "--lambda"),
+    ({"method": "ties", "density": 0.0}, True, "^density must"),
+    ({"method": "dare_ties", "drop": 1.0}, True, "^drop must"),
+    ({"method": "task_arithmetic", "lam": float("nan")}, True, "^lam must"),
 ])
 def test_engine_method_errors(options: dict, base: bool, message: str) -> None:
     from domainmerge.errors import UserError

@@ -12,6 +12,7 @@ tensor by tensor (:class:`SafetensorsWriter`), so merging K checkpoints never ho
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -21,14 +22,14 @@ import re
 import struct
 import sys
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from domainmerge.errors import UserError
+from domainmerge.errors import CheckpointError, Option, UserError
 from domainmerge.fsutil import atomic_path
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
@@ -53,7 +54,7 @@ def _fmt_of(path: Path) -> str:
         return "safetensors"
     if suffix in PICKLE_SUFFIXES:
         return "pickle"
-    raise UserError(f"{path}: unknown checkpoint suffix {suffix!r}; use .safetensors or one of "
+    raise CheckpointError(path, f"unknown checkpoint suffix {suffix!r}; use .safetensors or one of "
                     f"{', '.join(PICKLE_SUFFIXES)}")
 
 
@@ -78,7 +79,7 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[str | None, Mapping[str, tor
                     return key, tensors
     kind = type(obj).__name__
     entries = f" with entries {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else ""
-    raise UserError(f"{path}: holds a {kind}{entries}, not a state dict; expected a dict of tensors or "
+    raise CheckpointError(path, f"holds a {kind}{entries}, not a state dict; expected a dict of tensors or "
                     f"a container with one of {', '.join(STATE_DICT_KEYS)}")
 
 
@@ -131,7 +132,7 @@ class Checkpoint:
         """Read one tensor: a copy-on-write view of the mapped file (safetensors and zip pickles,
         so writing to it never touches the file) or the loaded tensor (legacy pickles)."""
         if key not in self.infos:
-            raise UserError(f"{self.path}: has no tensor {key!r}")
+            raise CheckpointError(self.path, f"has no tensor {key!r}")
         if self._tensors is not None:
             return self._tensors[key]
         return self._read_st(key)
@@ -231,7 +232,7 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M
 
 
 def _damaged(path: Path, what: str) -> UserError:
-    return UserError(f"{path}: damaged safetensors file ({what}); re-download or re-export it")
+    return CheckpointError(path, f"damaged safetensors file ({what}); re-download or re-export it")
 
 
 def _st_entry(path: Path, key: str, entry: Any, data_size: int) -> tuple[TensorInfo, tuple[int, int]]:
@@ -256,10 +257,10 @@ def _st_entry(path: Path, key: str, entry: Any, data_size: int) -> tuple[TensorI
         raise _damaged(path, f"tensor {key!r}: shape {shape} of {dtype} needs {numel * _ST_ITEMSIZE[dtype]} "
                              f"bytes but its data_offsets span {end - begin}")
     if end > data_size:
-        raise UserError(f"{path}: tensor {key!r} lies beyond the end of the file; the file is truncated "
+        raise CheckpointError(path, f"tensor {key!r} lies beyond the end of the file; the file is truncated "
                         "(re-download or re-export it)")
     if dtype not in _ST_DTYPES:
-        raise UserError(f"{path}: tensor {key!r} has dtype {dtype}, which domainmerge does not handle; "
+        raise CheckpointError(path, f"tensor {key!r} has dtype {dtype}, which domainmerge does not handle; "
                         "convert it to float32/float16/bfloat16")
     return TensorInfo(tuple(shape), _ST_DTYPES[dtype]), (begin, end)
 
@@ -272,14 +273,14 @@ def _open_safetensors(path: Path) -> Checkpoint:
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
-            raise UserError(f"{path}: too short to be a safetensors file; the file is damaged")
+            raise CheckpointError(path, "too short to be a safetensors file; the file is damaged")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
-            raise UserError(f"{path}: invalid safetensors header; the file is damaged or not safetensors")
+            raise CheckpointError(path, "invalid safetensors header; the file is damaged or not safetensors")
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: invalid safetensors header ({exc}); the file is damaged") from exc
+            raise CheckpointError(path, f"invalid safetensors header ({exc}); the file is damaged") from exc
     if not isinstance(header, dict):
         raise _damaged(path, f"the header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None)
@@ -303,7 +304,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
     if position != data_size:
         raise _damaged(path, f"{data_size - position} bytes after the last tensor")
     if not ck.infos:
-        raise UserError(f"{path}: holds no tensors")
+        raise CheckpointError(path, "holds no tensors")
     return ck
 
 
@@ -329,7 +330,7 @@ def _pickle_damage(path: Path) -> str | None:
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     damage = _pickle_damage(path)
     if damage is not None:
-        raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({damage}); re-download or re-save it")
+        raise CheckpointError(path, f"damaged or not a PyTorch checkpoint ({damage}); re-download or re-save it")
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
@@ -337,19 +338,20 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if trust_pickle or not _unsafe(str(exc)):
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Weights only" not in ln
                           and "WeightsUnpickler" not in ln), "unreadable pickle")
-            raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({first}); re-download or re-save "
-                            "it") from exc
-        raise UserError(f"{path}: holds Python objects beyond tensors and plain containers, so the "
-                        "safe loader refuses it; if you trust this file, pass --trust-pickle") from exc
+            raise CheckpointError(path, f"damaged or not a PyTorch checkpoint ({first}); re-download or re-save "
+                                  "it") from exc
+        raise CheckpointError(path, "holds Python objects beyond tensors and plain containers, so the safe loader "
+                              "refuses it; if you trust this file, pass ", Option("trust_pickle", switch=True)
+                              ) from exc
     except (RuntimeError, EOFError, ValueError, OSError, ModuleNotFoundError, AttributeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, EOFError) or "corrupted" in str(exc) or "failed reading" in first:
-            raise UserError(f"{path}: damaged or truncated PyTorch checkpoint ({first[:120]}); re-download "
+            raise CheckpointError(path, f"damaged or truncated PyTorch checkpoint ({first[:120]}); re-download "
                             "or re-save it") from exc
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from exc
+        raise CheckpointError(path, f"not a readable PyTorch checkpoint ({first})") from exc
     except (IndexError, KeyError, TypeError, struct.error, UnicodeDecodeError, MemoryError) as exc:
         # what the (weights-only) unpickler raises on cut or scrambled legacy pickles
-        raise UserError(f"{path}: damaged or truncated PyTorch checkpoint ({type(exc).__name__}: "
+        raise CheckpointError(path, f"damaged or truncated PyTorch checkpoint ({type(exc).__name__}: "
                         f"{str(exc)[:80]}); re-download or re-save it") from exc
 
 
@@ -395,9 +397,9 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     """Open a checkpoint for reading, tensors read lazily where the format allows."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: no such file")
+        raise CheckpointError(p, "no such file")
     if p.is_dir():
-        raise UserError(f"{p}: is a directory; give a checkpoint file")
+        raise CheckpointError(p, "is a directory; give a checkpoint file")
     fmt = _fmt_of(p)
     if fmt == "safetensors":
         return _open_safetensors(p)
@@ -425,6 +427,14 @@ def detect_prefixes(keys: Iterable[str]) -> list[str]:
     return [p for p in WRAPPER_PREFIXES if any(k.startswith(p) for k in keys)]
 
 
+def network_prefix(keys: Iterable[str]) -> str:
+    """The wrapper prefix of the student network: ``model.`` when some key has it (DA training
+    checkpoints also hold ``ema_model.`` and ``imnet_model.``), else ``module.`` (DataParallel),
+    else ``""`` (a bare network). The rule behind every ``prefix='auto'``."""
+    found = detect_prefixes(keys)
+    return "model." if "model." in found else ("module." if "module." in found else "")
+
+
 def strip_model_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "auto") -> dict[str, torch.Tensor]:
     """The student network's tensors without their wrapper prefix.
 
@@ -433,14 +443,13 @@ def strip_model_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "au
     selects the keys under it; ``""`` keeps everything.
     """
     if prefix == "auto":
-        found = detect_prefixes(state_dict)
-        prefix = "model." if "model." in found else ("module." if "module." in found else "")
+        prefix = network_prefix(state_dict)
     if not prefix:
         return dict(state_dict)
     out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not out:
         raise UserError(f"no tensor key starts with {prefix!r}; found prefixes "
-                        f"{detect_prefixes(state_dict) or 'none'}; pass the right --prefix")
+                        f"{detect_prefixes(state_dict) or 'none'}; give the right ", Option("prefix"))
     return out
 
 
@@ -524,6 +533,107 @@ def build_container(state_dict: Mapping[str, torch.Tensor], *, template: Checkpo
     return out
 
 
+def safetensors_metadata(template: Checkpoint | None, record: Mapping[str, Any] | None,
+                         meta: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The string metadata of a safetensors output: the template's, ``format: pt``, and the
+    domainmerge ``record`` and ``meta`` as JSON."""
+    metadata = dict(template.metadata) if template is not None else {}
+    metadata.setdefault("format", "pt")
+    if record is not None:
+        metadata["domainmerge"] = json.dumps(record, default=str)
+    if meta is not None:
+        metadata["meta"] = json.dumps(meta, default=str)
+    return metadata
+
+
+def _pickle_object(state_dict: Mapping[str, torch.Tensor], template: Checkpoint | None,
+                   record: Mapping[str, Any] | None, meta: Mapping[str, Any] | None, container: str) -> Any:
+    """What a pickle output holds for ``container`` (see :func:`save_checkpoint`)."""
+    if container == "mmseg" or (container == "auto" and meta is not None and template is None):
+        obj: dict[str, Any] = {"meta": dict(meta or {}), "state_dict": dict(state_dict)}
+        if record is not None:
+            obj["meta"]["domainmerge"] = dict(record)
+        return obj
+    if container == "plain":
+        return dict(state_dict)
+    return build_container(state_dict, template=template, record=record)
+
+
+class CheckpointWriter:
+    """One checkpoint output written tensor by tensor (see :func:`checkpoint_writer`): a
+    safetensors file receives each tensor as it comes, so a streamed merge never holds the
+    model; a pickle collects the tensors and is written by :meth:`finish`."""
+
+    def __init__(self, path: Path, fmt: str, infos: Mapping[str, TensorInfo], *, template: Checkpoint | None,
+                 record: Mapping[str, Any] | None, meta: Mapping[str, Any] | None, container: str):
+        self.path, self.format = path, fmt
+        self._pickle_args = (template, record, meta, container)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._fh: BinaryIO | None = None
+        self._st: SafetensorsWriter | None = None
+        if fmt == "safetensors":
+            self._fh = open(path, "wb")
+            self._st = SafetensorsWriter(self._fh, infos, safetensors_metadata(template, record, meta))
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Add the next tensor (in the order of the ``infos`` given)."""
+        if self._st is not None:
+            self._st.write(key, tensor)
+        else:
+            self._tensors[key] = tensor
+
+    def finish(self) -> None:
+        """Complete the file: check that every tensor came (safetensors) or write the pickle."""
+        if self._st is not None and self._fh is not None:
+            self._st.finish()
+            self._fh.close()
+            self._fh = None
+        else:
+            write_pickle(_pickle_object(self._tensors, *self._pickle_args), self.path)
+            self._tensors.clear()
+
+    def close(self) -> None:
+        """Close the file without completing it (on an error)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _check_container(path: str | os.PathLike[str], container: str, meta: Mapping[str, Any] | None,
+                     record: Mapping[str, Any] | None) -> str:
+    if container not in CONTAINERS:
+        raise ValueError(f"container {container!r}: unknown; use one of {', '.join(CONTAINERS)}")
+    fmt = output_format(path)
+    if fmt == "pickle" and container == "plain" and (meta is not None or record is not None):
+        raise ValueError("container='plain' writes a bare state dict, which cannot hold meta or record; "
+                         "use container='mmseg' or 'auto'")
+    return fmt
+
+
+@contextlib.contextmanager
+def checkpoint_writer(path: str | os.PathLike[str], infos: Mapping[str, TensorInfo], *,
+                      template: Checkpoint | None = None, record: Mapping[str, Any] | None = None,
+                      meta: Mapping[str, Any] | None = None, container: str = "auto",
+                      replace: bool | None = None) -> Iterator[CheckpointWriter]:
+    """Write one checkpoint atomically, tensor by tensor: every output of domainmerge goes
+    through here (:func:`save_checkpoint`, the streamed merge).
+
+    ``infos``: every tensor's shape and dtype, in the order they will be written; the format
+    follows the file name; ``template``, ``record``, ``meta`` and ``container`` as in
+    :func:`save_checkpoint`; ``replace`` as in :func:`domainmerge.fsutil.atomic_path`. The file
+    appears complete when the block ends without an error, else not at all.
+    """
+    fmt = _check_container(path, container, meta, record)
+    with atomic_path(path, replace=replace) as tmp:
+        writer = CheckpointWriter(Path(tmp), fmt, infos, template=template, record=record, meta=meta,
+                                  container=container)
+        try:
+            yield writer
+            writer.finish()
+        finally:
+            writer.close()
+
+
 def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor], *,
                     template: Checkpoint | None = None, record: Mapping[str, Any] | None = None,
                     meta: Mapping[str, Any] | None = None, container: str = "auto",
@@ -537,37 +647,13 @@ def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch
     """
     from domainmerge.fsutil import check_output_path
 
-    if container not in CONTAINERS:
-        raise ValueError(f"container {container!r}: unknown; use one of {', '.join(CONTAINERS)}")
-    fmt = output_format(path)
-    if fmt == "pickle" and container == "plain" and (meta is not None or record is not None):
-        raise ValueError("container='plain' writes a bare state dict, which cannot hold meta or record; "
-                         "use container='mmseg' or 'auto'")
+    _check_container(path, container, meta, record)
     out = check_output_path(path, force=force, inputs=inputs)
-    with atomic_path(out, replace=force) as tmp:
-        if fmt == "safetensors":
-            metadata = dict(template.metadata) if template is not None else {}
-            metadata.setdefault("format", "pt")
-            if record is not None:
-                metadata["domainmerge"] = json.dumps(record, default=str)
-            if meta is not None:
-                metadata["meta"] = json.dumps(meta, default=str)
-            infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state_dict.items()}
-            with open(tmp, "wb") as fh:
-                writer = SafetensorsWriter(fh, infos, metadata)
-                for k, v in state_dict.items():
-                    writer.write(k, v)
-                writer.finish()
-        else:
-            if container == "mmseg" or (container == "auto" and meta is not None and template is None):
-                obj: Any = {"meta": dict(meta or {}), "state_dict": dict(state_dict)}
-                if record is not None:
-                    obj["meta"]["domainmerge"] = dict(record)
-            elif container == "plain":
-                obj = dict(state_dict)
-            else:
-                obj = build_container(state_dict, template=template, record=record)
-            write_pickle(obj, tmp)
+    infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state_dict.items()}
+    with checkpoint_writer(out, infos, template=template, record=record, meta=meta, container=container,
+                           replace=force) as writer:
+        for k, v in state_dict.items():
+            writer.write(k, v)
     return out
 
 

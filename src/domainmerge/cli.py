@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from domainmerge.errors import Terminated, UserError, killed_worker_signal
+from domainmerge.errors import Terminated, UserError, command_messages, killed_worker_signal
 from domainmerge.version import __version__
 
 # Order is the order of `domainmerge --help`.
@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The command's own flag names for library options (its module's ``FLAGS``, e.g.
+    ``{'lam': '--lambda'}``): a library error names an option as a Python keyword, the command
+    line names the flag that sets it."""
+    func = getattr(args, "func", None)
+    module = sys.modules.get(getattr(func, "__module__", ""), None)
+    return dict(getattr(module, "FLAGS", {}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status: 2 for user errors, 130 on Ctrl-C (SIGINT),
     143 on SIGTERM; in both cases temporary files of unfinished outputs are removed."""
@@ -50,10 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with handle_termination():
+        with handle_termination(), command_messages(command_flags(args)):
             status = args.func(args)
     except UserError as exc:
-        print(f"domainmerge {args.command}: error: {exc}", file=sys.stderr)
+        print(f"domainmerge {args.command}: error: {exc.for_command(command_flags(args))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("domainmerge: interrupted", file=sys.stderr)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from domainmerge.errors import Terminated, UserError
+from domainmerge.errors import Option, OutputExistsError, Terminated, UserError
 
 # Errors that mean "this output cannot be written here", not a bug: reported as UserError.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -98,7 +98,7 @@ def check_output_path(target: str | os.PathLike[str], *, force: bool = False,
         raise UserError(f"{path}: is a directory; give a file name for the output")
     folder = _existing_folder(path, str(path))
     if path.exists() and not force:
-        raise UserError(f"{path}: exists; pass --force to overwrite it")
+        raise OutputExistsError(path)
     _probe_folder(folder, str(path))
     return path
 
@@ -194,7 +194,7 @@ def remove_temporaries() -> None:
 def atomic_path(target: str | os.PathLike[str], *, replace: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; move it onto ``target`` on success.
 
-    ``replace``: whether an existing ``target`` may be replaced (``--force``); None (library
+    ``replace``: whether an existing ``target`` may be replaced (a command's ``--force``); None (library
     default) allows it when ``target`` exists on entry. A new target is created without
     replacing anything, so a file that appeared meanwhile (another process writing the same
     output) is kept and this write fails. On any exception the temporary file is removed and
@@ -207,7 +207,7 @@ def atomic_path(target: str | os.PathLike[str], *, replace: bool | None = None) 
     if replace is None:
         replace = existed
     elif existed and not replace:
-        raise UserError(f"{path}: exists; pass --force to overwrite it")
+        raise OutputExistsError(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -229,9 +229,9 @@ def atomic_path(target: str | os.PathLike[str], *, replace: bool | None = None) 
             try:
                 rename_noreplace(tmp, path)
             except FileExistsError:
-                raise UserError(f"{path}: was created by someone else while this one was being written; "
-                                "it is left as it is: pass --force to overwrite it or choose another "
-                                "output path") from None
+                raise OutputExistsError(path, ": was created by someone else while this one was being written; "
+                                        "it is left as it is: pass ", Option("force", switch=True),
+                                        " to overwrite it or choose another output path") from None
         _untrack(tmp)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):

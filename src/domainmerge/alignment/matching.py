@@ -8,9 +8,11 @@ full round in which no permutation improves. Pure functions over ``dict[str, Ten
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -174,3 +176,37 @@ def align_state_dicts(reference: Mapping[str, Tensor], other: Mapping[str, Tenso
     report = AlignmentReport(spec.prefix, spec.family, identity_fractions(perms), dict(spec.sizes), rounds,
                              time.perf_counter() - start, list(spec.fixed))
     return aligned, report
+
+
+@dataclass
+class AlignedFile:
+    """What :func:`align_files` wrote: the output, the matching's report, and the wrapper
+    prefixes (``ema_model.`` ...) whose copies of the network were left unpermuted."""
+
+    output: Path
+    report: AlignmentReport
+    unpermuted: list[str]
+
+
+def align_files(reference: str | os.PathLike[str], other: str | os.PathLike[str],
+                output: str | os.PathLike[str], *, prefix: str | None = None, seed: int = 0,
+                trust_pickle: bool = False, force: bool = False) -> AlignedFile:
+    """Permute ``other``'s backbone units onto ``reference``'s (weight matching) and write the
+    permuted checkpoint to ``output`` in ``other``'s container, recording the alignment.
+
+    ``prefix``: the backbone's key prefix (default: detected); ``seed``: the visiting order;
+    ``force``: replace an existing output. The output path is checked before any work.
+    """
+    from domainmerge.checkpoint import detect_prefixes, open_checkpoint, save_checkpoint, updated_record
+    from domainmerge.fsutil import check_output_path
+
+    inputs = (reference, other)
+    check_output_path(output, force=force, inputs=inputs)
+    with open_checkpoint(reference, trust_pickle=trust_pickle) as ref, \
+            open_checkpoint(other, trust_pickle=trust_pickle) as oth:
+        aligned, report = align_state_dicts(ref.state_dict(), oth.state_dict(), prefix=prefix, seed=seed)
+        record = updated_record(oth, aligned_to={"reference": ref.path.name, "prefix": report.prefix,
+                                                 "seed": seed, "identity": report.overall})
+        written = save_checkpoint(output, aligned, template=oth, record=record, force=force, inputs=inputs)
+    others = [p for p in detect_prefixes(aligned) if not report.prefix.startswith(p)]
+    return AlignedFile(written, report, others)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 
 NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
 _PREFERRED_PREFIXES = ("model.backbone.", "backbone.", "module.backbone.", "model.", "module.", "")
@@ -206,7 +206,7 @@ def _finish(b: _Builder, state_dict: Mapping[str, Tensor], prefix: str, family: 
     for key in state_dict:
         if key.startswith(prefix) and key not in b.covered:
             raise UserError(f"key {key!r}: alignment does not know how this tensor connects in a "
-                            f"{family} backbone under prefix {prefix!r}; pass the right --prefix")
+                            f"{family} backbone under prefix {prefix!r}; give the right ", Option("prefix"))
     sizes: dict[str, int] = {}
     for p, pairs in b.axes.items():
         dims = {(key, axis): state_dict[key].shape[axis] for key, axis in pairs}
@@ -241,7 +241,7 @@ def detect_prefix(state_dict: Mapping[str, Tensor]) -> str:
         if _is_plain_stack(state_dict, prefix):
             return prefix
     raise UserError("no ResNet (layer1.0.conv1.weight) or plain conv stack (0.weight, 1.weight, ...) found "
-                    "in the checkpoint; pass --prefix naming the backbone, e.g. 'model.backbone.'")
+                    "in the checkpoint; give the backbone's ", Option("prefix"), ", e.g. 'model.backbone.'")
 
 
 def spec_from_state_dict(state_dict: Mapping[str, Tensor], prefix: str | None = None) -> PermutationSpec:
@@ -251,10 +251,10 @@ def spec_from_state_dict(state_dict: Mapping[str, Tensor], prefix: str | None = 
     elif prefix and not prefix.endswith("."):
         prefix += "."  # 'model.backbone' means the module, not every key starting with those letters
     if not any(k.startswith(prefix) for k in state_dict):
-        raise UserError(f"prefix {prefix!r}: no key starts with it; pass --prefix naming the backbone")
+        raise UserError(f"prefix {prefix!r}: no key starts with it; give the backbone's ", Option("prefix"))
     if f"{prefix}layer1.0.conv1.weight" in state_dict:
         return _resnet_spec(state_dict, prefix)
     if _is_plain_stack(state_dict, prefix):
         return _plain_spec(state_dict, prefix)
     raise UserError(f"prefix {prefix!r}: neither a ResNet (layer1.0.conv1.weight) nor a plain conv stack "
-                    "(modules 0, 1, ...) lies under it; pass --prefix naming the backbone")
+                    "(modules 0, 1, ...) lies under it; give the backbone's ", Option("prefix"))

@@ -58,7 +58,7 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
 def add_protocol_options(p: argparse.ArgumentParser, *, windows: bool = True) -> None:
     """``--protocol`` and the explicit settings it stands for (``--mode/--crop/--stride`` when
     ``windows``, and ``--img-scale``). The explicit ones default to None so that
-    :func:`resolve_protocol` can tell a given option from a default."""
+    :func:`protocols.resolve` can tell a given option from a default."""
     p.add_argument("--protocol", choices=["authors", "mtda", "custom"],
                    help="test settings: authors (default when the network family and dataset kind are known: the "
                         "reference code's single-target test config), mtda (Model-Merging-MTDA's multi-target test "
@@ -77,20 +77,18 @@ def add_protocol_options(p: argparse.ArgumentParser, *, windows: bool = True) ->
                         "image; custom); logits are resized back to the label size")
 
 
-def resolve_protocol(args: argparse.Namespace, family: str | None, kind: str) -> Any:
-    """The :class:`~domainmerge.evaluation.protocols.Protocol` for one (network family, dataset
-    kind) from ``--protocol`` and the explicit settings (see ``protocols.resolve``)."""
-    from domainmerge.evaluation.protocols import resolve
-
-    limit = getattr(args, "max_windows", None)
-    if limit is not None and limit < 1:
-        raise UserError(f"--max-windows {limit}: must be at least 1")
+def protocol_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--protocol`` and the explicit settings :func:`add_protocol_options` defined, as the
+    keyword arguments of the library's evaluation functions (``protocol``, ``img_scale`` and,
+    with windows, ``mode``, ``crop``, ``stride``, ``max_windows``; see ``protocols.resolve``)."""
     def pair(name: str) -> tuple[int, int] | None:
         v = getattr(args, name, None)
         return (int(v[0]), int(v[1])) if v else None
 
-    return resolve(family, kind, args.protocol, mode=getattr(args, "mode", None), crop=pair("crop"),
-                   stride=pair("stride"), img_scale=pair("img_scale"))
+    out: dict[str, Any] = {"protocol": args.protocol, "img_scale": pair("img_scale")}
+    if hasattr(args, "mode"):
+        out.update(mode=args.mode, crop=pair("crop"), stride=pair("stride"), max_windows=args.max_windows)
+    return out
 
 
 def resolve_device(requested: str | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -39,29 +40,21 @@ def render(report: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from domainmerge.alignment.matching import align_state_dicts
-    from domainmerge.checkpoint import detect_prefixes, open_checkpoint, updated_record
-    from domainmerge.checkpoint import save_checkpoint as save
+    """Parse, align with :func:`domainmerge.alignment.matching.align_files`, print the report."""
+    from domainmerge.alignment.matching import align_files
     from domainmerge.fsutil import check_output_path
     from domainmerge.reporting import write_json
 
-    inputs = (args.reference, args.other)
-    check_output_path(args.output, force=args.force, inputs=inputs)
     if args.json:
-        check_output_path(args.json, force=args.force, inputs=inputs)
-    with open_checkpoint(args.reference, trust_pickle=args.trust_pickle) as ref, \
-            open_checkpoint(args.other, trust_pickle=args.trust_pickle) as other:
-        print(f"matching {other.path.name} to {ref.path.name} ...", flush=True)
-        aligned, report = align_state_dicts(ref.state_dict(), other.state_dict(), prefix=args.prefix,
-                                            seed=args.seed)
-        record = updated_record(other, aligned_to={"reference": ref.path.name, "prefix": report.prefix,
-                                                   "seed": args.seed, "identity": report.overall})
-        save(args.output, aligned, template=other, record=record, force=args.force, inputs=inputs)
-    print(render(report), end="")
-    others = [p for p in detect_prefixes(aligned) if not report.prefix.startswith(p)]
-    if others:
-        print(f"note: only {report.prefix} was permuted; the {', '.join(others)} copies are left as they are")
+        check_output_path(args.json, force=args.force, inputs=(args.reference, args.other))
+    print(f"matching {Path(args.other).name} to {Path(args.reference).name} ...", flush=True)
+    result = align_files(args.reference, args.other, args.output, prefix=args.prefix, seed=args.seed,
+                         trust_pickle=args.trust_pickle, force=args.force)
+    print(render(result.report), end="")
+    if result.unpermuted:
+        print(f"note: only {result.report.prefix} was permuted; the {', '.join(result.unpermuted)} copies are left "
+              "as they are")
     print(f"wrote {args.output}")
     if args.json:
-        write_json(args.json, report.to_dict(), replace=args.force)
+        write_json(args.json, result.report.to_dict(), replace=args.force)
     return 0

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from domainmerge.errors import UserError
-
 DESCRIPTION = """\
 Evaluate models on the straight line between two checkpoints, (1 - lambda) A + lambda B, over
 --steps lambdas (or, for 3+ checkpoints, on a grid over their simplex with --grid points per
@@ -42,21 +40,16 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from domainmerge.commands._common import parse_domains
+    """Scan with :func:`domainmerge.evaluation.checkpoints.interpolate_checkpoints`, print the
+    table on rank 0, write the files under --out."""
+    from domainmerge import reporting
+    from domainmerge.commands._common import parse_domains, protocol_settings, resolve_device
     from domainmerge.evaluation import distributed, lmc
+    from domainmerge.evaluation.checkpoints import interpolate_checkpoints
     from domainmerge.fsutil import check_output_dir, check_output_path
 
-    if len(args.ckpts) < 2:
-        raise UserError("give at least two checkpoints to interpolate between")
     domains = parse_domains(args.domain, "val")
     k = len(args.ckpts)
-    points: list[tuple[float, ...]] = ([(1 - lam, lam) for lam in lmc.lambda_grid(args.steps)] if k == 2
-                                       else lmc.simplex_grid(k, args.grid))
-    names = [Path(c).stem for c in args.ckpts]
-    if len(set(names)) != k:
-        names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
     outputs: dict[str, Path] = {}
     if args.out:
         out_dir = check_output_dir(args.out, option="--out")
@@ -66,90 +59,30 @@ def run(args: argparse.Namespace) -> int:
             if out_dir.is_dir():
                 check_output_path(path, force=args.force, inputs=tuple(args.ckpts))
 
-    started_here = not distributed.is_dist() and distributed.init_from_env()
-    try:
-        return _run(args, k, points, names, domains, outputs)
-    finally:
-        if started_here:
-            torch.distributed.destroy_process_group()
-
-
-def _run(args: argparse.Namespace, k: int, points: list[tuple[float, ...]], names: list[str],
-         domains: list[tuple[str, str, str, str]], outputs: dict[str, Path]) -> int:
-    import torch
-
-    from domainmerge import reporting
-    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
-    from domainmerge.commands._common import resolve_device, resolve_protocol
-    from domainmerge.data import build_dataset
-    from domainmerge.evaluation import distributed, lmc
-    from domainmerge.evaluation.inference import evaluate_model
-    from domainmerge.evaluation.protocols import family_of
-    from domainmerge.merging import DictSource, MergeOptions, nonfinite_keys, plan_merge
-    from domainmerge.models import model_from_state_dict, resolve_spec
-
-    main = distributed.is_main_process()
-    device = resolve_device(args.device)
-    datasets = {name: build_dataset(kind, root, split, strict=not args.no_strict)
-                for name, kind, root, split in domains}
-    state_dicts = [strip_model_prefix(load_state_dict(c, trust_pickle=args.trust_pickle), args.prefix)
-                   for c in args.ckpts]
-    for c, sd in zip(args.ckpts, state_dicts):
-        bad = nonfinite_keys(sd)
-        if bad:
-            raise UserError(f"{c}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the "
-                            "checkpoint is damaged or diverged")
-    # The interpolation merges in memory; check first, naming the files and lmc's own options.
-    plan_merge([DictSource(sd, c) for sd, c in zip(state_dicts, args.ckpts)],
-               MergeOptions(buffers=args.buffers, mismatch_advice="lmc needs models of one architecture with the "
-                                                                  "same keys; check --prefix and --arch"))
-    if args.align:
-        from domainmerge.alignment.matching import align_state_dicts
-
-        for i in range(1, k):
-            state_dicts[i], report = align_state_dicts(state_dicts[0], state_dicts[i])
-            if main:
-                print(f"aligned {names[i]} to {names[0]}: {100 * report.overall:.1f}% of units in place",
-                      file=sys.stderr)
-    try:
-        model = model_from_state_dict(state_dicts[0], args.arch)
-        family = family_of(resolve_spec(state_dicts[0], args.arch))
-    except UserError as exc:
-        raise UserError(f"{args.ckpts[0]}: {exc}") from None
-    protos = {name: resolve_protocol(args, family, kind) for name, kind, _, _ in domains}
-    if main:
-        for name, proto in protos.items():
-            print(f"{name}: {proto.describe()}", file=sys.stderr)
-
-    def score(merged: dict[str, torch.Tensor]) -> dict[str, float]:
-        model.load_state_dict(merged)
-        return {name: evaluate_model(
-                    model, ds, mode=protos[name].mode, crop=protos[name].crop or (1024, 1024),
-                    stride=protos[name].stride or (512, 512), device=device, batch_size=args.batch_size,
-                    num_classes=args.num_classes, img_scale=protos[name].img_scale, amp=args.amp,
-                    workers=args.workers, progress=False, desc=name, max_windows=args.max_windows).miou
-                for name, ds in datasets.items()}
-
-    from tqdm import tqdm
-
-    bar = tqdm(points, desc="lmc", unit="point", disable=args.quiet or not main)
-    rows = lmc.scan(state_dicts, bar, score, buffers=args.buffers)
-    summary = lmc.barriers(rows)
+    with distributed.process_group_from_env():
+        main = distributed.is_main_process()
+        found = interpolate_checkpoints(
+            args.ckpts, domains, steps=args.steps, grid=args.grid, buffers=args.buffers, align=args.align,
+            arch=args.arch, prefix=args.prefix, trust_pickle=args.trust_pickle, **protocol_settings(args),
+            device=resolve_device(args.device), batch_size=args.batch_size,
+            num_classes=args.num_classes, amp=args.amp, workers=args.workers, strict=not args.no_strict,
+            progress=not args.quiet, log=(lambda line: print(line, file=sys.stderr)) if main else None)
     if not main:
         return 0
-    text = lmc.render(rows, summary, names)
+    text = lmc.render(found.rows, found.barriers, found.names)
     print(text, end="")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        record = {"checkpoints": list(args.ckpts), "names": names, "buffers": args.buffers, "aligned": args.align,
+        record = {"checkpoints": list(args.ckpts), "names": found.names, "buffers": args.buffers,
+                  "aligned": args.align,
                   "domains": {d[0]: {"dataset": d[1], "root": d[2], "split": d[3]} for d in domains},
-                  "protocol": {name: proto.to_dict() for name, proto in protos.items()},
-                  "points": rows, "barriers": summary}
+                  "protocol": {name: proto.to_dict() for name, proto in found.protocols.items()},
+                  "points": found.rows, "barriers": found.barriers}
         reporting.write_json(outputs["lmc.json"], record, replace=args.force)
         reporting.write_markdown(outputs["lmc.md"], text, replace=args.force)
         if k == 2:
-            lmc.plot_curve(rows, names, outputs["lmc.png"])
+            lmc.plot_curve(found.rows, found.names, outputs["lmc.png"])
         elif k == 3:
-            lmc.plot_ternary(rows, names, outputs["lmc_ternary.png"])
+            lmc.plot_ternary(found.rows, found.names, outputs["lmc_ternary.png"])
         print(f"wrote {', '.join(str(p) for p in outputs.values())}")
     return 0

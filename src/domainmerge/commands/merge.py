@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import time
-from pathlib import Path
 from typing import Any
 
 from domainmerge.commands._common import add_domain_argument, parse_domains, resolve_device
-from domainmerge.errors import UserError
-
-DATA_METHODS = ("fisher", "adamerging")
-DTYPES = ("float16", "bfloat16", "float32", "float64")
+from domainmerge.errors import Option, UserError
 
 
 def add_parser(sub: Any) -> None:
@@ -66,7 +60,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prefix", metavar="PREFIX",
                    help="merge only the network under PREFIX in every input, written without it (auto: model. "
                         "when present, else module., else none); for inputs whose keys carry different prefixes")
-    p.add_argument("--dtype", choices=sorted(DTYPES),
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32", "float64"],
                    help="dtype of the output's floating tensors (default: the widest dtype of the inputs; "
                         "merging always accumulates in float32 or wider)")
     p.add_argument("--allow-missing", action="store_true",
@@ -77,139 +71,26 @@ def add_parser(sub: Any) -> None:
                    help="allow full unpickling of .pth files (only for files you trust)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=run, recipe_defaults={dest: p.get_default(dest) for dest in RECIPE_FLAGS})
+    p.set_defaults(func=run, recipe_defaults={dest: p.get_default(dest) for dest in RECIPE_OPTIONS})
 
 
+# Library options whose flag is not --name-with-dashes (errors name options; the CLI names flags).
+FLAGS = {"lam": "--lambda", "domains": "--domain"}
 # Options a recipe sets; giving one beside --config is refused rather than silently overridden.
-RECIPE_FLAGS = {"weights": "--weights", "buffers": "--buffers", "counts": "--counts", "keep_heads": "--keep-heads",
-                "names": "--names", "only": "--only", "allow_missing": "--allow-missing", "align": "--align",
-                "method": "--method", "base": "--base", "lam": "--lambda", "density": "--density",
-                "drop": "--drop", "seed": "--seed"}
+RECIPE_OPTIONS = ("weights", "buffers", "counts", "keep_heads", "names", "only", "allow_missing", "align", "method",
+                  "base", "lam", "density", "drop", "seed")
 
 
-def _apply_recipe(args: argparse.Namespace) -> Any:
-    """Fill ``args`` from ``--config`` (or build the recipe equal to the command line)."""
-    from domainmerge.merging import MergeOptions
-    from domainmerge.merging.recipe import load_recipe, recipe_from_options
-
-    if args.config is None:
-        options = MergeOptions(weights=args.weights, buffers=args.buffers, counts=args.counts,
-                               keep_heads=args.keep_heads, only=args.only, allow_missing=args.allow_missing,
-                               method=args.method, lam=args.lam, density=args.density, drop=args.drop,
-                               seed=args.seed)
-        return recipe_from_options(args.inputs, options, base=args.base, align=args.align, names=args.names)
+def _check_config(args: argparse.Namespace) -> None:
+    """--config replaces the inputs and the merge options: refuse them beside it."""
     if args.inputs:
         raise UserError(f"--config {args.config}: the recipe lists the models; give no checkpoints beside it")
     defaults = getattr(args, "recipe_defaults", {})
-    for dest, flag in RECIPE_FLAGS.items():
+    for dest in RECIPE_OPTIONS:
         if dest in defaults and getattr(args, dest) != defaults[dest]:
-            raise UserError(f"{flag} is given beside --config {args.config}; set it in the recipe instead")
-    recipe = load_recipe(args.config)
-    args.inputs = recipe.models
-    for dest in ("weights", "buffers", "counts", "keep_heads", "names", "only", "allow_missing", "align",
-                 "method", "base", "lam", "density", "drop", "seed"):
-        setattr(args, dest, getattr(recipe, dest))
-    return recipe
-
-
-def _network_prefix(state_dict: Any) -> str:
-    """The student network's wrapper prefix: 'model.' (DA training), else 'module.' (DDP), else none."""
-    from domainmerge.checkpoint import detect_prefixes
-
-    found = detect_prefixes(state_dict)
-    return "model." if "model." in found else ("module." if "module." in found else "")
-
-
-def _merge_with_data(args: argparse.Namespace, output: Path, start: float) -> int:
-    """fisher / adamerging: build the network, read unlabeled target images, merge, write."""
-    import json
-
-    from domainmerge.checkpoint import open_checkpoint, save_checkpoint
-    from domainmerge.data import LAYOUTS, build_dataset
-    from domainmerge.evaluation.recalibrate import image_batches, spread_indices
-    from domainmerge.fsutil import check_output_path, write_text_atomic
-    from domainmerge.merging.learned import adamerging, fisher_diagonal, fisher_merge
-    from domainmerge.models import model_from_state_dict
-
-    if args.keep_heads or args.align or args.only or args.config:
-        raise UserError(f"--method {args.method} merges whole networks: it does not combine with --keep-heads, "
-                        "--align, --only or --config")
-    if args.method == "adamerging" and not args.base:
-        raise UserError("--method adamerging learns coefficients of task vectors; give the weights the models "
-                        "were adapted from with --base")
-    if args.method == "fisher" and args.base:
-        raise UserError("--method fisher needs no --base")
-    domains = parse_domains(args.domain, "train")
-    if args.method == "fisher" and len(domains) != len(args.inputs):
-        raise UserError(f"--method fisher estimates each model's Fisher on its own target: give one --domain per "
-                        f"model, in the order of the models ({len(args.inputs)}), got {len(domains)}")
-    for name, value in (("--images", args.images), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{name} {value}: must be at least 1")
-    if args.steps < 0 or not args.lr > 0:
-        raise UserError(f"--steps must be >= 0 and --lr > 0, got {args.steps} and {args.lr}")
-    coef_path = output.with_name(output.stem + ".coefficients.json")
-    if args.method == "adamerging":
-        check_output_path(coef_path, force=args.force, inputs=tuple(args.inputs))
-    device = resolve_device(args.device)
-    # Images only: the readers that can skip labels do, so unlabeled training splits work.
-    datasets: dict[str, Any] = {
-        name: build_dataset(kind, root, split, **({"labels": False} if kind in LAYOUTS or kind == "folder" else {}))
-        for name, kind, root, split in domains}
-    indices = spread_indices({n: len(ds) for n, ds in datasets.items()}, args.images)
-
-    def batches(name: str) -> list[Any]:
-        return list(image_batches(datasets, {name: indices[name]}, batch_size=args.batch_size))
-
-    with contextlib.ExitStack() as stack:
-        cks = [stack.enter_context(open_checkpoint(p, trust_pickle=args.trust_pickle)) for p in args.inputs]
-        fulls = [ck.state_dict() for ck in cks]
-        prefix = _network_prefix(fulls[0])
-        nets = [{k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} for sd in fulls]
-        model = model_from_state_dict(nets[0])
-        print(f"--method {args.method} READS TARGET IMAGES: "
-              + ", ".join(f"{d} {len(v)}" for d, v in indices.items()), flush=True)
-        extra: dict[str, Any] = {}
-        if args.method == "fisher":
-            fishers = [fisher_diagonal(model, sd, batches(name), device=device)
-                       for sd, (name, *_rest) in zip(nets, domains)]
-            merged = fisher_merge(nets, fishers, args.weights, buffers=args.buffers, counts=args.counts)
-        else:
-            base_full = stack.enter_context(open_checkpoint(args.base, trust_pickle=args.trust_pickle)).state_dict()
-            bp = _network_prefix(base_full)
-            base = {k[len(bp):]: v for k, v in base_full.items() if k.startswith(bp)}
-            result = adamerging(model, nets, base, [batches(n) for n, *_ in domains], weights=args.weights,
-                                granularity=args.granularity, steps=args.steps, lr=args.lr, buffers=args.buffers,
-                                device=device, progress=not args.quiet)
-            merged = result.state_dict
-            extra = {"granularity": args.granularity, "steps": args.steps, "lr": args.lr,
-                     "base": Path(args.base).name, "entropy": [result.entropy[0], result.entropy[-1]]
-                     if result.entropy else []}
-        out = dict(fulls[0])
-        out.update({prefix + k: v for k, v in merged.items()})
-        record = {"tool": "domainmerge", "inputs": [Path(p).name for p in args.inputs], "method": args.method,
-                  "buffers": args.buffers, "uses_target_data": True,
-                  "images": {d: len(v) for d, v in indices.items()}, **extra}
-        if args.method == "adamerging":
-            write_text_atomic(coef_path, json.dumps({"models": record["inputs"], "granularity": args.granularity,
-                                                     "coefficients": result.coefficients,
-                                                     "entropy": result.entropy}, indent=1))
-        save_checkpoint(output, out, template=cks[0], record=record, force=args.force, inputs=tuple(args.inputs))
-    if not args.quiet:
-        print(f"merged {len(args.inputs)} models with {args.method} (uses target data); buffers: {args.buffers}")
-        print(f"wrote {output}" + (f" and {coef_path}" if args.method == "adamerging" else "")
-              + f"; time: {time.perf_counter() - start:.2f} s")
-    return 0
-
-
-def head_output_paths(output: Path, n: int, names: list[str] | None) -> list[Path]:
-    """merged.pth + names [cs, idd] -> merged.cs.pth, merged.idd.pth (1-based indices without names)."""
-    if names is not None and len(names) != n:
-        raise UserError(f"--names: got {len(names)} names for {n} inputs; give one name per input")
-    labels = names or [str(i + 1) for i in range(n)]
-    if len(set(labels)) != len(labels):
-        raise UserError(f"--names: names must differ, got {labels}")
-    return [output.with_name(f"{output.stem}.{label}{output.suffix}") for label in labels]
+            raise UserError(Option(dest), f" is given beside --config {args.config}; set it in the recipe instead")
+    if args.domain:  # a recipe's methods read no images
+        raise UserError("--domain is only read by the methods that use data (fisher, adamerging)")
 
 
 def _human(nbytes: float) -> str:
@@ -220,140 +101,50 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} GB"
 
 
-def _dtype_summary(plan: Any, checkpoints: list[Any]) -> str:
-    """Which dtype the floating tensors were written in, and why."""
-    out = sorted({str(d).replace("torch.", "") for d in plan.dtypes.values() if d.is_floating_point})
-    given = sorted({str(i.dtype).replace("torch.", "") for ck in checkpoints for i in ck.infos.values()
-                    if i.dtype.is_floating_point})
-    why = ("as --dtype asks" if plan.options.dtype is not None
-           else "the widest of the inputs" if len(given) > 1 else "as the inputs")
-    return f"dtype: {', '.join(out)} ({why}; inputs: {', '.join(given)}; accumulated in float32 or wider)"
+def summary(report: Any) -> str:
+    """The lines `merge` prints about a :class:`~domainmerge.merging.files.MergeReport`."""
+    n = len(report.inputs)
+    if report.uses_target_data:
+        coef = f" and {report.coefficients}" if report.coefficients is not None else ""
+        return (f"merged {n} models with {report.method} (uses target data); buffers: {report.buffers}\n"
+                f"wrote {report.outputs[0]}{coef}; time: {report.seconds:.2f} s")
+    method = "" if report.method == "linear" else \
+        f"; method: {report.method} from {report.base.name if report.base else None} (lambda {report.lam:g})"
+    why = ("as --dtype asks" if report.dtype_given
+           else "the widest of the inputs" if len(report.input_dtypes) > 1 else "as the inputs")
+    lines = [f"merged {n} models with weights {', '.join(f'{w:.3g}' for w in report.weights)}; "
+             f"buffers: {report.buffers}{method}",
+             "tensors: " + ", ".join(f"{count} {role}" for role, count in report.tensors.items()),
+             f"dtype: {', '.join(report.dtypes)} ({why}; inputs: {', '.join(report.input_dtypes)}; "
+             "accumulated in float32 or wider)",
+             f"BatchNorm layers merged: {report.bn_layers}"]
+    for name, aligned in report.alignment.items():
+        lines.append(f"aligned {name} to {report.inputs[0].name}: {aligned.overall:.1%} of units kept "
+                     f"in place over {len(aligned.sizes)} permutations ({aligned.seconds:.1f} s)")
+    lines += [f"wrote {out} ({_human(out.stat().st_size)})" for out in report.outputs]
+    lines.append(f"time: {report.seconds:.2f} s")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """Parse, merge with :func:`domainmerge.merging.files.merge_files`, print the summary."""
+    from domainmerge.merging.files import DATA_METHODS, merge_files, merge_recipe_files
 
-    from domainmerge.checkpoint import (
-        Checkpoint,
-        SafetensorsWriter,
-        TensorInfo,
-        build_container,
-        open_checkpoint,
-        output_format,
-        write_pickle,
-    )
-    from domainmerge.fsutil import atomic_path, check_output_path
-    from domainmerge.merging import DictSource, StrippedSource, iter_merged, plan_merge
-    from domainmerge.merging.engine import check_options
-    from domainmerge.version import __version__
-
-    start = time.perf_counter()
-    recipe = _apply_recipe(args)
-    if len(args.inputs) < 2:
-        raise UserError("give at least two checkpoints to merge")
-    if len(set(Path(p).resolve() for p in args.inputs)) != len(args.inputs):
-        raise UserError("the same checkpoint is given twice; use --weights to weigh a model more")
-    if args.names and not (args.keep_heads or any(r.keep_own for r in recipe.rules)):
-        raise UserError("--names only applies with --keep-heads (or a recipe rule with keep: own)")
-    import dataclasses
-
-    import torch
-
-    options = dataclasses.replace(recipe.options(), dtype=getattr(torch, args.dtype) if args.dtype else None)
-    check_options(options, len(args.inputs))
-    output = Path(args.output)
-    per_model = bool(args.keep_heads) or any(r.keep_own for r in recipe.rules)
-    outputs = head_output_paths(output, len(args.inputs), args.names) if per_model else [output]
-    inputs = (*args.inputs, args.base) if args.base else tuple(args.inputs)
-    for out in outputs:
-        output_format(out)
-        check_output_path(out, force=args.force, inputs=inputs)
-    fmt = output_format(outputs[0])
-
-    if args.method in DATA_METHODS:
-        return _merge_with_data(args, outputs[0], start)
-    if args.domain:
-        raise UserError(f"--domain is only read by the methods that use data ({', '.join(DATA_METHODS)})")
-
-    checkpoints: list[Checkpoint] = []
-    with contextlib.ExitStack() as stack:
-        for path in args.inputs:
-            checkpoints.append(stack.enter_context(open_checkpoint(path, trust_pickle=args.trust_pickle)))
-        base = stack.enter_context(open_checkpoint(args.base, trust_pickle=args.trust_pickle)) if args.base else None
-        sources: list[Any] = list(checkpoints)
-        if args.prefix is not None:
-            sources = [StrippedSource(ck, args.prefix) for ck in checkpoints]
-        align_report: dict[str, Any] = {}
-        if args.align:
-            from domainmerge.alignment.matching import align_state_dicts
-
-            ref = {k: sources[0].get(k) for k in sources[0].keys()}
-            aligned_sources: list[Any] = [DictSource(ref, str(checkpoints[0].path))]
-            for ck, src in zip(checkpoints[1:], sources[1:]):
-                aligned, report = align_state_dicts(ref, {k: src.get(k) for k in src.keys()})
-                aligned_sources.append(DictSource(aligned, str(ck.path)))
-                align_report[ck.path.name] = report
-            sources = aligned_sources
-        plan = plan_merge(sources, options, base=base)
-        record = {
-            "tool": f"domainmerge {__version__}",
-            "inputs": [Path(p).name for p in args.inputs],
-            "weights": plan.weights,
-            "buffers": args.buffers,
-            "counts": list(args.counts) if args.counts else "num_batches_tracked",
-            "keep_heads": args.keep_heads,
-            "only": args.only,
-            "prefix": args.prefix,
-            "dtype": args.dtype or "widest input",
-            "aligned": bool(args.align),
-            "method": args.method,
-            "recipe": recipe.record(),
-        }
-        infos = {k: TensorInfo(plan.shapes[k], plan.dtypes[k]) for k in plan.keys}
-        bar = tqdm(plan.keys, desc="merging", unit="tensor", disable=True if args.quiet else None)
-        with contextlib.ExitStack() as outs:
-            tmps = [outs.enter_context(atomic_path(out, replace=args.force)) for out in outputs]
-            if fmt == "safetensors":
-                metadata = dict(checkpoints[0].metadata)
-                metadata.setdefault("format", "pt")
-                metadata["domainmerge"] = __import__("json").dumps(record)
-                handles = [outs.enter_context(open(tmp, "wb")) for tmp in tmps]
-                writers = [SafetensorsWriter(fh, infos, metadata) for fh in handles]
-                for key, tensors in iter_merged(sources, plan):
-                    for w, t in zip(writers, tensors):
-                        w.write(key, t)
-                    bar.update()
-                for w in writers:
-                    w.finish()
-                for fh in handles:
-                    fh.close()
-            else:
-                results: list[dict[str, Any]] = [{} for _ in outputs]
-                for key, tensors in iter_merged(sources, plan):
-                    for res, t in zip(results, tensors):
-                        res[key] = t
-                    bar.update()
-                for tmp, res in zip(tmps, results):
-                    write_pickle(build_container(res, template=checkpoints[0], record=record), tmp)
-                    res.clear()
-        bar.close()
-        dtype_line = _dtype_summary(plan, checkpoints)
-
+    if args.config is not None:
+        _check_config(args)
+        report = merge_recipe_files(args.config, args.output, prefix=args.prefix, dtype=args.dtype,
+                                    trust_pickle=args.trust_pickle, force=args.force, progress=not args.quiet)
+    else:
+        data = args.method in DATA_METHODS
+        report = merge_files(
+            args.inputs, args.output, weights=args.weights, buffers=args.buffers, counts=args.counts,
+            method=args.method, base=args.base, lam=args.lam, density=args.density, drop=args.drop, seed=args.seed,
+            keep_heads=args.keep_heads, names=args.names, only=args.only, prefix=args.prefix, dtype=args.dtype,
+            allow_missing=args.allow_missing, align=args.align,
+            domains=parse_domains(args.domain, "train") if args.domain else None, images=args.images,
+            batch_size=args.batch_size, steps=args.steps, lr=args.lr, granularity=args.granularity,
+            device=resolve_device(args.device) if data else None, trust_pickle=args.trust_pickle,
+            force=args.force, progress=not args.quiet, log=lambda line: print(line, flush=True))
     if not args.quiet:
-        elapsed = time.perf_counter() - start
-        roles = ", ".join(f"{n} {role}" for role, n in plan.stats.items() if role != "bn_layers")
-        method = "" if args.method == "linear" else \
-            f"; method: {args.method} from {Path(args.base).name} (lambda {args.lam:g})"
-        print(f"merged {len(args.inputs)} models with weights "
-              f"{', '.join(f'{w:.3g}' for w in plan.weights)}; buffers: {args.buffers}{method}")
-        print(f"tensors: {roles}")
-        print(dtype_line)
-        print(f"BatchNorm layers merged: {plan.stats.get('bn_layers', 0)}")
-        if align_report:
-            for name, report in align_report.items():
-                print(f"aligned {name} to {Path(args.inputs[0]).name}: {report.overall:.1%} of units kept "
-                      f"in place over {len(report.sizes)} permutations ({report.seconds:.1f} s)")
-        for out in outputs:
-            print(f"wrote {out} ({_human(out.stat().st_size)})")
-        print(f"time: {elapsed:.2f} s")
+        print(summary(report))
     return 0

@@ -10,10 +10,9 @@ from domainmerge.commands._common import (
     add_network_options,
     add_protocol_options,
     parse_domains,
+    protocol_settings,
     resolve_device,
-    resolve_protocol,
 )
-from domainmerge.errors import UserError
 
 DESCRIPTION = """\
 Re-estimate the BatchNorm running statistics of a (merged) checkpoint from N unlabeled images
@@ -43,55 +42,14 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from domainmerge.checkpoint import (
-        detect_prefixes,
-        open_checkpoint,
-        save_checkpoint,
-        strip_model_prefix,
-        updated_record,
-    )
-    from domainmerge.data import LAYOUTS, build_dataset
-    from domainmerge.evaluation.protocols import family_of
-    from domainmerge.evaluation.recalibrate import image_batches, recalibrate_bn, spread_indices
-    from domainmerge.fsutil import check_output_path
-    from domainmerge.models import model_from_state_dict, resolve_spec
+    """Parse, recalibrate with :func:`domainmerge.evaluation.recalibrate.recalibrate_file`, print."""
+    from domainmerge.evaluation.recalibrate import recalibrate_file
 
     domains = parse_domains(args.domain, "train")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    check_output_path(args.output, force=args.force, inputs=(args.checkpoint,))
-    device = resolve_device(args.device)
-    # Images only: the readers that can skip labels do, so unlabeled training splits work too.
-    datasets: dict[str, Any] = {
-        name: build_dataset(kind, root, split, strict=not args.no_strict,
-                            **({"labels": False} if kind in LAYOUTS or kind == "folder" else {}))
-        for name, kind, root, split in domains}
-    indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, args.images)
-    with open_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle) as ck:
-        full = ck.state_dict()
-        prefix = args.prefix
-        if prefix == "auto":
-            found = detect_prefixes(full)
-            prefix = "model." if "model." in found else ("module." if "module." in found else "")
-        net = strip_model_prefix(full, prefix)
-        model = model_from_state_dict(net, args.arch)
-        family = family_of(resolve_spec(net, args.arch))
-        scales = {name: resolve_protocol(args, family, kind).img_scale for name, kind, _, _ in domains}
-        n_images = sum(len(v) for v in indices.values())
-        if not args.quiet:
-            print(f"recalibrating BN statistics on {n_images} images: "
-                  + ", ".join(f"{d} {len(v)}" for d, v in indices.items()), flush=True)
-            print("image scale: " + ", ".join(f"{d} {'x'.join(map(str, s)) if s else 'native'}"
-                                              for d, s in scales.items()), flush=True)
-        batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=args.batch_size,
-                                                      img_scale=scales),
-                                 device=device, progress=not args.quiet, total=n_images)
-        out = dict(full)
-        for key, value in model.state_dict().items():
-            original = full[prefix + key]
-            out[prefix + key] = value.detach().to("cpu", original.dtype)
-        record = updated_record(ck, recalibrated={"images": n_images, "batches": batches,
-                                                  "domains": {d: len(v) for d, v in indices.items()}})
-        save_checkpoint(args.output, out, template=ck, record=record, force=args.force, inputs=(args.checkpoint,))
-    print(f"wrote {args.output} ({n_images} images, {batches} batches)")
+    report = recalibrate_file(
+        args.checkpoint, args.output, domains=domains, images=args.images, batch_size=args.batch_size,
+        **protocol_settings(args), arch=args.arch, prefix=args.prefix,
+        device=resolve_device(args.device), trust_pickle=args.trust_pickle, strict=not args.no_strict,
+        force=args.force, progress=not args.quiet, log=None if args.quiet else lambda line: print(line, flush=True))
+    print(f"wrote {args.output} ({report.total_images} images, {report.batches} batches)")
     return 0

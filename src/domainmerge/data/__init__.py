@@ -7,13 +7,16 @@ from domainmerge.data.readers import (
     build_dataset,
     dataset_kinds,
     folder_dataset,
+    image_dataset,
     load_image,
     load_label,
+    pair_files,
+    read_label_map,
     register_dataset,
 )
 
 __all__ = [
     "CLASSES", "IGNORE_INDEX", "LAYOUTS", "MEAN", "NUM_CLASSES", "PALETTE", "STD",
-    "PairedFolderDataset", "build_dataset", "dataset_kinds", "folder_dataset", "load_image",
-    "load_label", "register_dataset",
+    "PairedFolderDataset", "build_dataset", "dataset_kinds", "folder_dataset", "image_dataset", "load_image",
+    "load_label", "pair_files", "read_label_map", "register_dataset",
 ]

@@ -156,11 +156,11 @@ def cached_class_counts(reader: Any, num_classes: int = NUM_CLASSES, *, cache: s
                 counts, path = _cached_counts(reader, num_classes, cache, workers, progress)
                 shared = [(counts.tolist(), None if path is None else str(path), None)]
             except UserError as exc:   # every rank must leave the broadcast, and fail alike
-                shared = [(None, None, str(exc))]
+                shared = [(None, None, exc)]
         dist.broadcast_object_list(shared, src=0)
         rows, where, error = shared[0]
         if error is not None:
-            raise UserError(error)
+            raise error   # the same error (type and options) on every rank
         return np.asarray(rows, dtype=np.int64).reshape(-1, num_classes), None if where is None else Path(where)
     return _cached_counts(reader, num_classes, cache, workers, progress)
 

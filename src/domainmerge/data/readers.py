@@ -11,6 +11,7 @@ the image's relative path without its suffix (for writing predictions next to it
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from domainmerge.data.labels import (
     IDD_LEVEL3_TO_TRAIN_ID,
     IDD_NAME_TO_TRAIN_ID,
 )
-from domainmerge.errors import UserError
+from domainmerge.errors import CONVERT_LABELS, Option, UserError
 
 Sample = tuple[torch.Tensor, torch.Tensor, str]
 
@@ -98,22 +99,29 @@ def load_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def load_label(path: str | Path, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """A single-channel train-id PNG as an int64 [H, W] tensor, values checked (0..C-1, 255)."""
+def read_label_map(path: str | Path) -> np.ndarray:
+    """The ids of a single-channel label map (PNG of train ids, ground truth or prediction),
+    values unchecked: uint8 for 8-bit maps (the metric's fastest input), else int64."""
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "1"):
                 raise UserError(f"{path}: label image has mode {im.mode}; labels must be single-channel "
                                 "train ids (colour label maps are not accepted)")
             # np.array of a 'P' image gives palette indices, which are the ids (no colour lookup).
-            arr = np.array(im).astype(np.int64)
+            arr = np.array(im)
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: unreadable label image ({exc}); replace or remove the file") from exc
+    return arr if arr.dtype == np.uint8 else arr.astype(np.int64)
+
+
+def load_label(path: str | Path, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """A single-channel train-id PNG as an int64 [H, W] tensor, values checked (0..C-1, 255)."""
+    arr = read_label_map(path).astype(np.int64)
     bad = ((arr >= num_classes) & (arr != IGNORE_INDEX)) | (arr < 0)
     if bad.any():
         value = int(arr[bad].flat[0])
         raise UserError(f"{path}: label value {value} is not a train id (0-{num_classes - 1} or 255); "
-                        "convert raw ids first: domainmerge convert-labels DATASET ROOT")
+                        "convert raw ids first (", CONVERT_LABELS, ")")
     return torch.from_numpy(arr)
 
 
@@ -141,8 +149,8 @@ class PairedFolderDataset(torch.utils.data.Dataset[Sample]):
 
     def _problem(self, path: Path, reason: str) -> None:
         if self._strict:
-            raise UserError(f"{path}: {reason}; expected {self.layout} (or skip such files with "
-                            "strict=False / --no-strict)")
+            raise UserError(f"{path}: {reason}; expected {self.layout} (or skip such files with ",
+                            Option("strict", switch=False), ")")
         self.skipped.append((path, reason))
 
     def _scan(self) -> None:
@@ -208,6 +216,47 @@ _FACTORIES: dict[str, DatasetFactory] = {}
 _PROVIDERS: dict[str, str] = {"synthetic": "domainmerge.data.synthetic"}
 
 
+def _index(folder: Path, suffix: str) -> dict[str, Path]:
+    """Files under ``folder`` ending in ``suffix``, keyed by relative path without the suffix."""
+    return {p.relative_to(folder).as_posix()[:-len(suffix)]: p
+            for p in sorted(folder.rglob(f"*{suffix}")) if p.is_file()}
+
+
+def pair_files(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str], pred_suffix: str = ".png",
+               gt_suffix: str = "_labelTrainIds.png") -> list[tuple[Path, Path]]:
+    """(prediction, ground truth) pairs of two folders of label maps, in ground-truth order.
+
+    Files pair by their path relative to the folder with the suffix removed or, for a flat
+    prediction folder, by file name; every ground-truth file must have a prediction.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: {what} folder not found; pass an existing folder")
+    gts = _index(gt_dir, gt_suffix)
+    if not gts:
+        raise UserError(f"{gt_dir}: no *{gt_suffix} files; set ", Option("gt_suffix"),
+                        " to the label files' ending")
+    preds = _index(pred_dir, pred_suffix)
+    by_name: dict[str, list[Path]] = {}
+    for stem, path in preds.items():
+        by_name.setdefault(stem.rsplit("/", 1)[-1], []).append(path)
+    pairs, missing = [], []
+    for stem, gt in gts.items():
+        pred = preds.get(stem)
+        if pred is None and len(by_name.get(stem.rsplit("/", 1)[-1], [])) == 1:
+            pred = by_name[stem.rsplit("/", 1)[-1]][0]   # flat prediction folder
+        if pred is None:
+            missing.append(pred_dir / f"{stem}{pred_suffix}")
+        else:
+            pairs.append((pred, gt))
+    if missing:
+        raise UserError(f"{missing[0]}: no such prediction ({len(missing)} of {len(gts)} ground-truth "
+                        f"files in {gt_dir} have none); check ", Option("pred_suffix", pred_suffix), " and ",
+                        Option("gt_suffix", gt_suffix))
+    return pairs
+
+
 def register_dataset(name: str, factory: DatasetFactory, *, overwrite: bool = False) -> None:
     """Make ``build_dataset(name, root, split, strict=..., **options)`` call ``factory`` with
     the same arguments."""
@@ -252,6 +301,13 @@ def build_dataset(kind: str, root: str | Path, split: str, strict: bool = True,
     if factory is None:
         raise UserError(f"unknown dataset kind {kind!r}; choose one of {', '.join(dataset_kinds())}")
     return factory(root, split, strict=strict, **options)
+
+
+def image_dataset(kind: str, root: str | Path, split: str, *, strict: bool = True) -> torch.utils.data.Dataset:
+    """:func:`build_dataset` for reading images only (items still ``(image, label, name)``): the
+    readers that can skip labels do, so unlabeled splits (a target's training images) work."""
+    images_only = {"labels": False} if kind in LAYOUTS or kind == "folder" else {}
+    return build_dataset(kind, root, split, strict=strict, **images_only)
 
 
 def layout_dataset(kind: str, root: str | Path, split: str, *, strict: bool = True,

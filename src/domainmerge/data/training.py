@@ -34,7 +34,7 @@ from domainmerge.data.transforms import (
     resize_keep_ratio,
     resize_nearest,
 )
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 
 TRAINSET_STREAM = 0     # rng_for stream of TrainSet's own draws (RareClassSampler uses its own)
 RCS_CROP_TRIES = 10     # DAFormer re-draws a rare-class sample's crop up to 10 times
@@ -249,7 +249,7 @@ def batches(dataset: TrainSet, batch_size: int, *, start_iter: int, rank: int = 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if workers < 0:
-        raise UserError(f"--workers {workers}: must be 0 or more")
+        raise UserError(Option("workers", workers), ": must be 0 or more")
     first_slot = rank * batch_size
     if workers == 0:
         for iteration in itertools.count(start_iter):

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 from domainmerge.evaluation.metrics import ImageStats, harmonic_mean
 
 VERDICTS = ("PASS", "FAIL", "TIE")
@@ -63,9 +63,9 @@ class Interval:
 def check_settings(resamples: int, level: float) -> None:
     """UserError unless ``resamples`` >= 1 and 0 < ``level`` < 1."""
     if resamples < 1:
-        raise UserError(f"--resamples {resamples}: must be at least 1 (1000 is usual)")
+        raise UserError(Option("resamples", resamples), ": must be at least 1 (1000 is usual)")
     if not 0.0 < level < 1.0:
-        raise UserError(f"--level {level}: must lie strictly between 0 and 1, e.g. 0.95")
+        raise UserError(Option("level", level), ": must lie strictly between 0 and 1, e.g. 0.95")
 
 
 def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:

@@ -7,7 +7,9 @@ current CUDA device.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,18 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
+
+
+@contextlib.contextmanager
+def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
+    """:func:`init_from_env` for the block; a process group started here is destroyed at its end
+    (one that existed before is left alone). Yields whether the run is distributed."""
+    started_here = not is_dist() and init_from_env(backend)
+    try:
+        yield is_dist()
+    finally:
+        if started_here:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from domainmerge.errors import UserError, loader_errors
+from domainmerge.errors import Option, UserError, loader_errors
 from domainmerge.evaluation import distributed
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
 from domainmerge.evaluation.resize import rescale_size, resize_to_scale
@@ -37,9 +37,10 @@ def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContex
     if amp is None:
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
-        raise UserError(f"--amp {amp}: unknown; use one of {', '.join(AMP_DTYPES)}")
+        raise UserError(Option("amp", amp), f": unknown; use one of {', '.join(AMP_DTYPES)}")
     if device.type != "cuda" and amp == "fp16":
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or no --amp on CPU")
+        raise UserError(Option("amp", "fp16"), " needs a CUDA device; use ", Option("amp", "bf16"), " or no ",
+                        Option("amp"), " on CPU")
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
@@ -65,7 +66,7 @@ def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tup
     n, _, height, width = x.shape
     crop = (min(crop[0], height), min(crop[1], width))
     if stride[0] < 1 or stride[1] < 1:
-        raise UserError(f"--stride {stride}: both values must be positive")
+        raise UserError(Option("stride", stride), ": both values must be positive")
     boxes = crop_boxes(height, width, crop, stride)
     total: Tensor | None = None
     count = x.new_zeros(1, 1, height, width)
@@ -94,7 +95,7 @@ def predict(model: nn.Module, image: Tensor, mode: str = "whole", crop: tuple[in
     ``max_batch``: at most this many windows per forward in slide mode (None: all of them).
     """
     if mode not in MODES:
-        raise UserError(f"--mode {mode}: unknown; use one of {', '.join(MODES)}")
+        raise UserError(Option("mode", mode), f": unknown; use one of {', '.join(MODES)}")
     x = image.unsqueeze(0) if image.dim() == 3 else image
     if not x.is_floating_point():
         x = normalize(x)
@@ -104,10 +105,11 @@ def predict(model: nn.Module, image: Tensor, mode: str = "whole", crop: tuple[in
         logits = slide_logits(model, x, tuple(crop), tuple(stride), max_batch=max_batch, amp=amp)  # type: ignore
     if num_classes is not None and logits.shape[1] != num_classes:
         raise UserError(f"the network predicts {logits.shape[1]} classes, not {num_classes}; "
-                        "set --num-classes to match the checkpoint")
+                        "set ", Option("num_classes"), " to match the checkpoint")
     return logits
 
 
+Sample = tuple[Tensor, Tensor, str]
 
 
 # Pixels per forward pass the default batch size aims at: a CPU is busy with about a
@@ -160,7 +162,7 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     if workers is None:
         workers = default_workers(dataset)
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+        raise UserError(Option("batch_size", batch_size), ": must be at least 1")
     model = model.to(dev).eval()
     metric = SegMetric(num_classes, ignore_index)
     shard = distributed.shard_indices(len(dataset))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from domainmerge.data.classes import CLASSES
-from domainmerge.errors import UserError
+from domainmerge.errors import CONVERT_LABELS, Option, UserError
 from domainmerge.evaluation import distributed
 from domainmerge.tensors import arithmetic_mean as arithmetic_mean  # re-exported: the means H is built from
 from domainmerge.tensors import harmonic_mean as harmonic_mean
@@ -213,7 +213,7 @@ class SegMetric:
         if int(t_min) < 0 or int(t_max) > ign:
             bad = int(t_min) if int(t_min) < 0 else int(t_max)
             raise UserError(f"label value {bad} outside [0, {c}) and not the ignore label {ign}; "
-                            "convert labels to train ids (domainmerge convert-labels)")
+                            "convert labels to train ids (", CONVERT_LABELS, ")")
         p_min, p_max = torch.aminmax(pred)
         if int(p_min) < 0 or int(p_max) >= c:
             # Out-of-range predictions are harmless only on ignored pixels: drop those first.
@@ -221,8 +221,8 @@ class SegMetric:
             pred, target = pred[keep], target[keep]
             if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= c):
                 bad = int(pred.min()) if int(pred.min()) < 0 else int(pred.max())
-                raise UserError(f"predicted value {bad} outside [0, {c}) on a labelled pixel; "
-                                f"check --num-classes ({c}) and the prediction files")
+                raise UserError(f"predicted value {bad} outside [0, {c}) on a labelled pixel; check ",
+                                Option("num_classes", c), " and the prediction files")
         # One bincount over target * C + pred: ignored pixels land in the bins from ign * C on,
         # and any ground-truth value in [C, ign) lands between C * C and ign * C.
         # The narrowest integer type that holds every key keeps this pass memory-light.
@@ -232,7 +232,7 @@ class SegMetric:
         if bool(bins[c * c:ign * c].any()):
             stray = int(torch.nonzero(bins[c * c:ign * c])[0]) // c + c
             raise UserError(f"label value {stray} outside [0, {c}) and not the ignore label {ign}; "
-                            "convert labels to train ids (domainmerge convert-labels)")
+                            "convert labels to train ids (", CONVERT_LABELS, ")")
         return bins[:c * c].reshape(c, c)
 
     def sync(self) -> SegMetric:

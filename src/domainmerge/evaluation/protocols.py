@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 
 FAMILIES = ("hrda", "daformer", "deeplabv2")
 DATASETS = ("cityscapes", "idd", "acdc", "darkzurich", "gta")
@@ -161,11 +161,11 @@ def resolve(family: str | None, dataset: str, protocol: str | None = None, *, mo
     given = {k: v for k, v in (("mode", mode), ("crop", crop), ("stride", stride), ("img_scale", img_scale))
              if v is not None}
     if protocol is not None and protocol not in PROTOCOLS:
-        raise UserError(f"--protocol {protocol}: unknown; use one of {', '.join(PROTOCOLS)}")
+        raise UserError(Option("protocol", protocol), f": unknown; use one of {', '.join(PROTOCOLS)}")
     if protocol in VARIANTS and given:
-        opts = " ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise UserError(f"--protocol {protocol} sets mode, windows and scale itself; drop {opts} or use "
-                        "--protocol custom")
+        opts = [part for i, k in enumerate(given) for part in ((", " if i else ""), Option(k))]
+        raise UserError(Option("protocol", protocol), " sets mode, windows and scale itself; drop ", *opts,
+                        " or use ", Option("protocol", "custom"))
     if protocol == "custom" or (protocol is None and given):
         s = {**CUSTOM_DEFAULTS, **given}
         slide = s["mode"] == "slide"
@@ -177,8 +177,9 @@ def resolve(family: str | None, dataset: str, protocol: str | None = None, *, mo
     if row is not None:
         return row
     if protocol is not None:
-        raise UserError(f"--protocol {protocol}: no {variant} protocol for a {family or 'unknown'} network on "
-                        f"dataset kind {dataset}; use --protocol custom with --mode/--crop/--stride/--img-scale")
+        raise UserError(Option("protocol", protocol), f": no {variant} protocol for a {family or 'unknown'} "
+                        f"network on dataset kind {dataset}; use ", Option("protocol", "custom"), " with ",
+                        Option("mode"), "/", Option("crop"), "/", Option("stride"), "/", Option("img_scale"))
     return Protocol("native", "whole", None, None, None,
                     f"no authors' protocol for a {family or 'unknown'} network on dataset kind {dataset}")
 

@@ -10,14 +10,17 @@ num_batches_tracked = B. Only BN buffers change.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -51,8 +54,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Tensor], *, device: str |
             try:
                 model(x.to(device))
             except ValueError as exc:  # BN after global pooling cannot normalise a batch of one
-                raise UserError(f"BatchNorm in training mode failed on a batch of {len(x)}: {exc}; "
-                                "use --batch-size 2 or more") from None
+                raise UserError(f"BatchNorm in training mode failed on a batch of {len(x)}: {exc}; use ",
+                                Option("batch_size", 2), " or more") from None
             count += 1
             bar.update(len(x))
     finally:
@@ -61,7 +64,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Tensor], *, device: str |
             m.momentum = momentum
         model.eval()
     if count == 0:
-        raise UserError("no image to recalibrate on; check the --domain folders and --images")
+        raise UserError("no image to recalibrate on; check the folders of ", Option("domains"), " and ",
+                        Option("images"))
     return count
 
 
@@ -69,7 +73,7 @@ def spread_indices(lengths: Mapping[str, int], n: int) -> dict[str, list[int]]:
     """``n`` image indices spread over domains: an equal share each (the first ``n % K`` get one
     more), evenly spaced within each dataset; a domain with fewer images gives all it has."""
     if n < 1:
-        raise UserError(f"--images {n}: must be at least 1")
+        raise UserError(Option("images", n), ": must be at least 1")
     names = list(lengths)
     out: dict[str, list[int]] = {}
     for i, name in enumerate(names):
@@ -85,17 +89,99 @@ def image_batches(datasets: Mapping[str, Any], indices: Mapping[str, Sequence[in
     RGB image), optionally rescaled as evaluation rescales them (``img_scale`` one for all
     domains or a mapping domain -> scale); consecutive images of equal size are stacked up to
     ``batch_size``, a change of size starts a new batch."""
-    from domainmerge.evaluation.inference import normalize
+    from domainmerge.tensors import equal_size_batches, normalize
     from domainmerge.evaluation.resize import resize_to_scale
 
-    pending: list[Tensor] = []
-    for name, idx in indices.items():
-        for i in idx:
+    def images() -> Iterator[Tensor]:
+        for name, idx in indices.items():
             scale = img_scale.get(name) if isinstance(img_scale, Mapping) else img_scale
-            x = normalize(resize_to_scale(datasets[name][i][0].unsqueeze(0), scale))
-            if pending and (len(pending) == batch_size or pending[0].shape != x.shape):
-                yield torch.cat(pending)
-                pending = []
-            pending.append(x)
-    if pending:
-        yield torch.cat(pending)
+            for i in idx:
+                yield normalize(resize_to_scale(datasets[name][i][0].unsqueeze(0), scale))
+
+    for batch in equal_size_batches(images(), batch_size, lambda x: x.shape):
+        yield torch.cat(batch)
+
+
+@dataclass
+class RecalibrationReport:
+    """What :func:`recalibrate_file` wrote: the output, images read per domain, batches
+    forwarded, and the image scale used per domain (None: native)."""
+
+    output: Path
+    images: dict[str, int]
+    batches: int
+    scales: dict[str, tuple[int, int] | None]
+
+    @property
+    def total_images(self) -> int:
+        return sum(self.images.values())
+
+
+def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                     domains: Sequence[tuple[str, str, str, str]], images: int, batch_size: int = 1,
+                     protocol: str | None = None, img_scale: tuple[int, int] | None = None, arch: str = "auto",
+                     prefix: str = "auto", device: str | torch.device = "cpu", trust_pickle: bool = False,
+                     strict: bool = True, force: bool = False, progress: bool = False,
+                     log: Callable[[str], None] | None = None) -> RecalibrationReport:
+    """Re-estimate a checkpoint's BatchNorm statistics from unlabeled images and write it to
+    ``output`` in the same container (other tensors unchanged, the record extended).
+
+    Args:
+        checkpoint: the (merged) checkpoint file.
+        output: the output file (checked before any image is read; written atomically).
+        domains: ``(name, dataset kind, root, split)`` of the image folders.
+        images: images over all domains, spread evenly (:func:`spread_indices`).
+        batch_size: images per forward (equal-size images only).
+        protocol, img_scale: the image scale evaluation would use per domain
+            (:func:`domainmerge.evaluation.protocols.resolve`).
+        arch, prefix: the network in the checkpoint (``'auto'``: detected / ``model.`` when
+            present, else ``module.``, else none); keys outside the prefix are copied.
+        device, trust_pickle, strict, force: where to run; full unpickling; refuse unreadable
+            dataset files; replace an existing output.
+        progress: show a progress bar; ``log``: called with a line on what is read, before.
+
+    Returns:
+        A :class:`RecalibrationReport`.
+    """
+    from domainmerge.checkpoint import (
+        network_prefix,
+        open_checkpoint,
+        save_checkpoint,
+        strip_model_prefix,
+        updated_record,
+    )
+    from domainmerge.data import image_dataset
+    from domainmerge.evaluation.protocols import family_of, resolve
+    from domainmerge.fsutil import check_output_path
+    from domainmerge.models import model_from_state_dict, resolve_spec
+
+    if batch_size < 1:
+        raise UserError(Option("batch_size", batch_size), ": must be at least 1")
+    check_output_path(output, force=force, inputs=(checkpoint,))
+    datasets: dict[str, Any] = {name: image_dataset(kind, root, split, strict=strict)
+                                for name, kind, root, split in domains}
+    indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, images)
+    with open_checkpoint(checkpoint, trust_pickle=trust_pickle) as ck:
+        full = ck.state_dict()
+        net_prefix = network_prefix(full) if prefix == "auto" else prefix
+        net = strip_model_prefix(full, net_prefix)
+        model = model_from_state_dict(net, arch)
+        family = family_of(resolve_spec(net, arch))
+        scales = {name: resolve(family, kind, protocol, img_scale=img_scale).img_scale
+                  for name, kind, _, _ in domains}
+        n_images = sum(len(v) for v in indices.values())
+        if log is not None:
+            log(f"recalibrating BN statistics on {n_images} images: "
+                + ", ".join(f"{d} {len(v)}" for d, v in indices.items()))
+            log("image scale: " + ", ".join(f"{d} {'x'.join(map(str, s)) if s else 'native'}"
+                                            for d, s in scales.items()))
+        batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=batch_size, img_scale=scales),
+                                 device=device, progress=progress, total=n_images)
+        out = dict(full)
+        for key, value in model.state_dict().items():
+            original = full[net_prefix + key]
+            out[net_prefix + key] = value.detach().to("cpu", original.dtype)
+        record = updated_record(ck, recalibrated={"images": n_images, "batches": batches,
+                                                  "domains": {d: len(v) for d, v in indices.items()}})
+        written = save_checkpoint(output, out, template=ck, record=record, force=force, inputs=(checkpoint,))
+    return RecalibrationReport(written, {d: len(v) for d, v in indices.items()}, batches, scales)

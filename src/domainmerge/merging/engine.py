@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from domainmerge.errors import UserError
+from domainmerge.errors import INSPECT, MergeError, Option, Part, UserError
 from domainmerge.merging.buffers import gaussian_pool, mixture_proportions, pooled_count
 from domainmerge.merging.parameters import common_dtype, normalise_weights, weighted_average
 from domainmerge.merging.roles import (
@@ -34,7 +34,9 @@ from domainmerge.merging.taskvector import dare, key_generator, task_arithmetic,
 BUFFER_RULES = ("gaussian", "mean", "first")
 # Parameter rules: the paper's weighted average, and the task-vector rules (they need a base).
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-ALLOW_MISSING_ADVICE = "pass --allow-missing to merge the shared keys and copy the rest"
+# What the "keys differ" error suggests by default.
+ALLOW_MISSING_ADVICE: tuple[Part, ...] = ("pass ", Option("allow_missing", switch=True),
+                                         " to merge the shared keys and copy the rest")
 
 
 class Source(Protocol):
@@ -70,8 +72,7 @@ class StrippedSource:
             self.names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
         name = getattr(source, "path", "<state dict>")
         if not self.names:
-            raise UserError(f"{name}: no tensor key starts with {prefix!r}; check the prefixes with "
-                            "`domainmerge inspect`")
+            raise UserError(f"{name}: no tensor key starts with {prefix!r}; check the prefixes with ", INSPECT)
         self.source, self.path = source, name
         infos = getattr(source, "infos", None)
         if infos is not None:
@@ -108,8 +109,8 @@ class MergeOptions:
     rules: Sequence[KeyRule] = ()    # per-module overrides, first match wins (see KeyRule)
     # Floating tensors of the output: None keeps the widest dtype of the inputs holding each key.
     dtype: torch.dtype | None = None
-    # What to suggest when the key sets differ (a command without --allow-missing says otherwise).
-    mismatch_advice: str = ALLOW_MISSING_ADVICE
+    # What to suggest when the key sets differ (a caller without allow_missing says otherwise).
+    mismatch_advice: tuple[Part, ...] = ALLOW_MISSING_ADVICE
 
     def for_key(self, key: str) -> MergeOptions:
         """These options with the first matching rule's method and knobs applied."""
@@ -129,7 +130,7 @@ class MergePlan:
 
     keys: list[str]
     roles: dict[str, Role]
-    merged: dict[str, bool]          # False: copied (outside --only) or per-model (heads)
+    merged: dict[str, bool]          # False: copied (outside `only`) or per-model (heads)
     per_model: dict[str, bool]       # True: each output keeps its own model's tensor (heads)
     holders: dict[str, list[int]]    # which inputs hold the key
     shapes: dict[str, tuple[int, ...]]
@@ -163,31 +164,30 @@ def _examples(keys: Sequence[str], n: int = 3) -> str:
 
 def _check_method(options: MergeOptions, base: Source | None, where: str = "") -> None:
     if options.method not in METHODS:
-        raise UserError(f"{where}unknown merge method {options.method!r}; use one of {', '.join(METHODS)}")
+        raise MergeError(f"{where}unknown merge method {options.method!r}; use one of {', '.join(METHODS)}")
     uses_base = options.method != "linear" or any(r.method not in (None, "linear") for r in options.rules)
     if uses_base and base is None:
-        raise UserError(f"{where}method {options.method!r} merges task vectors and needs the base weights the "
-                        "models were adapted from (--base)")
+        raise MergeError(f"{where}method {options.method!r} merges task vectors and needs the base weights the "
+                         "models were adapted from (", Option("base"), ")")
     if not uses_base and base is not None and not where:
-        raise UserError("a base checkpoint is only used by the task-vector methods; pick --method")
+        raise MergeError("a base checkpoint is only used by the task-vector methods; pick a ", Option("method"))
     if not (options.lam == options.lam and abs(options.lam) != float("inf")):
-        raise UserError(f"{where}--lambda must be a finite number, got {options.lam}")
+        raise MergeError(where, Option("lam"), f" must be a finite number, got {options.lam}")
     if not 0.0 < options.density <= 1.0:
-        raise UserError(f"{where}--density must lie in (0, 1], got {options.density}")
+        raise MergeError(where, Option("density"), f" must lie in (0, 1], got {options.density}")
     if not 0.0 <= options.drop < 1.0:
-        raise UserError(f"{where}--drop must lie in [0, 1), got {options.drop}")
+        raise MergeError(where, Option("drop"), f" must lie in [0, 1), got {options.drop}")
 
 
 def _strip_keys(keys: Sequence[str]) -> dict[str, str]:
     """Key without its wrapper prefix -> key, with the prefix ``strip_model_prefix('auto')`` takes."""
-    from domainmerge.checkpoint import detect_prefixes
+    from domainmerge.checkpoint import network_prefix
 
-    found = detect_prefixes(keys)
-    prefix = "model." if "model." in found else ("module." if "module." in found else "")
+    prefix = network_prefix(keys)
     return {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
 
 
-def _prefix_note(names: Sequence[str], infos: Sequence[Mapping[str, object]], i: int) -> str | None:
+def _prefix_note(names: Sequence[str], infos: Sequence[Mapping[str, object]], i: int) -> MergeError | None:
     """When two inputs hold the same network under different wrapper prefixes, say so."""
     from domainmerge.checkpoint import detect_prefixes
 
@@ -199,13 +199,14 @@ def _prefix_note(names: Sequence[str], infos: Sequence[Mapping[str, object]], i:
     same_names = len(infos[0].keys() & infos[i].keys())
     if same_tensors < max(1, min(len(sa), len(sb)) // 2) or same_names >= same_tensors // 2:
         return None
-    return (f"{names[i]}: its keys carry the prefix {', '.join(pb) or 'none'} while those of {names[0]} carry "
-            f"{', '.join(pa) or 'none'}: the prefixes differ, so the same tensors have different names; "
-            "pass --prefix auto (or --prefix PREFIX) to merge the networks without their wrappers")
+    return MergeError(f"{names[i]}: its keys carry the prefix {', '.join(pb) or 'none'} while those of {names[0]} "
+                      f"carry {', '.join(pa) or 'none'}: the prefixes differ, so the same tensors have different "
+                      "names; pass ", Option("prefix", "auto"), " (or ", Option("prefix", "PREFIX"),
+                      ") to merge the networks without their wrappers", input=names[i])
 
 
 def _arch_note(names: Sequence[str], infos: Sequence[Mapping[str, tuple[tuple[int, ...], torch.dtype]]],
-               i: int) -> str | None:
+               i: int) -> MergeError | None:
     """When the architectures of input 0 and input i can be detected and differ, say which."""
     from domainmerge.models.detect import detect_arch
 
@@ -219,26 +220,27 @@ def _arch_note(names: Sequence[str], infos: Sequence[Mapping[str, tuple[tuple[in
             return None
     if specs[0] == specs[1]:
         return None
-    return (f"{names[0]} holds {specs[0]} but {names[i]} holds {specs[1]}: the architectures differ, "
-            "so the models cannot be merged")
+    return MergeError(f"{names[0]} holds {specs[0]} but {names[i]} holds {specs[1]}: the architectures differ, "
+                      "so the models cannot be merged", input=names[i])
 
 
 def check_options(options: MergeOptions, k: int) -> list[float]:
     """Validate the options for ``k`` inputs before any file is read (non-finite or negative
     weights and counts, unknown buffer rule or dtype); returns the normalised weights."""
     if options.buffers not in BUFFER_RULES:
-        raise UserError(f"unknown buffer rule {options.buffers!r}; use one of {', '.join(BUFFER_RULES)}")
+        raise MergeError(f"unknown buffer rule {options.buffers!r}; use one of {', '.join(BUFFER_RULES)}")
     if options.dtype is not None and not options.dtype.is_floating_point:
-        raise UserError(f"--dtype {options.dtype}: not a floating-point dtype")
+        raise MergeError(Option("dtype", str(options.dtype).replace("torch.", "")), ": not a floating-point dtype")
     try:
         weights = normalise_weights(options.weights, k)
     except ValueError as exc:
-        raise UserError(f"--weights: {exc}") from exc
+        raise MergeError(Option("weights"), f": {exc}") from exc
     if options.counts is not None:
         if len(options.counts) != k:
-            raise UserError(f"--counts: got {len(options.counts)} counts for {k} models")
+            raise MergeError(Option("counts"), f": got {len(options.counts)} counts for {k} models")
         if any(not math.isfinite(c) or c < 0 for c in options.counts):
-            raise UserError(f"--counts: counts must be finite non-negative numbers, got {list(options.counts)}")
+            raise MergeError(Option("counts"), ": counts must be finite non-negative numbers, got "
+                             f"{list(options.counts)}")
     return weights
 
 
@@ -246,12 +248,12 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
     """Check that the inputs (and ``base``, for the task-vector methods) can be merged and decide
     the rule for every key."""
     if not sources:
-        raise UserError("no inputs to merge")
+        raise MergeError("no inputs to merge")
     weights = check_options(options, len(sources))
     _check_method(options, base)
     for rule in options.rules:
         if rule.method is not None and rule.keep_own:
-            raise UserError(f"rule {rule.pattern!r}: give either a method or keep_own, not both")
+            raise MergeError(f"rule {rule.pattern!r}: give either a method or keep_own, not both")
         if rule.method is not None:
             _check_method(options.with_rule(rule), base, where=f"rule {rule.pattern!r}: ")
     infos = [_infos(s) for s in sources]
@@ -266,18 +268,19 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
             continue
         note = _prefix_note(names, infos, i) or _arch_note(names, infos, i)
         if note:
-            raise UserError(note)
+            raise note
         if not options.allow_missing:
             parts = []
             if missing:
                 parts.append(f"lacks {len(missing)} keys of {names[0]} ({_examples(missing)})")
             if extra:
                 parts.append(f"has {len(extra)} keys {names[0]} lacks ({_examples(extra)})")
-            raise UserError(f"{names[i]}: {'; '.join(parts)}; {options.mismatch_advice}")
+            raise MergeError(f"{names[i]}: {'; '.join(parts)}; ", *options.mismatch_advice, input=names[i],
+                             key=(missing or extra)[0])
     holders = {k: [i for i, info in enumerate(infos) if k in info] for k in order}
     if len(sources) > 1 and not any(len(h) == len(sources) for h in holders.values()):
-        raise UserError(f"no tensor name is shared by all {len(sources)} inputs, so nothing would be merged; "
-                        "check the key prefixes with `domainmerge inspect`")
+        raise MergeError(f"no tensor name is shared by all {len(sources)} inputs, so nothing would be merged; "
+                        "check the key prefixes with ", INSPECT)
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
     for k in order:
@@ -287,15 +290,15 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
             shape, dtype = infos[i][k]
             if shape != shapes[k]:
                 note = _arch_note(names, infos, i) if h0 == 0 else None
-                raise UserError(note or f"key {k!r}: shape {list(shapes[k])} in {names[h0]} but "
-                                f"{list(shape)} in {names[i]}; the models have different "
-                                "architectures and cannot be merged")
+                raise note or MergeError(f"key {k!r}: shape {list(shapes[k])} in {names[h0]} but "
+                                         f"{list(shape)} in {names[i]}; the models have different "
+                                         "architectures and cannot be merged", key=k, input=names[i])
             if dtype.is_floating_point != dtypes[k].is_floating_point:
-                raise UserError(f"key {k!r}: dtype {dtypes[k]} in {names[h0]} but {dtype} "
-                                f"in {names[i]}; convert one of them")
+                raise MergeError(f"key {k!r}: dtype {dtypes[k]} in {names[h0]} but {dtype} "
+                                 f"in {names[i]}; convert one of them", key=k, input=names[i])
     roles = assign_roles(dtypes)
     # A BatchNorm pair is pooled only from inputs holding both of its statistics; with
-    # --allow-missing a layer some input has only half of is copied from the first holder.
+    # allow_missing a layer some input has only half of is copied from the first holder.
     unpaired: set[str] = set()
     for k, role in roles.items():
         if role == Role.BN_MEAN:
@@ -316,11 +319,11 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
             dtypes[k] = options.dtype or (common_dtype([infos[i][k][1] for i in holders[k]]) if combined
                                           else dtypes[k])
     if options.keep_heads and not any(per_model.values()):
-        raise UserError(f"--keep-heads {options.keep_heads!r}: no key lies under this prefix; "
-                        "check the head's prefix with `domainmerge inspect`")
+        raise MergeError(Option("keep_heads", options.keep_heads), ": no key lies under this prefix; "
+                         "check the head's prefix with ", INSPECT)
     if options.only and not any(under_prefix(k, options.only) for k in order):
-        raise UserError(f"--only {options.only!r}: no key lies under this prefix; "
-                        "check the prefixes with `domainmerge inspect`")
+        raise MergeError(Option("only", options.only), ": no key lies under this prefix; "
+                         "check the prefixes with ", INSPECT)
     base_keys = _match_base(base, order, roles, shapes) if base is not None else {}
     return MergePlan(order, roles, merged, per_model, holders, shapes, dtypes, weights, options,
                      base=base, base_keys=base_keys)
@@ -342,12 +345,13 @@ def _match_base(base: Source, order: Sequence[str], roles: Mapping[str, Role],
         if bk is None:
             continue
         if infos[bk][0] != shapes[k]:
-            raise UserError(f"key {k!r}: shape {list(shapes[k])} in the models but {list(infos[bk][0])} in the "
-                            f"base {_name(base, -1)}; the base must be the weights the models were adapted from")
+            raise MergeError(f"key {k!r}: shape {list(shapes[k])} in the models but {list(infos[bk][0])} in the "
+                             f"base {_name(base, -1)}; the base must be the weights the models were adapted from",
+                             key=k, input=_name(base, -1))
         found[k] = bk
     if not found:
-        raise UserError(f"the base {_name(base, -1)} shares no parameter with the models; check its "
-                        "prefixes with `domainmerge inspect`")
+        raise MergeError(f"the base {_name(base, -1)} shares no parameter with the models; check its "
+                        "prefixes with ", INSPECT)
     return found
 
 
@@ -367,6 +371,13 @@ def all_finite(t: torch.Tensor) -> bool:
 def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The keys of the floating tensors that hold a NaN or an infinity."""
     return [k for k, t in tensors.items() if not all_finite(t)]
+
+
+def nonfinite_message(name: str, bad: Sequence[str]) -> str:
+    """The one line that says a checkpoint holds ``bad`` non-finite tensors (from
+    :func:`nonfinite_keys`)."""
+    return (f"{name}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the checkpoint is damaged "
+            "or diverged")
 
 
 class _Reader:
@@ -396,9 +407,10 @@ class _Reader:
             return
         for i in inputs:
             if not all_finite(self.get(i, key)):
-                raise UserError(f"{_name(self.sources[i], i)}: tensor {key!r} holds NaN or infinite values; "
-                                "the checkpoint is damaged or diverged")
-        raise UserError(f"tensor {key!r}: merging overflowed to infinity; write a wider dtype (--dtype float32)")
+                raise MergeError(f"{_name(self.sources[i], i)}: tensor {key!r} holds NaN or infinite values; "
+                                 "the checkpoint is damaged or diverged", key=key, input=_name(self.sources[i], i))
+        raise MergeError(f"tensor {key!r}: merging overflowed to infinity; write a wider dtype (",
+                         Option("dtype", "float32"), ")", key=key)
 
     def counter(self, i: int, layer: str) -> int | None:
         key = f"{layer}.{COUNT_SUFFIX}" if layer else COUNT_SUFFIX

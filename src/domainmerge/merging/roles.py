@@ -9,11 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
+from domainmerge.checkpoint import WRAPPER_PREFIXES
+
 MEAN_SUFFIX = "running_mean"
 VAR_SUFFIX = "running_var"
 COUNT_SUFFIX = "num_batches_tracked"
-# Prefixes that training wrappers put in front of a network's keys (mmseg DA training, DDP).
-WRAPPERS = ("model.", "ema_model.", "imnet_model.", "module.")
+# Prefixes that training wrappers put in front of a network's keys (mmseg DA training, DDP);
+# defined once, in domainmerge.checkpoint.
+WRAPPERS = WRAPPER_PREFIXES
 
 
 class Role(enum.Enum):

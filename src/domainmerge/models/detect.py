@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from domainmerge.errors import UserError
+from domainmerge.checkpoint import detect_prefixes
+from domainmerge.errors import Option, Part, UserError
 from domainmerge.models.mit import MiTConfig
 from domainmerge.models.registry import ARCHS, get_spec
 from domainmerge.models.resnet import ResNetConfig
@@ -95,11 +96,11 @@ def detect_arch(state_dict: Mapping[str, Tensor]) -> ModelSpec:
     elif "backbone.stem.0.weight" in keys:
         backbone = _resnet(state_dict, keys)
     else:
-        hint = ""
-        if any(k.startswith(("model.", "ema_model.", "module.")) for k in keys):
-            hint = "; the keys carry a prefix: strip it first (e.g. --prefix model.)"
+        hint: tuple[Part, ...] = ()
+        if detect_prefixes(keys):
+            hint = ("; the keys carry a prefix: strip it first (e.g. ", Option("prefix", "model."), ")")
         raise UserError(f"unknown backbone (no backbone.patch_embed1.* for MiT or backbone.stem.* for ResNetV1c);"
-                        f" found {_summary(state_dict)}{hint}")
+                        f" found {_summary(state_dict)}", *hint)
     hrda = any(k.startswith("decode_head.head.") for k in keys)
     h = _head(state_dict, keys, "decode_head.head." if hrda else "decode_head.")
     spec = ModelSpec(backbone, head=h["head"], num_classes=h["classes"], head_embed_dims=h.get("embed", 256),
@@ -175,8 +176,8 @@ def model_from_state_dict(state_dict: Mapping[str, Tensor], arch: str = "auto", 
         model = spec.build()
     problem = _mismatch(model, state_dict)
     if problem:
-        raise UserError(f"checkpoint does not fit {spec.describe()}: {problem}; found {_summary(state_dict)}"
-                        + ("" if arch == "auto" else "; try --arch auto"))
+        raise UserError(f"checkpoint does not fit {spec.describe()}: {problem}; found {_summary(state_dict)}",
+                        *(() if arch == "auto" else ("; try ", Option("arch", "auto"))))
     # Built on the meta device and filled by assignment (no random initialisation of large
     # nets); the tensors are copies, so training the network never alters the caller's dict.
     model.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=True, assign=True)
