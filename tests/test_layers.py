@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models", "alignment"),
     ("merging",),       # merge --align calls alignment; lmc (evaluation) calls the merge kernels
     ("evaluation",),
+    ("merging.files",),  # merge_files: the learned methods and BN recalibration read target data
     ("training",),
     ("demo",),
     ("commands",),

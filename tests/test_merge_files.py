@@ -17,7 +17,7 @@ from safetensors import safe_open
 from domainmerge.checkpoint import load_state_dict, open_checkpoint, save_checkpoint
 from domainmerge.cli import main
 from domainmerge.errors import CheckpointError, MergeError, Option, OutputExistsError, UserError
-from domainmerge.merging import MergeReport, merge_files, merge_recipe_files
+from domainmerge.merging.files import MergeReport, merge_files, merge_recipe_files
 
 
 def net(seed: int, count: int) -> dict[str, torch.Tensor]:

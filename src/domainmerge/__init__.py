@@ -60,6 +60,8 @@ _API = {
     "merge_state_dicts": "domainmerge.merging",
     "merge_state_dicts_per_head": "domainmerge.merging",
     "interpolate": "domainmerge.merging",
+    "merge_files": "domainmerge.merging.files",
+    "MergeReport": "domainmerge.merging.files",
     "align_state_dicts": "domainmerge.alignment.matching",
     "build_model": "domainmerge.models",
     "model_from_state_dict": "domainmerge.models",
@@ -84,8 +86,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "DomainScores", "UserError", "__version__", "align_state_dicts", "build_dataset", "build_model",
-    "evaluate_domains", "evaluate_model", "harmonic_mean", "interpolate", "load_state_dict", "merge_state_dicts",
-    "merge_state_dicts_per_head", "model_from_state_dict", "open_checkpoint", "save_checkpoint",
-    "strip_model_prefix",
+    "DomainScores", "MergeReport", "UserError", "__version__", "align_state_dicts", "build_dataset",
+    "build_model", "evaluate_domains", "evaluate_model", "harmonic_mean", "interpolate",
+    "load_state_dict", "merge_files", "merge_state_dicts", "merge_state_dicts_per_head",
+    "model_from_state_dict", "open_checkpoint", "save_checkpoint", "strip_model_prefix",
 ]

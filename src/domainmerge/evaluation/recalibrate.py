@@ -89,8 +89,8 @@ def image_batches(datasets: Mapping[str, Any], indices: Mapping[str, Sequence[in
     RGB image), optionally rescaled as evaluation rescales them (``img_scale`` one for all
     domains or a mapping domain -> scale); consecutive images of equal size are stacked up to
     ``batch_size``, a change of size starts a new batch."""
-    from domainmerge.tensors import equal_size_batches, normalize
     from domainmerge.evaluation.resize import resize_to_scale
+    from domainmerge.tensors import equal_size_batches, normalize
 
     def images() -> Iterator[Tensor]:
         for name, idx in indices.items():

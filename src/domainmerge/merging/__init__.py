@@ -16,15 +16,14 @@ from domainmerge.merging.engine import (
     nonfinite_keys,
     plan_merge,
 )
-from domainmerge.merging.files import DATA_METHODS, MergeReport, merge_files, merge_recipe_files
 from domainmerge.merging.parameters import normalise_weights, weighted_average
 from domainmerge.merging.roles import Role, assign_roles
 from domainmerge.merging.taskvector import dare, task_arithmetic, ties
 
 __all__ = [
-    "BUFFER_RULES", "DATA_METHODS", "METHODS", "DictSource", "MergeOptions", "MergePlan", "MergeReport", "Role",
-    "StrippedSource", "all_finite", "assign_roles", "gaussian_pool", "interpolate", "iter_merged", "merge_files",
-    "merge_recipe_files", "merge_state_dicts", "merge_state_dicts_per_head", "mixture_proportions",
+    "BUFFER_RULES", "METHODS", "DictSource", "MergeOptions", "MergePlan", "Role",
+    "StrippedSource", "all_finite", "assign_roles", "gaussian_pool", "interpolate", "iter_merged",
+    "merge_state_dicts", "merge_state_dicts_per_head", "mixture_proportions",
     "nonfinite_keys", "normalise_weights", "plan_merge", "pooled_count", "weighted_average", "dare",
     "task_arithmetic", "ties",
 ]
