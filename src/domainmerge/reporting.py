@@ -296,6 +296,65 @@ def plot_lmc_simplex(rows: Sequence[Mapping[str, Any]], names: Sequence[str], pa
 
 
 # -- task-vector diagnostics (alignment.diagnostics) -------------------------------------------
+def _fmt_or_dash(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def inspect_markdown(summaries: Sequence[Mapping[str, Any]], comparison: Mapping[str, Any] | None,
+                     diagnostics: str | None, warnings: Sequence[str | None] = ()) -> str:
+    """``domainmerge inspect``'s report: per checkpoint its format, prefixes, dtypes, BatchNorm
+    layers, warning (``warnings[i]`` for ``summaries[i]``, in bold) and a module table; then
+    whether they can be merged with per-module distances; then the task-vector diagnostics."""
+    lines: list[str] = []
+    for s, warning in zip(summaries, [*warnings, *[None] * len(summaries)]):
+        lines.append(f"## {s['file']}")
+        lines.append(f"format: {s['format']}" + (f"; other entries: {', '.join(s['extras'])}" if s["extras"] else ""))
+        lines.append(f"prefixes: {', '.join(s['prefixes']) or 'none'}")
+        lines.append(f"tensors: {s['tensors']}; parameters: {s['parameters']:,}; dtypes: "
+                     + ", ".join(f"{d} x{n}" for d, n in s["dtypes"].items()))
+        bn = f"BatchNorm layers: {s['bn_layers']}"
+        if s["bn_layers"]:
+            bn += f"; num_batches_tracked: {', '.join(map(str, s['bn_counts'])) or 'none'}"
+            if s["bn_layers_without_count"]:
+                bn += f" ({s['bn_layers_without_count']} layers without a count)"
+        lines.append(bn)
+        if warning:
+            lines.append(f"**{warning}**")
+        lines.append("")
+        lines.append("| module | tensors | parameters |")
+        lines.append("|---|---:|---:|")
+        for name, m in s["modules"].items():
+            lines.append(f"| {name} | {m['tensors']} | {m['parameters']:,} |")
+        lines.append("")
+    if comparison is not None:
+        lines.append("## can they be merged?")
+        lines.append(("yes: " if comparison["mergeable"] else "no: ") + comparison["reason"])
+        for other, groups in comparison["distances"].items():
+            lines.append("")
+            lines.append(f"distance of {other} from {summaries[0]['file']}:")
+            lines.append("")
+            lines.append("| module | relative L2 of parameters | mean abs diff of BN means |")
+            lines.append("|---|---:|---:|")
+            for g, d in groups.items():
+                rel, bn = _fmt_or_dash(d["rel_l2"], ".4f"), _fmt_or_dash(d["bn_mean_abs_diff"], ".4g")
+                lines.append(f"| {g} | {rel} | {bn} |")
+        lines.append("")
+    if diagnostics:
+        lines.append(diagnostics)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def alignment_markdown(report: Any) -> str:
+    """``domainmerge align``'s report of an ``AlignmentReport``: one row per permutation (units,
+    identity %), then the unit-weighted total and the tensors kept fixed."""
+    rows = [[p, str(n), f"{100 * report.identity[p]:.1f}"] for p, n in report.sizes.items()]
+    rows.append(["all (unit-weighted)", str(sum(report.sizes.values())), f"{100 * report.overall:.1f}"])
+    fixed = f"\nKept fixed (read outside the backbone): {', '.join(report.fixed)}\n" if report.fixed else ""
+    return (f"Weight matching under {report.prefix!r} ({report.family}): {len(report.sizes)} permutations, "
+            f"{report.rounds} rounds, {report.seconds:.1f} s\n\n"
+            + markdown_table(["permutation", "units", "identity %"], rows) + "\n" + fixed)
+
+
 def task_vector_markdown(report: Mapping[str, Any]) -> str:
     """Markdown of ``alignment.diagnostics.task_vector_report``: per-module relative task-vector
     norms and cosines, identity fractions, verdict."""

@@ -27,30 +27,18 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def render(report: Any) -> str:
-    """Markdown: one row per permutation (units, identity %), then the unit-weighted total."""
-    from domainmerge.reporting import markdown_table
-
-    rows = [[p, str(n), f"{100 * report.identity[p]:.1f}"] for p, n in report.sizes.items()]
-    rows.append(["all (unit-weighted)", str(sum(report.sizes.values())), f"{100 * report.overall:.1f}"])
-    fixed = f"\nKept fixed (read outside the backbone): {', '.join(report.fixed)}\n" if report.fixed else ""
-    return (f"Weight matching under {report.prefix!r} ({report.family}): {len(report.sizes)} permutations, "
-            f"{report.rounds} rounds, {report.seconds:.1f} s\n\n"
-            + markdown_table(["permutation", "units", "identity %"], rows) + "\n" + fixed)
-
-
 def run(args: argparse.Namespace) -> int:
     """Parse, align with :func:`domainmerge.alignment.matching.align_files`, print the report."""
     from domainmerge.alignment.matching import align_files
     from domainmerge.fsutil import check_output_path
-    from domainmerge.reporting import write_json
+    from domainmerge.reporting import alignment_markdown, write_json
 
     if args.json:
         check_output_path(args.json, force=args.force, inputs=(args.reference, args.other))
     print(f"matching {Path(args.other).name} to {Path(args.reference).name} ...", flush=True)
     result = align_files(args.reference, args.other, args.output, prefix=args.prefix, seed=args.seed,
                          trust_pickle=args.trust_pickle, force=args.force)
-    print(render(result.report), end="")
+    print(alignment_markdown(result.report), end="")
     if result.unpermuted:
         print(f"note: only {result.report.prefix} was permuted; the {', '.join(result.unpermuted)} copies are left "
               "as they are")

@@ -28,52 +28,6 @@ def nonfinite_warning(summary: dict[str, Any]) -> str | None:
     return f"warning: {nonfinite_message(summary['file'], bad)}" if bad else None
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def render(summaries: list[dict[str, Any]], comparison: dict[str, Any] | None,
-           diagnostics: str | None) -> str:
-    """Human-readable report (Markdown tables)."""
-    lines: list[str] = []
-    for s in summaries:
-        lines.append(f"## {s['file']}")
-        lines.append(f"format: {s['format']}" + (f"; other entries: {', '.join(s['extras'])}" if s["extras"] else ""))
-        lines.append(f"prefixes: {', '.join(s['prefixes']) or 'none'}")
-        lines.append(f"tensors: {s['tensors']}; parameters: {s['parameters']:,}; dtypes: "
-                     + ", ".join(f"{d} x{n}" for d, n in s["dtypes"].items()))
-        bn = f"BatchNorm layers: {s['bn_layers']}"
-        if s["bn_layers"]:
-            bn += f"; num_batches_tracked: {', '.join(map(str, s['bn_counts'])) or 'none'}"
-            if s["bn_layers_without_count"]:
-                bn += f" ({s['bn_layers_without_count']} layers without a count)"
-        lines.append(bn)
-        warning = nonfinite_warning(s)
-        if warning:
-            lines.append(f"**{warning}**")
-        lines.append("")
-        lines.append("| module | tensors | parameters |")
-        lines.append("|---|---:|---:|")
-        for name, m in s["modules"].items():
-            lines.append(f"| {name} | {m['tensors']} | {m['parameters']:,} |")
-        lines.append("")
-    if comparison is not None:
-        lines.append("## can they be merged?")
-        lines.append(("yes: " if comparison["mergeable"] else "no: ") + comparison["reason"])
-        for other, groups in comparison["distances"].items():
-            lines.append("")
-            lines.append(f"distance of {other} from {summaries[0]['file']}:")
-            lines.append("")
-            lines.append("| module | relative L2 of parameters | mean abs diff of BN means |")
-            lines.append("|---|---:|---:|")
-            for g, d in groups.items():
-                lines.append(f"| {g} | {_fmt(d['rel_l2'], '.4f')} | {_fmt(d['bn_mean_abs_diff'], '.4g')} |")
-        lines.append("")
-    if diagnostics:
-        lines.append(diagnostics)
-    return "\n".join(lines).rstrip() + "\n"
-
-
 def run(args: argparse.Namespace) -> int:
     """Parse, inspect with :func:`domainmerge.merging.inspection.inspect_files`, print."""
     import sys
@@ -98,5 +52,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"checkpoints": found.summaries, "comparison": comparison,
                           "diagnostics": found.diagnostics}, indent=2, default=str))
     else:
-        print(render(found.summaries, comparison, diagnostics_text), end="")
+        from domainmerge.reporting import inspect_markdown
+
+        warnings = [nonfinite_warning(summary) for summary in found.summaries]
+        print(inspect_markdown(found.summaries, comparison, diagnostics_text, warnings), end="")
     return 0
