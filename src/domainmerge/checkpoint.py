@@ -394,7 +394,29 @@ def write_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
-    """Open a checkpoint for reading, tensors read lazily where the format allows."""
+    """Open a checkpoint for reading, tensors read lazily where the format allows.
+
+    Args:
+        path: a ``.safetensors`` file or a PyTorch pickle (``.pth``/``.pt``/``.bin``/``.ckpt``/``.pkl``)
+            holding a bare state dict or a container (``{'state_dict': ...}``, ``{'model': ...}``).
+        trust_pickle: load a pickle with ``weights_only=False`` (it may run code: only for a
+            file you trust); by default pickles holding more than tensors and containers are refused.
+
+    Returns:
+        A :class:`Checkpoint` (a context manager): ``keys()``, ``infos`` (shape and dtype),
+        ``get(key)``, ``state_dict()``, the container's other entries in ``extras`` and the
+        safetensors ``metadata``.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge.checkpoint import open_checkpoint
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "model.pth")
+        ...     torch.save({"meta": {"iter": 10}, "state_dict": {"conv.weight": torch.ones(2, 3)}}, path)
+        ...     with open_checkpoint(path) as ck:
+        ...         print(ck.keys(), ck.infos["conv.weight"].shape, ck.container_key, ck.extras)
+        ['conv.weight'] (2, 3) state_dict {'meta': {'iter': 10}}
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(p, "no such file")
@@ -416,7 +438,25 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
 
 
 def load_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The flat state dict of a checkpoint file, container unwrapped, keys as stored."""
+    """The flat state dict of a checkpoint file, container unwrapped, keys as stored.
+
+    Args:
+        path: a ``.safetensors`` file or a PyTorch pickle (see :func:`open_checkpoint`).
+        trust_pickle: load a pickle with ``weights_only=False`` (only for a file you trust).
+
+    Returns:
+        Tensor name -> tensor (wrapper prefixes such as ``model.`` kept; see
+        :func:`strip_model_prefix`).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge.checkpoint import load_state_dict
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "model.pth")
+        ...     torch.save({"state_dict": {"model.w": torch.tensor([1., 2.])}, "optimizer": {}}, path)
+        ...     load_state_dict(path)
+        {'model.w': tensor([1., 2.])}
+    """
     with open_checkpoint(path, trust_pickle=trust_pickle) as ck:
         return ck.state_dict()
 
@@ -441,6 +481,25 @@ def strip_model_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "au
     ``auto`` takes ``model.`` when present (DA training checkpoints also hold ``ema_model.``
     and ``imnet_model.``), else ``module.``, else keeps keys as they are. An explicit prefix
     selects the keys under it; ``""`` keeps everything.
+
+    Args:
+        state_dict: tensor name -> tensor, e.g. from :func:`load_state_dict`.
+        prefix: ``"auto"``, an explicit wrapper prefix (``"ema_model."``), or ``""``.
+
+    Returns:
+        A new dict of the selected tensors, keys without the prefix (the tensors are not copied).
+
+    Raises:
+        UserError: no key starts with the explicit ``prefix``.
+
+    Example:
+        >>> import torch
+        >>> from domainmerge.checkpoint import strip_model_prefix
+        >>> sd = {"model.w": torch.zeros(1), "ema_model.w": torch.ones(1)}
+        >>> strip_model_prefix(sd)
+        {'w': tensor([0.])}
+        >>> strip_model_prefix(sd, "ema_model.")
+        {'w': tensor([1.])}
     """
     if prefix == "auto":
         prefix = network_prefix(state_dict)
@@ -644,6 +703,31 @@ def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch
     ``meta['domainmerge']`` or the safetensors metadata. ``container='mmseg'`` with ``meta``
     writes ``{'meta': meta, 'state_dict': ...}`` (what DA training code writes); ``'plain'``
     writes the bare state dict.
+
+    Args:
+        path: the output file; ``.safetensors`` or a pickle suffix (``.pth`` ...).
+        state_dict: tensor name -> tensor to write.
+        template: the checkpoint whose container to reuse (optimizer entries dropped).
+        record: the merge record (JSON-ready dict) kept with the weights.
+        meta: the ``meta`` entry of an mmseg container (or safetensors metadata, as JSON).
+        container: ``'auto'``, ``'mmseg'`` or ``'plain'`` (pickle outputs).
+        force: replace an existing file (else an existing output is a UserError).
+        inputs: the input files, which the output must not be (they are never overwritten).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge.checkpoint import load_state_dict, open_checkpoint, save_checkpoint
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     out = save_checkpoint(os.path.join(folder, "merged.pth"), {"w": torch.ones(2)}, meta={"iter": 1})
+        ...     with open_checkpoint(out) as ck:
+        ...         print(out.name, ck.container_key, ck.extras)
+        ...     st = save_checkpoint(os.path.join(folder, "merged.safetensors"), {"w": torch.ones(2)})
+        ...     load_state_dict(st)
+        merged.pth state_dict {'meta': {'iter': 1}}
+        {'w': tensor([1., 1.])}
     """
     from domainmerge.fsutil import check_output_path
 

@@ -74,7 +74,25 @@ def equal_size_batches(items: Iterable[T], batch_size: int, size: Callable[[T], 
 
 
 def harmonic_mean(values: Iterable[float]) -> float:
-    """K / sum(1 / v_k): the paper's H over per-domain mIoUs (0 if any is 0, NaN if any is NaN)."""
+    """K / sum(1 / v_k): the paper's H over per-domain mIoUs (0 if any is 0, NaN if any is NaN).
+
+    Args:
+        values: the per-domain scores (non-negative, e.g. mIoU in percent).
+
+    Returns:
+        The harmonic mean; it rewards a model good on every domain over one that trades one
+        domain for another (H of 30 and 60 is 40, below their mean 45).
+
+    Raises:
+        ValueError: no values, or a negative one.
+
+    Example:
+        >>> from domainmerge.tensors import harmonic_mean
+        >>> harmonic_mean([30.0, 60.0])
+        40.0
+        >>> harmonic_mean([50.0, 0.0])
+        0.0
+    """
     vals = [float(v) for v in values]
     if not vals:
         raise ValueError("harmonic mean of no values")

@@ -561,6 +561,30 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights
     in every method: 'gaussian' (pooled Gaussians weighted by num_batches_tracked or
     ``counts``), 'mean' or 'first'.
 
+    Args:
+        state_dicts: the models to merge (tensor name -> tensor), all of one architecture.
+        weights: one weight per model (normalised to sum 1); None: uniform.
+        buffers: the BatchNorm statistics rule: ``'gaussian'``, ``'mean'`` or ``'first'``.
+        counts: images behind each model's BatchNorm statistics (``'gaussian'``); None: the
+            stored ``num_batches_tracked``.
+        base: the weights the models were adapted from (the task-vector methods).
+        method: ``'linear'`` (the paper) or one of the task-vector methods of ``METHODS``.
+        lam: the task-vector scaling (1: the weighted average of the models).
+        density: TIES, the share of each task vector kept.
+        drop: DARE, the drop probability.
+        seed: DARE, the seed of the drop masks.
+        rules: per-module overrides (:class:`~domainmerge.merging.roles.KeyRule`), first match wins.
+        only: merge only the keys under this prefix; the others are copied from the first model.
+        allow_missing: merge the keys all models hold and copy the others, instead of an error.
+        check_finite: raise (naming the input) when a merged tensor holds NaN or infinity.
+        dtype: the floating dtype of the output; None: the widest of the inputs, per key.
+
+    Returns:
+        The merged state dict, keys in the first model's order.
+
+    Raises:
+        MergeError: the models cannot be merged (keys, shapes or options); the message says why.
+
     Example:
         >>> import torch
         >>> base = {"w": torch.zeros(3)}
@@ -586,7 +610,26 @@ def merge_state_dicts_per_head(state_dicts: Sequence[Mapping[str, torch.Tensor]]
                                weights: Sequence[float] | None = None, buffers: str = "gaussian",
                                counts: Sequence[float] | None = None) -> list[dict[str, torch.Tensor]]:
     """Backbone-only merging (the paper's dagger variant): one model per input, each with the
-    merged tensors outside ``keep_heads`` and its own tensors under it."""
+    merged tensors outside ``keep_heads`` and its own tensors under it.
+
+    Args:
+        state_dicts: the models to merge (tensor name -> tensor), all of one architecture.
+        keep_heads: the key prefix of the heads each output keeps from its own model
+            (``'decode_head'``).
+        weights, buffers, counts: as :func:`merge_state_dicts`.
+
+    Returns:
+        One state dict per input, in the order of ``state_dicts``.
+
+    Example:
+        >>> import torch
+        >>> a = {"backbone.w": torch.tensor([0., 2.]), "head.w": torch.tensor([1.])}
+        >>> b = {"backbone.w": torch.tensor([2., 4.]), "head.w": torch.tensor([5.])}
+        >>> for model in merge_state_dicts_per_head([a, b], keep_heads="head"):
+        ...     print(model["backbone.w"], model["head.w"])
+        tensor([1., 3.]) tensor([1.])
+        tensor([1., 3.]) tensor([5.])
+    """
     sources = [DictSource(sd, f"input {i + 1}") for i, sd in enumerate(state_dicts)]
     plan = plan_merge(sources, MergeOptions(weights=weights, buffers=buffers, counts=counts,
                                             keep_heads=keep_heads))
@@ -599,7 +642,23 @@ def merge_state_dicts_per_head(state_dicts: Sequence[Mapping[str, torch.Tensor]]
 
 def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float,
                 buffers: str = "gaussian") -> dict[str, torch.Tensor]:
-    """(1 - lam) * a + lam * b with the merge rules; lam = 0 gives a, lam = 1 gives b."""
+    """(1 - lam) * a + lam * b with the merge rules; lam = 0 gives a, lam = 1 gives b.
+
+    Args:
+        a: the first model (tensor name -> tensor).
+        b: the second model, of the same architecture.
+        lam: the share of ``b``, in [0, 1].
+        buffers: the BatchNorm statistics rule, as :func:`merge_state_dicts`.
+
+    Returns:
+        The interpolated state dict.
+
+    Example:
+        >>> import torch
+        >>> a, b = {"w": torch.tensor([0., 4.])}, {"w": torch.tensor([4., 8.])}
+        >>> interpolate(a, b, 0.25)["w"]
+        tensor([1., 5.])
+    """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
     return merge_state_dicts([a, b], weights=[1.0 - lam, lam], buffers=buffers)
