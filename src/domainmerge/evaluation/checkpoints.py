@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from domainmerge.errors import Option, UserError
+from domainmerge.evaluation.inference import evaluate_with
 from domainmerge.evaluation.metrics import SegScores
 
 PathLike = str | os.PathLike[str]
@@ -108,22 +109,6 @@ def _prediction_writer(folder: Path, created: list[Path]) -> Callable[[str, Any]
         with atomic_path(target) as tmp:
             Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(tmp, format="PNG")
     return write
-
-
-def evaluate_with(model: nn.Module, dataset: Any, protocol: Any, *, device: str = "cpu",
-                  batch_size: int | None = None, num_classes: int = 19, amp: str | None = None,
-                  workers: int | None = None, max_windows: int | None = None, progress: bool = False,
-                  desc: str = "evaluate", on_prediction: Callable[[str, Any], None] | None = None,
-                  per_image: bool = False) -> SegScores:
-    """:func:`domainmerge.evaluation.inference.evaluate_model` under a test
-    :class:`~domainmerge.evaluation.protocols.Protocol` (mode, windows, image scale)."""
-    from domainmerge.evaluation.inference import evaluate_model
-
-    return evaluate_model(model, dataset, mode=protocol.mode, crop=protocol.crop or (1024, 1024),
-                          stride=protocol.stride or (512, 512), device=device, batch_size=batch_size,
-                          num_classes=num_classes, img_scale=protocol.img_scale, amp=amp, workers=workers,
-                          progress=progress, desc=desc, on_prediction=on_prediction, per_image=per_image,
-                          max_windows=max_windows)
 
 
 @dataclass

@@ -109,9 +109,6 @@ def predict(model: nn.Module, image: Tensor, mode: str = "whole", crop: tuple[in
     return logits
 
 
-Sample = tuple[Tensor, Tensor, str]
-
-
 # Pixels per forward pass the default batch size aims at: a CPU is busy with about a
 # megapixel (larger batches only cost memory); a GPU wants more to be kept busy.
 PIXELS_PER_BATCH = {"cpu": 1 << 20, "cuda": 4 << 20}
@@ -267,6 +264,22 @@ class DomainScores:
         return {"domains": {d: s.to_dict() for d, s in self.scores.items()}, "H": self.h}
 
 
+def evaluate_with(model: nn.Module, dataset: Any, protocol: Any, *, device: str | torch.device = "cpu",
+                  batch_size: int | None = None, num_classes: int = 19, amp: str | None = None,
+                  workers: int | None = None, max_windows: int | None = None, progress: bool = False,
+                  desc: str = "evaluate", on_prediction: Callable[[str, Any], None] | None = None,
+                  per_image: bool = False) -> SegScores:
+    """:func:`evaluate_model` under a test :class:`~domainmerge.evaluation.protocols.Protocol`
+    (mode, windows, image scale); ``protocol=None``: whole images at native resolution."""
+    return evaluate_model(model, dataset, mode=protocol.mode if protocol else "whole",
+                          crop=(protocol.crop if protocol else None) or (1024, 1024),
+                          stride=(protocol.stride if protocol else None) or (512, 512), device=device,
+                          batch_size=batch_size, num_classes=num_classes,
+                          img_scale=protocol.img_scale if protocol else None, amp=amp, workers=workers,
+                          progress=progress, desc=desc, on_prediction=on_prediction, per_image=per_image,
+                          max_windows=max_windows)
+
+
 def evaluate_domains(model: nn.Module, datasets: Mapping[str, Any], *,
                      protocols: Mapping[str, Any] | None = None, device: str | torch.device = "cpu",
                      batch_size: int | None = None, num_classes: int = 19, amp: str | None = None,
@@ -304,14 +317,9 @@ def evaluate_domains(model: nn.Module, datasets: Mapping[str, Any], *,
         True
     """
     protocols = protocols or {}
-    out: dict[str, SegScores] = {}
-    for name, dataset in datasets.items():
-        proto = protocols.get(name)
-        out[name] = evaluate_model(
-            model, dataset, mode=proto.mode if proto else "whole",
-            crop=(proto.crop if proto else None) or (1024, 1024),
-            stride=(proto.stride if proto else None) or (512, 512), device=device, batch_size=batch_size,
-            num_classes=num_classes, img_scale=proto.img_scale if proto else None, amp=amp, workers=workers,
-            progress=progress, desc=name, per_image=per_image, max_windows=max_windows)
-    return DomainScores(out)
+    return DomainScores({
+        name: evaluate_with(model, dataset, protocols.get(name), device=device, batch_size=batch_size,
+                            num_classes=num_classes, amp=amp, workers=workers, progress=progress, desc=name,
+                            per_image=per_image, max_windows=max_windows)
+        for name, dataset in datasets.items()})
 

@@ -28,6 +28,7 @@ from domainmerge.checkpoint import (
     network_prefix,
     open_checkpoint,
     output_format,
+    strip_model_prefix,
 )
 from domainmerge.errors import MergeError, Option
 from domainmerge.fsutil import check_output_path
@@ -349,7 +350,7 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
         cks = [stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) for p in inputs]
         fulls = [ck.state_dict() for ck in cks]
         prefix = network_prefix(fulls[0])
-        nets = [{k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} for sd in fulls]
+        nets = [strip_model_prefix(sd, prefix) for sd in fulls]
         model = model_from_state_dict(nets[0])
         if log is not None:
             log(f"method {method} READS TARGET IMAGES: " + ", ".join(f"{d} {len(v)}" for d, v in indices.items()))
@@ -360,8 +361,7 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
         else:
             assert base is not None
             base_full = stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle)).state_dict()
-            bp = network_prefix(base_full)
-            base_net = {k[len(bp):]: v for k, v in base_full.items() if k.startswith(bp)}
+            base_net = strip_model_prefix(base_full)
             result = adamerging(model, nets, base_net, [batches(n) for n in datasets], weights=options.weights,
                                 granularity=granularity, steps=steps, lr=lr, buffers=options.buffers,
                                 device=run_on, progress=progress)
