@@ -65,18 +65,20 @@ class MemoryReader:
 def one_config(arch: str, device: str, amp: str | None, batch: int, iters: int, crop_scale: float,
                threads: int | None) -> dict[str, Any]:
     """Run warm-up + ``iters`` iterations of adapt in this process; seconds/iteration and peak memory."""
-    from domainmerge.data.training import CropConfig
+    from domainmerge.data.training import CropConfig, recipe_crops
     from domainmerge.training.adapt import AdaptConfig, adapt
     from domainmerge.training.recipe import get_recipe
 
     if threads:
         torch.set_num_threads(threads)
     recipe = get_recipe(ARCH_RECIPE[arch])
-    assert recipe.crop is not None
+    # the recipe's crop on Cityscapes-sized targets (the resize happens at load time, not timed here)
+    real_crop = recipe_crops(recipe.name, "cityscapes", "cityscapes")[1].crop
+    assert real_crop is not None
     def scaled(hw: tuple[int, int]) -> tuple[int, int]:
         return int(hw[0] * crop_scale) // 32 * 32, int(hw[1] * crop_scale) // 32 * 32
 
-    crop = scaled(recipe.crop)
+    crop = scaled(real_crop)
     options: dict[str, Any] = {}
     if recipe.hrda:
         detail = scaled(recipe.detail_crop)

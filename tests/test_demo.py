@@ -37,9 +37,11 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
                  f"merged_{a}+{b}_recalibrated"]:
         assert set(scores[name]) == set(targets), name
         assert all(0.0 <= v <= 100.0 for v in scores[name].values())
-    for stage in ["world", "pretrain", "source_only", f"stda_{a}", f"stda_{b}", "different_init",
-                  "merge_evaluate", "interpolation"]:
-        assert stage in res["timings_s"]
+    assert set(res["timings_s"]) == {"world", "pretraining", "source", "adaptation", "merge_evaluate",
+                                     "interpolation"}
+    runs = ["pretrain", "source_only", "source_only_diffinit", f"stda_{a}", f"stda_{b}", f"stda_{b}_diffinit",
+            f"combined_{a}_{b}"]
+    assert sorted(res["training"]) == sorted(runs) and all(res["training"][r]["seconds"] > 0 for r in runs)
     curve = res["interpolation"]
     assert len(curve["lambda"]) == PRESETS["tiny"].lambdas
     for label in ("shared_init", "different_init"):

@@ -65,3 +65,12 @@ def test_demo_pipeline_writes_the_methods_table(tmp_path) -> None:
     assert linear.scores == pytest.approx(res.scores["merged_city+night_gaussian"], abs=1e-9)
     assert "## Merge methods, city+night" in (out / "results.md").read_text()
     assert (out / "methods.png").exists()
+    # Two worker processes (training runs side by side, the methods table beside the evaluation)
+    # give the same numbers, bit for bit: every run is a pure function of its seed.
+    two = run_demo(replace(PRESETS["tiny"], methods=True), tmp_path / "two", jobs=2, log=lambda _: None).to_dict()
+    one = res.to_dict()
+    for r in (one, two):
+        r.pop("timings_s"), r.pop("wall_time_s")
+        for run in r["training"].values():
+            run.pop("seconds")
+    assert two == one

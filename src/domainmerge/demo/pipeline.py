@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.demo.claims import ALL_CHECKS, Judge, Stat, format_check, judged, not_tested
+from domainmerge.demo.jobs import Pool
 from domainmerge.demo.records import (
     BUFFER_RULES,
     COMBINED_ALL,
@@ -37,6 +39,7 @@ from domainmerge.demo.records import (
     Curve,
     DemoResults,
     Interpolation,
+    MethodsResult,
     combined,
     group,
     merged,
@@ -99,8 +102,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # The pair only (city, idd), 150 adaptation iterations: claims 3 and 5 are about four targets
     # (and 150 iterations leave the models' BN statistics too close together to order the buffer
-    # rules), so they are left to the full preset; the two targets keep the run within 3 minutes
-    # on one thread of a 2-core CPU.
+    # rules), so they are left to the full preset; the two targets keep the run within 2 minutes
+    # on a 2-core CPU (one process per core).
     "quick": Preset("quick", targets=("city", "idd"), claims=("1", "2", "4", "world-1", "world-2")),
     "full": Preset("full", n_pretrain=400, n_source=600, n_target=300, n_val=100,
                    pretrain=SUPERVISED.replace(iters=600, lr=2e-3, warmup_iters=40),
@@ -125,6 +128,47 @@ def parse_targets(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names) or len(names) < 2:
         raise UserError(f"--targets {text!r}: give at least two different targets, e.g. city,idd")
     return names
+
+
+@dataclass
+class TrainRun:
+    """What one training run hands back: the student's weights, the trainer's log records and the
+    run's wall time."""
+
+    student: StateDict
+    records: list[dict[str, Any]]
+    seconds: float
+
+
+def train_run(arch: str, recipe: Recipe, init: StateDict, seed: int, source: Any, target: Any | None,
+              desc: str, progress: bool = True) -> TrainRun:
+    """One run of the shared trainer in memory (no checkpoint files) from ``init``: whole 64x128
+    images (no resize or crop), flipped half of the time. Module-level, so worker processes run it."""
+    start = time.perf_counter()
+    whole = CropConfig()
+    result = adapt(AdaptConfig(source, target, arch=arch, init_state=init, recipe=recipe, seed=seed,
+                               source_crop=whole, target_crop=whole, desc=desc, progress=progress),
+                   log=print if progress else (lambda _: None))
+    return TrainRun({k: v.detach().clone() for k, v in result.student.items()}, list(result.records),
+                    time.perf_counter() - start)
+
+
+def methods_run(arch: str, seed: int, models: Mapping[str, StateDict], groups: Mapping[str, Sequence[str]],
+                val: Mapping[str, SyntheticDataset], images: Mapping[str, torch.Tensor]) -> tuple[MethodsResult, float]:
+    """The demo's methods table (``demo.methods.methods_table``) scored on the ``val`` splits, and
+    its wall time. Module-level, so a worker process can run it beside the evaluation."""
+    from domainmerge.demo.methods import methods_table
+    from domainmerge.models import build_model
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    net = build_model(arch, num_classes=19)
+
+    def score(sd: Mapping[str, torch.Tensor], domains: Sequence[str]) -> dict[str, float]:
+        return {d: image_stats(net, sd, val[d]).miou() for d in domains}
+
+    result = methods_table(models, models[SOURCE_ONLY], groups, score, net, images, seed=seed)
+    return result, time.perf_counter() - start
 
 
 def to_checkpoint_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -205,74 +249,79 @@ class Demo:
                                 for d, ds in [(SOURCE, self.source), *self.val.items()]}}
         self._done("world", start)
 
-    def _train(self, name: str, recipe: Recipe, init: StateDict, seed: int, source: Any,
-               target: Any | None = None) -> StateDict:
-        """One run of the shared trainer (in memory, no checkpoint files) from ``init``."""
-        whole = CropConfig()   # whole 64x128 images, flipped half of the time
-        result = adapt(AdaptConfig(source, target, arch=self.p.arch, init_state=init, recipe=recipe, seed=seed,
-                                   source_crop=whole, target_crop=whole, desc=name), log=self.log)
-        records = result.records
-        tail = records[-max(1, len(records) // 5):]
-        summary = {"loss_first": records[0]["loss_source"],
-                   "source_loss_last": sum(r["loss_source"] for r in tail) / len(tail)}
-        if "pseudo_weight" in records[0]:
-            summary["pseudo_weight_last"] = sum(r["pseudo_weight"] for r in tail) / len(tail)
-        self.results.training[name] = summary
-        return result.student
-
-    def pretrain_stage(self) -> None:
-        start = self._stage(f"pretraining on the generic shape task ({self.p.pretrain.iters} it)")
-        model = self._new_model(self.seed)
-        sd = self._train("pretrain", self.p.pretrain, model.state_dict(), self.seed, self.pretrain_data)
-        run = self.results.training["pretrain"]
-        self.results.pretrain_loss = {"first": run["loss_first"], "last": run["source_loss_last"]}
-        self._save("pretrained", sd, {"stage": "pretrain"})
-        self._done("pretrain", start)
-
-    def _source_only(self, name: str, init: StateDict | None, seed: int) -> None:
+    def _fresh(self, seed: int, init: StateDict | None = None) -> StateDict:
+        """A network built from ``seed`` (weights from ``init`` when given) with its head
+        re-initialised from seed + 1: the start of a source-only run."""
         model = self._new_model(seed)
         if init is not None:
             model.load_state_dict(init)
         reset_head(model, seed + 1)
-        sd = self._train(name, self.p.source, model.state_dict(), seed + 2, self.source)
-        self._save(name, sd, {"stage": "source-only"})
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def source_stage(self) -> None:
-        start = self._stage(f"source-only training on {SOURCE} ({self.p.source.iters} it), "
-                            "the shared start of every adaptation run")
-        self._source_only(SOURCE_ONLY, self.models["pretrained"], self.seed)
-        self._done(SOURCE_ONLY, start)
-
-    def _stda(self, name: str, init: StateDict, targets: Sequence[str], seed: int) -> None:
-        target = self.train[targets[0]] if len(targets) == 1 else \
+    def _launch(self, pool: Pool, name: str, recipe: Recipe, init: StateDict, seed: int, source: Any,
+                targets: Sequence[str] = ()) -> Future[TrainRun]:
+        """Start one run of the shared trainer on ``pool`` (``targets``: self-training on them)."""
+        target = None if not targets else self.train[targets[0]] if len(targets) == 1 else \
             torch.utils.data.ConcatDataset([self.train[t] for t in targets])
-        sd = self._train(name, self.p.stda, init, seed, self.source, target)
-        self.results.training[name]["targets"] = list(targets)
-        self._save(name, sd, {"stage": "stda", "targets": list(targets)})
+        return pool.submit(train_run, self.p.arch, recipe, init, seed, source, target, name, pool.jobs == 1)
 
-    def stda_stage(self) -> None:
-        for i, t in enumerate(self.p.targets):
-            start = self._stage(f"STDA {SOURCE} -> {t} ({self.p.stda.iters} it) from the shared weights")
-            self._stda(stda(t), self.models[SOURCE_ONLY], [t], self.seed + 100 + i)
-            self._done(stda(t), start)
+    def _collect(self, name: str, future: Future[TrainRun], meta: dict[str, Any], save_as: str | None = None
+                 ) -> StateDict:
+        """Wait for a run; note its loss summary and time, save its checkpoint (as ``save_as``)."""
+        run = future.result()
+        records = run.records
+        tail = records[-max(1, len(records) // 5):]
+        summary: dict[str, Any] = {"loss_first": records[0]["loss_source"],
+                                   "source_loss_last": sum(r["loss_source"] for r in tail) / len(tail)}
+        if "pseudo_weight" in records[0]:
+            summary["pseudo_weight_last"] = sum(r["pseudo_weight"] for r in tail) / len(tail)
+        if "targets" in meta:
+            summary["targets"] = list(meta["targets"])
+        summary["seconds"] = round(run.seconds, 2)
+        self.results.training[name] = summary
+        self._save(save_as or name, run.student, meta)
+        self.log(f"    {name}: done in {run.seconds:.0f} s")
+        return run.student
 
-    def combination_stage(self) -> None:
-        a, b = self.p.targets[:2]
-        runs = [(combined([a, b]), [a, b])]
-        if self.p.combine_all and len(self.p.targets) > 2:
-            runs.append((COMBINED_ALL, list(self.p.targets)))
-        for name, targets in runs:
-            start = self._stage(f"data combination: one STDA run on {'+'.join(targets)} ({self.p.stda.iters} it)")
-            self._stda(name, self.models[SOURCE_ONLY], targets, self.seed + 200)
-            self._done(name, start)
+    def training_stages(self, pool: Pool) -> None:
+        """Every training run. Runs that do not depend on each other go to the pool together:
+        pretraining beside the different-initialisation source-only run, the shared source-only
+        run beside the different-initialisation STDA run, then every STDA and data-combination run."""
+        p, targets = self.p, self.p.targets
+        a, b = targets[:2]
+        other = self.seed + 7919         # the different random initialisation (claim 4)
+        start = self._stage(f"pretraining on the generic shape task ({p.pretrain.iters} it); beside it, "
+                            f"source-only training on {SOURCE} from a different random initialisation")
+        pre = self._launch(pool, "pretrain", p.pretrain, self._new_model(self.seed).state_dict(), self.seed,
+                           self.pretrain_data)
+        d_src = self._launch(pool, SOURCE_ONLY + DIFFINIT, p.source, self._fresh(other), other + 2, self.source)
+        self._collect("pretrain", pre, {"stage": "pretrain"}, save_as="pretrained")
+        run = self.results.training["pretrain"]
+        self.results.pretrain_loss = {"first": run["loss_first"], "last": run["source_loss_last"]}
+        self._done("pretraining", start)
 
-    def different_init_stage(self) -> None:
-        b = self.p.targets[1]
-        start = self._stage(f"STDA {SOURCE} -> {b} from a different random initialisation (no shared weights)")
-        other = self.seed + 7919
-        self._source_only(SOURCE_ONLY + DIFFINIT, None, other)
-        self._stda(stda(b, DIFFINIT), self.models[SOURCE_ONLY + DIFFINIT], [b], other + 100)
-        self._done("different_init", start)
+        start = self._stage(f"source-only training on {SOURCE} ({p.source.iters} it), the shared start of every "
+                            f"adaptation run; beside it, STDA {SOURCE} -> {b} from the different initialisation")
+        src = self._launch(pool, SOURCE_ONLY, p.source, self._fresh(self.seed, self.models["pretrained"]),
+                           self.seed + 2, self.source)
+        d_init = self._collect(SOURCE_ONLY + DIFFINIT, d_src, {"stage": "source-only"})
+        d_stda = self._launch(pool, stda(b, DIFFINIT), p.stda, d_init, other + 100, self.source, [b])
+        shared = self._collect(SOURCE_ONLY, src, {"stage": "source-only"})
+        self._done("source", start)
+
+        runs = [(stda(t), [t], self.seed + 100 + i) for i, t in enumerate(targets)]
+        runs.append((combined([a, b]), [a, b], self.seed + 200))
+        if p.combine_all and len(targets) > 2:
+            runs.append((COMBINED_ALL, list(targets), self.seed + 200))
+        start = self._stage(f"{len(targets)} STDA runs (one per target) and {len(runs) - len(targets)} "
+                            f"data-combination run(s) from the shared weights ({p.stda.iters} it each, "
+                            f"{pool.jobs} process{'es' if pool.jobs > 1 else ''})")
+        futures = [(name, ts, self._launch(pool, name, p.stda, shared, seed, self.source, ts))
+                   for name, ts, seed in runs]
+        self._collect(stda(b, DIFFINIT), d_stda, {"stage": "stda", "targets": [b]})
+        for name, ts, future in futures:
+            self._collect(name, future, {"stage": "stda", "targets": ts})
+        self._done("adaptation", start)
 
     def _recalibrated(self, net: nn.Module, state_dict: StateDict, targets: Sequence[str]) -> StateDict:
         """``state_dict`` with BN statistics re-estimated (cumulative average) on ``recal_images``
@@ -354,31 +403,39 @@ class Demo:
         self.results.interpolation = Interpolation(lams, curves)
         self._done("interpolation", start)
 
-    def methods_stage(self) -> None:
-        """Every merge method on the pair and on all targets, against the source-only base; the
-        data-using ones read ``recal_images`` unlabeled training images per target."""
-        from domainmerge.demo.methods import MethodRow, methods_table
+    def _method_groups(self) -> dict[str, list[str]]:
+        a, b = self.p.targets[:2]
+        return {group([a, b]): [a, b], **({"all": list(self.p.targets)} if len(self.p.targets) > 2 else {})}
 
+    def launch_methods(self, pool: Pool) -> Future[tuple[MethodsResult, float]] | None:
+        """Start the methods table (every merge method on the pair and on all targets, against the
+        source-only base; the data-using ones read ``recal_images`` unlabeled training images per
+        target) on ``pool``; None when the preset has no methods table."""
         if not self.p.methods:
+            return None
+        models = {k: v for k, v in self.models.items() if k == SOURCE_ONLY or k in map(stda, self.p.targets)}
+        images = {t: normalize(self.train[t].images[:self.p.recal_images]) for t in self.p.targets}
+        return pool.submit(methods_run, self.p.arch, self.seed, models, self._method_groups(), dict(self.val),
+                           images)
+
+    def methods_stage(self, future: Future[tuple[MethodsResult, float]] | None) -> None:
+        """Collect the methods table and add the rows the evaluation measured (separate heads,
+        BN recalibration)."""
+        from domainmerge.demo.methods import MethodRow
+
+        if future is None:
             return
-        targets = self.p.targets
-        a, b = targets[:2]
         start = self._stage("merge methods: task arithmetic, TIES, DARE, Fisher, AdaMerging (+ knob sweeps)")
-        net = self._new_model(self.seed)
-        groups = {group([a, b]): [a, b], **({"all": list(targets)} if len(targets) > 2 else {})}
+        result, seconds = future.result()
         s = self.results.scores
-        extra = {g: {"heads": MethodRow("linear, separate heads (domain known)", "linear_heads",
-                                        dict(s[merged(g, "backbone_heads")])),
-                     "recal": MethodRow(f"linear, BN recalibrated on {self.p.recal_images} images", "recalibrated",
-                                        dict(s[merged(g, "recalibrated")]), True)} for g in groups}
-        images = {t: normalize(self.train[t].images[:self.p.recal_images]) for t in targets}
-
-        def score(sd: Mapping[str, torch.Tensor], domains: Sequence[str]) -> dict[str, float]:
-            return {d: image_stats(net, sd, self.val[d]).miou() for d in domains}
-
-        self.results.methods = methods_table(self.models, self.models[SOURCE_ONLY], groups, score, net, images,
-                                             extra=extra, seed=self.seed)
+        for g in self._method_groups():
+            result.rows[g] += [MethodRow("linear, separate heads (domain known)", "linear_heads",
+                                         dict(s[merged(g, "backbone_heads")])),
+                               MethodRow(f"linear, BN recalibrated on {self.p.recal_images} images", "recalibrated",
+                                         dict(s[merged(g, "recalibrated")]), True)]
+        self.results.methods = result
         self._done("methods", start)
+        self.results.timings_s["methods"] = round(seconds, 2)   # its own time (it may run beside others)
 
     # -- claims ------------------------------------------------------------------------------
     def checks(self) -> list[Check]:
@@ -479,9 +536,12 @@ class Demo:
         return out
 
 
-def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = False,
+def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = False, jobs: int = 1,
              log: Callable[[str], None] = print) -> DemoResults:
-    """Run every stage, write results.json, results.md and the plots to ``out``; return the results."""
+    """Run every stage, write results.json, results.md and the plots to ``out``; return the results.
+
+    ``jobs`` worker processes run the independent training runs side by side, and the methods
+    table beside the evaluation; the numbers do not depend on ``jobs`` (see ``demo.jobs``)."""
     from domainmerge.demo.report import plot, render_markdown
     from domainmerge.reporting import write_json, write_markdown
 
@@ -491,13 +551,11 @@ def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = Fa
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     demo = Demo(preset, out, seed, log)
     demo.build_world()
-    demo.pretrain_stage()
-    demo.source_stage()
-    demo.stda_stage()
-    demo.combination_stage()
-    demo.different_init_stage()
-    demo.evaluate_stage()
-    demo.methods_stage()
+    with Pool(jobs) as pool:
+        demo.training_stages(pool)
+        methods = demo.launch_methods(pool) if pool.jobs > 1 else None   # beside the evaluation
+        demo.evaluate_stage()
+        demo.methods_stage(methods if pool.jobs > 1 else demo.launch_methods(pool))
     checks = demo.checks()
     demo.results.wall_time_s = round(time.perf_counter() - demo.t0, 1)
     write_json(out / "results.json", demo.results.to_dict())

@@ -77,9 +77,12 @@ def render_markdown(results: DemoResults) -> str:
                  "side, TIE when it straddles the margin.")
     parts.append("")
     parts += [f"- {format_check(c)}" for c in results.checks]
-    timings = results.timings_s
-    parts += ["", f"Wall time {sum(timings.values()):.0f} s: "
-              + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), ""]
+    runs = {name: run["seconds"] for name, run in results.training.items() if "seconds" in run}
+    parts += ["", f"Wall time {results.wall_time_s:.0f} s. Stages: "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in results.timings_s.items())
+              + " (with more than one job the methods table runs beside the evaluation). Training runs "
+              "(each in one process, side by side with more than one job): "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in runs.items()), ""]
     return "\n".join(parts)
 
 

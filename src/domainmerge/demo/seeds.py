@@ -114,7 +114,7 @@ def render_seeds_markdown(summary: Mapping[str, Any]) -> str:
         "## Every number: mean and std over the seeds", "", numbers_table(summary), ""])
 
 
-def run_seeds(preset: Preset, out: str | Path, seeds: Sequence[int], *, force: bool = False,
+def run_seeds(preset: Preset, out: str | Path, seeds: Sequence[int], *, force: bool = False, jobs: int = 1,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo once per seed into ``out/seedS``; write and return the summary over seeds."""
     from domainmerge.reporting import write_json, write_markdown
@@ -127,7 +127,7 @@ def run_seeds(preset: Preset, out: str | Path, seeds: Sequence[int], *, force: b
     runs = {}
     for s in seeds:
         log(f"=== seed {s} ===")
-        runs[s] = run_demo(preset, out / f"seed{s}", seed=s, force=force, log=log)
+        runs[s] = run_demo(preset, out / f"seed{s}", seed=s, force=force, jobs=jobs, log=log)
     summary = summarize_seeds(runs)
     write_json(out / "results.json", summary)
     write_markdown(out / "results.md", render_seeds_markdown(summary))
