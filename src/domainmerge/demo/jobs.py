@@ -12,13 +12,17 @@ the serial demo is the same code path without the processes.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
 import torch
+
+from domainmerge.errors import Terminated
 
 T = TypeVar("T")
 
@@ -33,15 +37,44 @@ def default_jobs() -> int:
     return max(1, min(4, cores))
 
 
+# Worker side of stopping early: SIGTERM from the parent aborts the worker's current job (and any
+# job it would start after) with Terminated, which goes back to the parent like any exception; the
+# worker itself stays up until the pool's shutdown, so it exits cleanly (a killed worker leaves
+# semaphores behind that Python warns about). SIGINT is not used: a process started in the
+# background of a non-interactive shell ignores it, and so do the workers it spawns.
+_running = False
+_stopping = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _stopping
+    _stopping = True
+    if _running:
+        raise Terminated(signum)
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _job(fn: Callable[..., T], *args: Any) -> T:
+    global _running
+    if _stopping:
+        raise Terminated(signal.SIGTERM)
+    _running = True
+    try:
+        return fn(*args)
+    finally:
+        _running = False
 
 
 class Pool:
     """``submit(fn, *args) -> Future`` on ``jobs`` worker processes (``jobs == 1``: inline).
 
     Workers are spawned (not forked: a forked OpenMP runtime can hang) and use the parent's
-    torch thread count. Use as a context manager; leaving it waits for running calls.
+    torch thread count. Use as a context manager: leaving it normally waits for running calls;
+    leaving it on an exception (an error, Ctrl-C, SIGTERM) stops them at once.
     """
 
     def __init__(self, jobs: int) -> None:
@@ -56,7 +89,7 @@ class Pool:
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` (a module-level function; arguments are pickled) on a worker."""
         if self._executor is not None:
-            return self._executor.submit(fn, *args)
+            return self._executor.submit(_job, fn, *args)
         future: Future[T] = Future()
         try:
             future.set_result(fn(*args))
@@ -73,7 +106,13 @@ class Pool:
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self._executor is not None:
+            # An error or a signal in the parent: stop the workers' runs instead of waiting for them.
+            processes = getattr(self._executor, "_processes", None) or {}   # pid -> Process
+            for pid in list(processes):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         self.close()
 
 
