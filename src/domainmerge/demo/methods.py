@@ -73,8 +73,8 @@ def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str,
         ada = adamerging(net, sds, base, [list(images[t].split(8)) for t in targets], steps=adamerging_steps)
         rows.append(MethodRow(f"AdaMerging (layer-wise, {adamerging_steps} steps)", "adamerging",
                               score(ada.state_dict, targets), True))
-        rows.extend((extra or {}).get(g, {}).values())
         result.rows[g] = rows
+    result.add_rows(extra or {})
     largest = max(groups, key=lambda g: len(groups[g]))
     result.sweep_group = largest
     sds = [models[stda(t)] for t in groups[largest]]

@@ -149,8 +149,7 @@ def train_run(arch: str, recipe: Recipe, init: StateDict, seed: int, source: Any
     result = adapt(AdaptConfig(source, target, arch=arch, init_state=init, recipe=recipe, seed=seed,
                                source_crop=whole, target_crop=whole, desc=desc, progress=progress),
                    log=print if progress else (lambda _: None))
-    return TrainRun({k: v.detach().clone() for k, v in result.student.items()}, list(result.records),
-                    time.perf_counter() - start)
+    return TrainRun(result.student, list(result.records), time.perf_counter() - start)  # already CPU copies
 
 
 def methods_run(arch: str, seed: int, models: Mapping[str, StateDict], groups: Mapping[str, Sequence[str]],
@@ -256,7 +255,7 @@ class Demo:
         if init is not None:
             model.load_state_dict(init)
         reset_head(model, seed + 1)
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return model.state_dict()
 
     def _launch(self, pool: Pool, name: str, recipe: Recipe, init: StateDict, seed: int, source: Any,
                 targets: Sequence[str] = ()) -> Future[TrainRun]:
@@ -428,11 +427,11 @@ class Demo:
         start = self._stage("merge methods: task arithmetic, TIES, DARE, Fisher, AdaMerging (+ knob sweeps)")
         result, seconds = future.result()
         s = self.results.scores
-        for g in self._method_groups():
-            result.rows[g] += [MethodRow("linear, separate heads (domain known)", "linear_heads",
-                                         dict(s[merged(g, "backbone_heads")])),
-                               MethodRow(f"linear, BN recalibrated on {self.p.recal_images} images", "recalibrated",
-                                         dict(s[merged(g, "recalibrated")]), True)]
+        result.add_rows({g: {"heads": MethodRow("linear, separate heads (domain known)", "linear_heads",
+                                                dict(s[merged(g, "backbone_heads")])),
+                             "recal": MethodRow(f"linear, BN recalibrated on {self.p.recal_images} images",
+                                                "recalibrated", dict(s[merged(g, "recalibrated")]), True)}
+                         for g in self._method_groups()})
         self.results.methods = result
         self._done("methods", start)
         self.results.timings_s["methods"] = round(seconds, 2)   # its own time (it may run beside others)
@@ -553,9 +552,10 @@ def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = Fa
     demo.build_world()
     with Pool(jobs) as pool:
         demo.training_stages(pool)
-        methods = demo.launch_methods(pool) if pool.jobs > 1 else None   # beside the evaluation
+        beside = pool.jobs > 1          # with workers, the methods table runs beside the evaluation
+        methods = demo.launch_methods(pool) if beside else None
         demo.evaluate_stage()
-        demo.methods_stage(methods if pool.jobs > 1 else demo.launch_methods(pool))
+        demo.methods_stage(methods if beside else demo.launch_methods(pool))
     checks = demo.checks()
     demo.results.wall_time_s = round(time.perf_counter() - demo.t0, 1)
     write_json(out / "results.json", demo.results.to_dict())

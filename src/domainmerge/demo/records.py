@@ -72,6 +72,11 @@ class MethodsResult:
     sweeps: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> {values, H}
     sweep_group: str = ""
 
+    def add_rows(self, extra: Mapping[str, Mapping[str, MethodRow]]) -> None:
+        """Append rows measured elsewhere (group -> label -> row) to their groups' tables."""
+        for g, rows in extra.items():
+            self.rows[g].extend(rows.values())
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodsResult:
         """The result back from its JSON form (``dataclasses.asdict``)."""
