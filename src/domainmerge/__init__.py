@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors (loaded lazi
     from domainmerge.data.readers import build_dataset
     from domainmerge.evaluation.inference import DomainScores, evaluate_domains, evaluate_model
     from domainmerge.merging import interpolate, merge_state_dicts, merge_state_dicts_per_head
+    from domainmerge.merging.files import MergeReport, merge_files
     from domainmerge.models import build_model, model_from_state_dict
     from domainmerge.tensors import harmonic_mean
 

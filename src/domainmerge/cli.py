@@ -48,7 +48,8 @@ def command_flags(args: argparse.Namespace) -> dict[str, str]:
     line names the flag that sets it."""
     func = getattr(args, "func", None)
     module = sys.modules.get(getattr(func, "__module__", ""), None)
-    return dict(getattr(module, "FLAGS", {}))
+    # --domain (commands._common) sets the library's ``domains`` in every command that has it.
+    return {"domains": "--domain", **getattr(module, "FLAGS", {})}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,11 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    flags = command_flags(args)
     try:
-        with handle_termination(), command_messages(command_flags(args)):
+        with handle_termination(), command_messages(flags):
             status = args.func(args)
     except UserError as exc:
-        print(f"domainmerge {args.command}: error: {exc.for_command(command_flags(args))}", file=sys.stderr)
+        print(f"domainmerge {args.command}: error: {exc.for_command(flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("domainmerge: interrupted", file=sys.stderr)

@@ -75,7 +75,7 @@ def add_parser(sub: Any) -> None:
 
 
 # Library options whose flag is not --name-with-dashes (errors name options; the CLI names flags).
-FLAGS = {"lam": "--lambda", "domains": "--domain"}
+FLAGS = {"lam": "--lambda"}
 # Options a recipe sets; giving one beside --config is refused rather than silently overridden.
 RECIPE_OPTIONS = ("weights", "buffers", "counts", "keep_heads", "names", "only", "allow_missing", "align", "method",
                   "base", "lam", "density", "drop", "seed")

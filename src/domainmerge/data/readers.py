@@ -116,7 +116,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
 
 def load_label(path: str | Path, num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """A single-channel train-id PNG as an int64 [H, W] tensor, values checked (0..C-1, 255)."""
-    arr = read_label_map(path).astype(np.int64)
+    arr = read_label_map(path).astype(np.int64, copy=False)
     bad = ((arr >= num_classes) & (arr != IGNORE_INDEX)) | (arr < 0)
     if bad.any():
         value = int(arr[bad].flat[0])
@@ -168,8 +168,7 @@ class PairedFolderDataset(torch.utils.data.Dataset[Sample]):
         if self.with_labels:
             if self.label_root is None or not self.label_root.is_dir():
                 raise UserError(f"{self.label_root}: folder not found; expected {self.layout}")
-            labels = {p.relative_to(self.label_root).as_posix()[:-len(self.label_suffix)]: p
-                      for p in sorted(self.label_root.rglob(f"*{self.label_suffix}")) if p.is_file()}
+            labels = _index(self.label_root, self.label_suffix)
             for stem in sorted(labels.keys() - images.keys()):
                 self._problem(labels[stem], f"label without image {self.image_root / stem}{self.image_suffix}")
         for stem, image in images.items():

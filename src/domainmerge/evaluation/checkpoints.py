@@ -137,6 +137,16 @@ def _remove_created(created: list[Path]) -> None:
             path.rmdir() if path.is_dir() else path.unlink()
 
 
+def check_run_settings(batch_size: int | None, workers: int | None, max_windows: int | None) -> None:
+    """The inference settings every scoring entry point takes, checked before any work."""
+    if batch_size is not None and batch_size < 1:
+        raise UserError(Option("batch_size", batch_size), ": must be at least 1")
+    if workers is not None and workers < 0:
+        raise UserError(Option("workers", workers), ": must be 0 or more")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(Option("max_windows", max_windows), ": must be at least 1")
+
+
 def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str, str, str, str]], *,
                          per_domain: bool = False, arch: str = "auto", prefix: str = "auto",
                          trust_pickle: bool = False, allow_nonfinite: bool = False,
@@ -176,12 +186,7 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
     for c in ckpts:
         if not Path(c).is_file():
             raise UserError(f"{c}: checkpoint not found; check the path")
-    if batch_size is not None and batch_size < 1:
-        raise UserError(Option("batch_size", batch_size), ": must be at least 1")
-    if workers is not None and workers < 0:
-        raise UserError(Option("workers", workers), ": must be 0 or more")
-    if max_windows is not None and max_windows < 1:
-        raise UserError(Option("max_windows", max_windows), ": must be at least 1")
+    check_run_settings(batch_size, workers, max_windows)
     if note and warn is not None:
         warn(note)
     # Build every dataset first: a wrong path fails before any network is loaded.
@@ -190,22 +195,22 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
     kinds = {name: kind for name, kind, _, _ in domains}
     result = Evaluation(note=note)
     loaded: tuple[str, Any, str, str] | None = None
+    several_rows = len({j.row for j in jobs}) > 1
     try:
         for job in jobs:
             if loaded is None or loaded[0] != job.ckpt:
-                loaded = None  # free the previous network before loading the next
-                model, desc, family = load_network(job.ckpt, arch=arch, prefix=prefix, trust_pickle=trust_pickle,
-                                                   allow_nonfinite=allow_nonfinite, hr_crop=hr_crop, warn=warn)
-                loaded = (job.ckpt, model, desc, family)
+                loaded = None  # free the previous network before loading the next (no other reference)
+                loaded = (job.ckpt, *load_network(job.ckpt, arch=arch, prefix=prefix, trust_pickle=trust_pickle,
+                                                  allow_nonfinite=allow_nonfinite, hr_crop=hr_crop, warn=warn))
                 if log is not None:
-                    log(f"{job.ckpt}: {desc}")
+                    log(f"{job.ckpt}: {loaded[2]}")
             proto = resolve(loaded[3], kinds[job.domain], protocol, mode=mode, crop=crop, stride=stride,
                             img_scale=img_scale)
             if log is not None:
                 log(f"{job.row} | {job.domain}: {proto.describe()}")
             save = None
             if save_pred is not None:
-                sub = Path(save_pred) / (job.row if len({j.row for j in jobs}) > 1 else "") / job.domain
+                sub = Path(save_pred) / (job.row if several_rows else "") / job.domain
                 save = _prediction_writer(sub, result.predictions)
             scores = evaluate_with(loaded[1], datasets[job.domain], proto, device=device, batch_size=batch_size,
                                    num_classes=num_classes, amp=amp, workers=workers, max_windows=max_windows,
@@ -280,8 +285,7 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     k = len(paths)
     points: list[tuple[float, ...]] = ([(1 - lam, lam) for lam in lmc.lambda_grid(steps)] if k == 2
                                        else lmc.simplex_grid(k, grid))
-    if max_windows is not None and max_windows < 1:
-        raise UserError(Option("max_windows", max_windows), ": must be at least 1")
+    check_run_settings(batch_size, workers, max_windows)
     names = checkpoint_names(paths)
     datasets = {name: build_dataset(kind, root, split, strict=strict) for name, kind, root, split in domains}
     state_dicts = [strip_model_prefix(load_state_dict(c, trust_pickle=trust_pickle), prefix) for c in paths]

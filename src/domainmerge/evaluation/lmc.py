@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 
 
 def barrier(values: Sequence[float], endpoints: Sequence[float] | None = None, *,
@@ -60,7 +60,7 @@ def dip_below_line(values: Sequence[float], weights: Sequence[Sequence[float]],
 def lambda_grid(steps: int) -> list[float]:
     """``steps`` evenly spaced lambdas from 0 to 1 inclusive."""
     if steps < 2:
-        raise UserError(f"--steps {steps}: need at least 2 (the two end points)")
+        raise UserError(Option("steps", steps), ": need at least 2 (the two end points)")
     return [i / (steps - 1) for i in range(steps)]
 
 
@@ -71,7 +71,7 @@ def simplex_grid(k: int, points_per_edge: int) -> list[tuple[float, ...]]:
     if k < 2:
         raise UserError("need at least 2 models")
     if points_per_edge < 2:
-        raise UserError(f"--grid {points_per_edge}: need at least 2 points per edge")
+        raise UserError(Option("grid", points_per_edge), ": need at least 2 points per edge")
     n = points_per_edge - 1
     out = []
     for cuts in itertools.combinations(range(n + k - 1), k - 1):  # stars and bars

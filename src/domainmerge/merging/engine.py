@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from domainmerge.checkpoint import WRAPPER_PREFIXES
 from domainmerge.errors import INSPECT, MergeError, Option, Part, UserError
 from domainmerge.merging.buffers import gaussian_pool, mixture_proportions, pooled_count
 from domainmerge.merging.parameters import common_dtype, normalise_weights, weighted_average
@@ -21,7 +22,6 @@ from domainmerge.merging.roles import (
     COUNT_SUFFIX,
     MEAN_SUFFIX,
     VAR_SUFFIX,
-    WRAPPERS,
     KeyRule,
     Role,
     assign_roles,
@@ -72,7 +72,8 @@ class StrippedSource:
             self.names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
         name = getattr(source, "path", "<state dict>")
         if not self.names:
-            raise UserError(f"{name}: no tensor key starts with {prefix!r}; check the prefixes with ", INSPECT)
+            raise MergeError(f"{name}: no tensor key starts with {prefix!r}; check the prefixes with ", INSPECT,
+                             input=name)
         self.source, self.path = source, name
         infos = getattr(source, "infos", None)
         if infos is not None:
@@ -162,14 +163,25 @@ def _examples(keys: Sequence[str], n: int = 3) -> str:
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _check_method(options: MergeOptions, base: Source | None, where: str = "") -> None:
+def check_methods(options: MergeOptions, has_base: bool) -> None:
+    """The merge method, its knobs and every rule's method, checked before any tensor is read
+    (``has_base``: a base checkpoint is given)."""
+    _check_method(options, has_base)
+    for rule in options.rules:
+        if rule.method is not None and rule.keep_own:
+            raise MergeError(f"rule {rule.pattern!r}: give either a method or keep_own, not both")
+        if rule.method is not None:
+            _check_method(options.with_rule(rule), has_base, where=f"rule {rule.pattern!r}: ")
+
+
+def _check_method(options: MergeOptions, has_base: bool, where: str = "") -> None:
     if options.method not in METHODS:
         raise MergeError(f"{where}unknown merge method {options.method!r}; use one of {', '.join(METHODS)}")
     uses_base = options.method != "linear" or any(r.method not in (None, "linear") for r in options.rules)
-    if uses_base and base is None:
+    if uses_base and not has_base:
         raise MergeError(f"{where}method {options.method!r} merges task vectors and needs the base weights the "
                          "models were adapted from (", Option("base"), ")")
-    if not uses_base and base is not None and not where:
+    if not uses_base and has_base and not where:
         raise MergeError("a base checkpoint is only used by the task-vector methods; pick a ", Option("method"))
     if not (options.lam == options.lam and abs(options.lam) != float("inf")):
         raise MergeError(where, Option("lam"), f" must be a finite number, got {options.lam}")
@@ -250,12 +262,7 @@ def plan_merge(sources: Sequence[Source], options: MergeOptions, base: Source | 
     if not sources:
         raise MergeError("no inputs to merge")
     weights = check_options(options, len(sources))
-    _check_method(options, base)
-    for rule in options.rules:
-        if rule.method is not None and rule.keep_own:
-            raise MergeError(f"rule {rule.pattern!r}: give either a method or keep_own, not both")
-        if rule.method is not None:
-            _check_method(options.with_rule(rule), base, where=f"rule {rule.pattern!r}: ")
+    check_methods(options, base is not None)
     infos = [_infos(s) for s in sources]
     names = [_name(s, i) for i, s in enumerate(sources)]
     first = infos[0]
@@ -339,8 +346,8 @@ def _match_base(base: Source, order: Sequence[str], roles: Mapping[str, Role],
     for k in order:
         if roles[k] != Role.PARAM:
             continue
-        bare = next((k[len(w):] for w in WRAPPERS if k.startswith(w)), k)
-        candidates = [k, bare, *(w + bare for w in WRAPPERS)]
+        bare = next((k[len(w):] for w in WRAPPER_PREFIXES if k.startswith(w)), k)
+        candidates = [k, bare, *(w + bare for w in WRAPPER_PREFIXES)]
         bk = next((c for c in candidates if c in infos), None)
         if bk is None:
             continue

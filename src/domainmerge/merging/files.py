@@ -37,12 +37,14 @@ from domainmerge.merging.engine import (
     MergeOptions,
     Source,
     StrippedSource,
+    check_methods,
     check_options,
     iter_merged,
     plan_merge,
 )
 from domainmerge.merging.parameters import normalise_weights
 from domainmerge.merging.roles import KeyRule
+from domainmerge.version import __version__
 
 # The methods that read unlabeled target images (each output says so).
 DATA_METHODS = ("fisher", "adamerging")
@@ -218,6 +220,7 @@ def merge_files(paths: Sequence[PathLike], out: PathLike, *, weights: Sequence[f
                                 progress=progress, log=log, start=start)
     if domains:
         raise MergeError(Option("domains"), f": only read by the methods that use data ({', '.join(DATA_METHODS)})")
+    check_methods(options, has_base=bool(base))   # before opening (and aligning) anything
     recipe = recipe_from_options([str(p) for p in inputs], options, base=str(base) if base else None,
                                  align=align, names=names)
 
@@ -232,7 +235,7 @@ def merge_files(paths: Sequence[PathLike], out: PathLike, *, weights: Sequence[f
             sources, alignment = _aligned(sources, checkpoints)
         plan = plan_merge(sources, options, base=base_ck)
         record = {
-            "tool": f"domainmerge {_version()}",
+            "tool": f"domainmerge {__version__}",
             "inputs": [p.name for p in inputs],
             "weights": plan.weights,
             "buffers": buffers,
@@ -254,12 +257,6 @@ def merge_files(paths: Sequence[PathLike], out: PathLike, *, weights: Sequence[f
         bn_layers=plan.stats.get("bn_layers", 0), dtypes=_dtype_names(plan.dtypes.values()),
         input_dtypes=input_dtypes, dtype_given=options.dtype is not None, base=Path(base) if base else None,
         lam=lam, alignment=alignment, seconds=time.perf_counter() - start)
-
-
-def _version() -> str:
-    from domainmerge.version import __version__
-
-    return __version__
 
 
 def _aligned(sources: list[Source], checkpoints: list[Checkpoint]) -> tuple[list[Source], dict[str, Any]]:
@@ -370,7 +367,7 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
                      "entropy": [result.entropy[0], result.entropy[-1]] if result.entropy else []}
         full = dict(fulls[0])
         full.update({prefix + k: v for k, v in merged.items()})
-        record = {"tool": "domainmerge", "inputs": [p.name for p in inputs], "method": method,
+        record = {"tool": f"domainmerge {__version__}", "inputs": [p.name for p in inputs], "method": method,
                   "buffers": options.buffers, "uses_target_data": True,
                   "images": {d: len(v) for d, v in indices.items()}, **extra}
         if coef_path is not None:

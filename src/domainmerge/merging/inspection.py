@@ -14,7 +14,7 @@ from typing import Any
 from domainmerge.checkpoint import Checkpoint, detect_prefixes, open_checkpoint
 from domainmerge.errors import UserError
 from domainmerge.merging.engine import MergeOptions, all_finite, plan_merge
-from domainmerge.merging.roles import Role, assign_roles, layer_of
+from domainmerge.merging.roles import COUNT_SUFFIX, Role, assign_roles, layer_of
 
 
 def module_group(key: str, wrappers: list[str]) -> str:
@@ -43,7 +43,7 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
     for k in keys:
         if roles[k] == Role.BN_MEAN:
             layer = layer_of(k)
-            count_key = f"{layer}.num_batches_tracked"
+            count_key = f"{layer}.{COUNT_SUFFIX}"
             bn[layer] = int(ck.get(count_key).item()) if count_key in ck else None
     counts = sorted({c for c in bn.values() if c is not None})
     nonfinite = []
@@ -72,31 +72,38 @@ def compare(cks: Sequence[Checkpoint]) -> dict[str, Any]:
     (when they cannot: the reason, and the engine's error under 'error')."""
 
     try:
-        plan_merge(cks, MergeOptions())
+        plan = plan_merge(cks, MergeOptions())
         verdict: dict[str, Any] = {"mergeable": True, "reason": "same keys and shapes"}
     except UserError as exc:
         return {"mergeable": False, "reason": str(exc), "distances": {}, "error": exc}
-    ref = cks[0]
+    ref, others = cks[0], cks[1:]
     keys = ref.keys()
     prefixes = detect_prefixes(keys)
-    roles = assign_roles({k: ref.infos[k].dtype for k in keys})
-    distances: dict[str, dict[str, Any]] = {}
-    for other in cks[1:]:
-        acc: dict[str, list[float]] = {}
-        for k in keys:
-            group = acc.setdefault(module_group(k, prefixes), [0.0, 0.0, 0.0, 0.0])
-            if roles[k] == Role.PARAM:
-                a, b = ref.get(k).double(), other.get(k).double()
+    # per other file: module group -> [sum (a-b)^2, sum a^2, sum |mean a - mean b|, BN channels]
+    acc: list[dict[str, list[float]]] = [{} for _ in others]
+    for k in keys:
+        role = plan.roles[k]
+        if role not in (Role.PARAM, Role.BN_MEAN):
+            for group_of in acc:
+                group_of.setdefault(module_group(k, prefixes), [0.0, 0.0, 0.0, 0.0])
+            continue
+        a = ref.get(k).double()            # read and converted once for all the other files
+        a_sq = float((a ** 2).sum()) if role == Role.PARAM else 0.0
+        for other, group_of in zip(others, acc):
+            group = group_of.setdefault(module_group(k, prefixes), [0.0, 0.0, 0.0, 0.0])
+            b = other.get(k).double()
+            if role == Role.PARAM:
                 group[0] += float(((a - b) ** 2).sum())
-                group[1] += float((a ** 2).sum())
-            elif roles[k] == Role.BN_MEAN:
-                a, b = ref.get(k).double(), other.get(k).double()
+                group[1] += a_sq
+            else:
                 group[2] += float((a - b).abs().sum())
                 group[3] += a.numel()
-        distances[str(other.path)] = {
-            g: {"rel_l2": (v[0] ** 0.5) / (v[1] ** 0.5) if v[1] > 0 else None,
-                "bn_mean_abs_diff": v[2] / v[3] if v[3] else None}
-            for g, v in acc.items()}
+            other.release(k)
+        ref.release(k)
+    distances = {str(other.path): {
+        g: {"rel_l2": (v[0] ** 0.5) / (v[1] ** 0.5) if v[1] > 0 else None,
+            "bn_mean_abs_diff": v[2] / v[3] if v[3] else None}
+        for g, v in group_of.items()} for other, group_of in zip(others, acc)}
     verdict["distances"] = distances
     return verdict
 

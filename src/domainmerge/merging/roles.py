@@ -16,7 +16,6 @@ VAR_SUFFIX = "running_var"
 COUNT_SUFFIX = "num_batches_tracked"
 # Prefixes that training wrappers put in front of a network's keys (mmseg DA training, DDP);
 # defined once, in domainmerge.checkpoint.
-WRAPPERS = WRAPPER_PREFIXES
 
 
 class Role(enum.Enum):
@@ -61,7 +60,7 @@ def assign_roles(dtypes: Mapping[str, torch.dtype]) -> dict[str, Role]:
     return roles
 
 
-def under_prefix(key: str, prefix: str, wrappers: Iterable[str] = WRAPPERS) -> bool:
+def under_prefix(key: str, prefix: str, wrappers: Iterable[str] = WRAPPER_PREFIXES) -> bool:
     """Whether ``key`` lies under ``prefix``, directly or inside a wrapper such as ``model.``.
 
     So ``--keep-heads decode_head.`` matches 'decode_head.x' and 'model.decode_head.x' alike.
@@ -84,7 +83,7 @@ class KeyRule:
     drop: float | None = None
     keep_own: bool = False
 
-    def matches(self, key: str, wrappers: Iterable[str] = WRAPPERS) -> bool:
+    def matches(self, key: str, wrappers: Iterable[str] = WRAPPER_PREFIXES) -> bool:
         if fnmatch.fnmatchcase(key, self.pattern):
             return True
         return any(key.startswith(w) and fnmatch.fnmatchcase(key[len(w):], self.pattern) for w in wrappers)
