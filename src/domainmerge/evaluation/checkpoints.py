@@ -273,11 +273,12 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
 
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.data import build_dataset
-    from domainmerge.evaluation import distributed, lmc
+    from domainmerge.evaluation import lmc
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.merging import DictSource, MergeOptions, nonfinite_keys, plan_merge
     from domainmerge.merging.engine import nonfinite_message
     from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.runtime import distributed
 
     paths = [str(c) for c in ckpts]
     if len(paths) < 2:

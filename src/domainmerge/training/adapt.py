@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
 from domainmerge.errors import UserError
-from domainmerge.evaluation import distributed
-from domainmerge.evaluation.inference import autocast
+from domainmerge.runtime import distributed
+from domainmerge.runtime.precision import autocast
 from domainmerge.tensors import normalize
 from domainmerge.training.augment import classmix_mask, sample_generator, strong_transform
 from domainmerge.training.ema import ema_update, frozen_copy
