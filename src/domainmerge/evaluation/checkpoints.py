@@ -73,8 +73,8 @@ def load_network(path: PathLike, *, arch: str = "auto", prefix: str = "auto", tr
     protocol). Non-finite tensors are refused unless ``allow_nonfinite`` (then ``warn`` is told)."""
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.evaluation.protocols import family_of
-    from domainmerge.merging.engine import nonfinite_keys, nonfinite_message
     from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
     sd = strip_model_prefix(load_state_dict(path, trust_pickle=trust_pickle), prefix)
     bad = nonfinite_keys(sd)
@@ -275,10 +275,10 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import lmc
     from domainmerge.evaluation.protocols import family_of, resolve
-    from domainmerge.merging import DictSource, MergeOptions, nonfinite_keys, plan_merge
-    from domainmerge.merging.engine import nonfinite_message
+    from domainmerge.merging import DictSource, MergeOptions, plan_merge
     from domainmerge.models import model_from_state_dict, resolve_spec
     from domainmerge.runtime import distributed
+    from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
     paths = [str(c) for c in ckpts]
     if len(paths) < 2:
