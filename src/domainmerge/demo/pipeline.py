@@ -325,7 +325,8 @@ class Demo:
     def _recalibrated(self, net: nn.Module, state_dict: StateDict, targets: Sequence[str]) -> StateDict:
         """``state_dict`` with BN statistics re-estimated (cumulative average) on ``recal_images``
         unlabeled training images spread evenly over ``targets``, in batches of 8."""
-        from domainmerge.evaluation.recalibrate import recalibrate_bn, spread_indices
+        from domainmerge.data.sampling import spread_indices
+        from domainmerge.evaluation.recalibrate import recalibrate_bn
 
         idx = spread_indices({t: len(self.train[t]) for t in targets}, self.p.recal_images)
         images = torch.cat([self.train[t].images[idx[t]] for t in targets])

@@ -6,7 +6,7 @@ logits, resizing to the label before argmax, and a dataset loop sharded over ran
   end at the border), each window's logits resized to the window, summed, and divided by the
   number of windows covering each pixel.
 Optionally the uint8 image is first rescaled like mmseg's ``Resize(img_scale, keep_ratio=True)``
-(OpenCV's fixed-point bilinear, :mod:`domainmerge.evaluation.resize`) and then normalised; the
+(OpenCV's fixed-point bilinear, :mod:`domainmerge.data.resize`) and then normalised; the
 logits are resized to the label's size before the argmax.
 """
 
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from domainmerge.data.resize import rescale_size, resize_to_scale
 from domainmerge.errors import Option, UserError, loader_errors
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
-from domainmerge.evaluation.resize import rescale_size, resize_to_scale
 from domainmerge.runtime import distributed
 from domainmerge.runtime.precision import autocast
 from domainmerge.tensors import crop_boxes, equal_size_batches, harmonic_mean, normalize

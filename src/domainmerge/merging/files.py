@@ -308,7 +308,7 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
     import json
 
     from domainmerge.checkpoint import save_checkpoint
-    from domainmerge.evaluation.recalibrate import image_batches, spread_indices
+    from domainmerge.data.sampling import image_batches, spread_indices
     from domainmerge.fsutil import write_text_atomic
     from domainmerge.merging.learned import adamerging, fisher_diagonal, fisher_merge
     from domainmerge.models import model_from_state_dict
