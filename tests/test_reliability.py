@@ -293,13 +293,14 @@ def test_every_command_checks_its_outputs_first(tmp_path, capsys, argv, pattern)
 
 def _fail_writes(monkeypatch, err: int) -> None:
     """Make every byte written to a checkpoint fail as a full disk (or size limit) would."""
-    import domainmerge.checkpoint as ck
+    from domainmerge.checkpoint import SafetensorsWriter
+    from domainmerge.checkpoint.pickles import _Sink
 
     def fail(self, *args):
         self.error = OSError(err, os.strerror(err))  # what _Sink records from os.write
         raise self.error
-    monkeypatch.setattr(ck._Sink, "write", fail)
-    monkeypatch.setattr(ck.SafetensorsWriter, "write", fail)
+    monkeypatch.setattr(_Sink, "write", fail)
+    monkeypatch.setattr(SafetensorsWriter, "write", fail)
 
 
 @pytest.mark.parametrize("err,pattern", [(errno.ENOSPC, r"No space left on device\); free some space"),
