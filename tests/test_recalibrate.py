@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from domainmerge.analysis.recalibrate import recalibrate_bn
 from domainmerge.errors import UserError
-from domainmerge.evaluation.recalibrate import recalibrate_bn
 
 
 def small_net() -> nn.Module:

@@ -604,7 +604,7 @@ def test_default_workers_none_for_in_memory_data():
 def test_recalibrate_progress_bar_has_a_total(capsys):
     from torch import nn
 
-    from domainmerge.evaluation.recalibrate import recalibrate_bn
+    from domainmerge.analysis.recalibrate import recalibrate_bn
 
     net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
     batches = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)]

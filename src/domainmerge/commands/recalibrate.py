@@ -41,8 +41,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Parse, recalibrate with :func:`domainmerge.evaluation.recalibrate.recalibrate_file`, print."""
-    from domainmerge.evaluation.recalibrate import recalibrate_file
+    """Parse, recalibrate with :func:`domainmerge.analysis.recalibrate.recalibrate_file`, print."""
+    from domainmerge.analysis.recalibrate import recalibrate_file
     from domainmerge.runtime.device import resolve_device
 
     domains = parse_domains(args.domain, "train")

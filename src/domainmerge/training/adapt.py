@@ -455,7 +455,7 @@ def _seg_loss(logits: Tensor, detail: Tensor | None, labels: Tensor, weight: Ten
 
 def _validate(model: nn.Module, reader: Any, config: AdaptConfig, is_hrda: bool, n: int,
               log: Callable[[str], None], log_fh: Any) -> dict[str, Any]:
-    from domainmerge.evaluation.inference import evaluate_model
+    from domainmerge.evaluation import evaluate_model
 
     mode = config.val_mode or ("slide" if is_hrda else "whole")
     scores = evaluate_model(model, reader, mode=mode, device=config.device, progress=False, amp=config.amp
