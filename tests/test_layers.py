@@ -179,3 +179,13 @@ def test_an_upward_import_and_a_cycle_are_found() -> None:
     assert RANK["reporting"] < RANK["evaluation"] < RANK["demo"]
     assert unit("domainmerge.evaluation.lmc") == "evaluation" and unit("domainmerge") == ""
     assert unit("domainmerge.reporting") == "reporting"
+
+
+def test_siblings_meet_only_through_the_documented_face() -> None:
+    # training may import domainmerge.evaluation (its __init__), not evaluation's modules; the
+    # siblings merging and evaluation may not import each other at all
+    assert upward_imports({"domainmerge.training.adapt": {"domainmerge.evaluation"}}) == []
+    assert len(upward_imports({"domainmerge.training.adapt": {"domainmerge.evaluation.inference"}})) == 1
+    assert len(upward_imports({"domainmerge.evaluation.checkpoints": {"domainmerge.merging.engine"}})) == 1
+    assert len(upward_imports({"domainmerge.merging.files": {"domainmerge.evaluation"}})) == 1
+    assert RANK["training"] == RANK["merging"] == RANK["evaluation"] < RANK["analysis"]
