@@ -18,6 +18,7 @@ MODULES = [
     "domainmerge.merging.recipe",
     "domainmerge.models.registry",
     "domainmerge.models.detect",
+    "domainmerge.models.stored",
     "domainmerge.alignment.matching",
     "domainmerge.data.readers",
     "domainmerge.evaluation.inference",

@@ -60,11 +60,10 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     from tqdm import tqdm
 
     from domainmerge.analysis import lmc
-    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.data import build_dataset
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.merging import DictSource, MergeOptions, plan_merge
-    from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.models import StoredNetwork
     from domainmerge.runtime import distributed
     from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
@@ -77,7 +76,11 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     check_run_settings(batch_size, workers, max_windows)
     names = checkpoint_names(paths)
     datasets = {name: build_dataset(kind, root, split, strict=strict) for name, kind, root, split in domains}
-    state_dicts = [strip_model_prefix(load_state_dict(c, trust_pickle=trust_pickle), prefix) for c in paths]
+    stored = [StoredNetwork.open(c, prefix=prefix, trust_pickle=trust_pickle) for c in paths]
+    state_dicts: list[dict[str, torch.Tensor]] = []
+    for s in stored:
+        with s:   # the state dicts read stay valid after closing
+            state_dicts.append(s.state_dict())
     for c, sd in zip(paths, state_dicts):
         bad = nonfinite_keys(sd)
         if bad:
@@ -94,11 +97,8 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
             state_dicts[i], report = align_state_dicts(state_dicts[0], state_dicts[i])
             if log is not None:
                 log(f"aligned {names[i]} to {names[0]}: {100 * report.overall:.1f}% of units in place")
-    try:
-        model = model_from_state_dict(state_dicts[0], arch)
-        family = family_of(resolve_spec(state_dicts[0], arch))
-    except UserError as exc:
-        raise exc.prefixed(f"{paths[0]}: ") from None
+    model = stored[0].build(arch, state_dicts[0])
+    family = family_of(stored[0].spec(arch, state_dicts[0]))
     protos = {name: resolve(family, kind, protocol, mode=mode, crop=crop, stride=stride, img_scale=img_scale)
               for name, kind, _, _ in domains}
     if log is not None:

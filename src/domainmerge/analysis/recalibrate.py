@@ -109,18 +109,11 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
     Returns:
         A :class:`RecalibrationReport`.
     """
-    from domainmerge.checkpoint import (
-        network_prefix,
-        open_checkpoint,
-        save_checkpoint,
-        strip_model_prefix,
-        updated_record,
-    )
     from domainmerge.data import image_dataset
     from domainmerge.data.sampling import image_batches, spread_indices
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.fsutil import check_output_path
-    from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.models import StoredNetwork
 
     if batch_size < 1:
         raise UserError(Option("batch_size", batch_size), ": must be at least 1")
@@ -128,12 +121,10 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
     datasets: dict[str, Any] = {name: image_dataset(kind, root, split, strict=strict)
                                 for name, kind, root, split in domains}
     indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, images)
-    with open_checkpoint(checkpoint, trust_pickle=trust_pickle) as ck:
-        full = ck.state_dict()
-        net_prefix = network_prefix(full) if prefix == "auto" else prefix
-        net = strip_model_prefix(full, net_prefix)
-        model = model_from_state_dict(net, arch)
-        family = family_of(resolve_spec(net, arch))
+    with StoredNetwork.open(checkpoint, prefix=prefix, trust_pickle=trust_pickle) as stored:
+        net = stored.state_dict()
+        model = stored.build(arch, net)
+        family = family_of(stored.spec(arch, net))
         scales = {name: resolve(family, kind, protocol, img_scale=img_scale).img_scale
                   for name, kind, _, _ in domains}
         n_images = sum(len(v) for v in indices.values())
@@ -144,11 +135,7 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
                                             for d, s in scales.items()))
         batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=batch_size, img_scale=scales),
                                  device=device, progress=progress, total=n_images)
-        out = dict(full)
-        for key, value in model.state_dict().items():
-            original = full[net_prefix + key]
-            out[net_prefix + key] = value.detach().to("cpu", original.dtype)
-        record = updated_record(ck, recalibrated={"images": n_images, "batches": batches,
-                                                  "domains": {d: len(v) for d, v in indices.items()}})
-        written = save_checkpoint(output, out, template=ck, record=record, force=force, inputs=(checkpoint,))
+        written = stored.save(output, model.state_dict(), force=force,
+                              recalibrated={"images": n_images, "batches": batches,
+                                            "domains": {d: len(v) for d, v in indices.items()}})
     return RecalibrationReport(written, {d: len(v) for d, v in indices.items()}, batches, scales)

@@ -71,25 +71,22 @@ def load_network(path: PathLike, *, arch: str = "auto", prefix: str = "auto", tr
     """The network in a checkpoint file (wrapper ``prefix`` stripped, ``arch`` detected or
     named, HRDA's detail crop ``hr_crop``), its description and its family (for the test
     protocol). Non-finite tensors are refused unless ``allow_nonfinite`` (then ``warn`` is told)."""
-    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.evaluation.protocols import family_of
-    from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.models import StoredNetwork
     from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
-    sd = strip_model_prefix(load_state_dict(path, trust_pickle=trust_pickle), prefix)
-    bad = nonfinite_keys(sd)
-    if bad:
-        message = nonfinite_message(str(path), bad)
-        if not allow_nonfinite:
-            raise UserError(f"{message}; pass ", Option("allow_nonfinite", switch=True), " to evaluate it anyway")
-        if warn is not None:
-            warn(f"warning: {message}")
-    overrides = {"hr_crop_size": tuple(hr_crop)} if hr_crop else {}
-    try:
-        spec = resolve_spec(sd, arch, **overrides)
-        return model_from_state_dict(sd, arch, **overrides), spec.describe(), family_of(spec)
-    except UserError as exc:
-        raise exc.prefixed(f"{path}: ") from None
+    with StoredNetwork.open(path, prefix=prefix, trust_pickle=trust_pickle) as stored:
+        sd = stored.state_dict()
+        bad = nonfinite_keys(sd)
+        if bad:
+            message = nonfinite_message(str(path), bad)
+            if not allow_nonfinite:
+                raise UserError(f"{message}; pass ", Option("allow_nonfinite", switch=True), " to evaluate it anyway")
+            if warn is not None:
+                warn(f"warning: {message}")
+        overrides = {"hr_crop_size": tuple(hr_crop)} if hr_crop else {}
+        spec = stored.spec(arch, sd, **overrides)
+        return stored.build(arch, sd, **overrides), spec.describe(), family_of(spec)
 
 
 def _prediction_writer(folder: Path, created: list[Path]) -> Callable[[str, Any], None]:
