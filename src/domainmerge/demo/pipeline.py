@@ -40,7 +40,7 @@ from domainmerge.demo.records import (
     Check,
     Curve,
     DemoResults,
-    Interpolation,
+    InterpolationCurves,
     MethodsResult,
     combined,
     group,
@@ -401,7 +401,7 @@ class Demo:
             curves[label] = Curve({d: [r["scores"][d] for r in rows] for d in (a, b)}, [r["H"] for r in rows],
                                   {k: v["barrier"] for k, v in summary.items()},
                                   {k: v["dip_below_line"] for k, v in summary.items()})
-        self.results.interpolation = Interpolation(lams, curves)
+        self.results.interpolation = InterpolationCurves(lams, curves)
         self._done("interpolation", start)
 
     def _method_groups(self) -> dict[str, list[str]]:
