@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +108,7 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
     Returns:
         A :class:`RecalibrationReport`.
     """
-    from domainmerge.data import image_dataset
+    from domainmerge.data import SegDataset, image_dataset
     from domainmerge.data.sampling import image_batches, spread_indices
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.fsutil import check_output_path
@@ -118,7 +117,7 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
     if batch_size < 1:
         raise UserError(Option("batch_size", batch_size), ": must be at least 1")
     check_output_path(output, force=force, inputs=(checkpoint,))
-    datasets: dict[str, Any] = {name: image_dataset(kind, root, split, strict=strict)
+    datasets: dict[str, SegDataset] = {name: image_dataset(kind, root, split, strict=strict)
                                 for name, kind, root, split in domains}
     indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, images)
     with StoredNetwork.open(checkpoint, prefix=prefix, trust_pickle=trust_pickle) as stored:

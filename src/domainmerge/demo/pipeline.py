@@ -28,6 +28,7 @@ from torch import nn
 
 from domainmerge.analysis.lmc import barriers, lambda_grid, scan
 from domainmerge.checkpoint import DA_TRAINING
+from domainmerge.data.readers import SegDataset
 from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.demo.claims import ALL_CHECKS, Judge, Stat, format_check, judged, not_tested
@@ -142,7 +143,7 @@ class TrainRun:
     seconds: float
 
 
-def train_run(arch: str, recipe: Recipe, init: StateDict, seed: int, source: Any, target: Any | None,
+def train_run(arch: str, recipe: Recipe, init: StateDict, seed: int, source: SegDataset, target: SegDataset | None,
               desc: str, progress: bool = True) -> TrainRun:
     """One run of the shared trainer in memory (no checkpoint files) from ``init``: whole 64x128
     images (no resize or crop), flipped half of the time. Module-level, so worker processes run it."""
@@ -253,7 +254,7 @@ class Demo:
         reset_head(model, seed + 1)
         return model.state_dict()
 
-    def _launch(self, pool: Pool, name: str, recipe: Recipe, init: StateDict, seed: int, source: Any,
+    def _launch(self, pool: Pool, name: str, recipe: Recipe, init: StateDict, seed: int, source: SegDataset,
                 targets: Sequence[str] = ()) -> Future[TrainRun]:
         """Start one run of the shared trainer on ``pool`` (``targets``: self-training on them)."""
         target = None if not targets else self.train[targets[0]] if len(targets) == 1 else \

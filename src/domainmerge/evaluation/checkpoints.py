@@ -176,7 +176,7 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
     Returns:
         An :class:`Evaluation`.
     """
-    from domainmerge.data import build_dataset
+    from domainmerge.data import SegDataset, build_dataset
     from domainmerge.evaluation.protocols import resolve
 
     jobs, note = plan_jobs([str(c) for c in ckpts], [d[0] for d in domains], per_domain)
@@ -187,7 +187,7 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
     if note and warn is not None:
         warn(note)
     # Build every dataset first: a wrong path fails before any network is loaded.
-    datasets: dict[str, Any] = {name: build_dataset(kind, root, split, strict=strict)
+    datasets: dict[str, SegDataset] = {name: build_dataset(kind, root, split, strict=strict)
                                 for name, kind, root, split in domains}
     kinds = {name: kind for name, kind, _, _ in domains}
     result = Evaluation(note=note)
