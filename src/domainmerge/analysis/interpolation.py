@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domainmerge.analysis.lmc import CurveSummary, ScanRow
 from domainmerge.errors import Option, UserError
 from domainmerge.evaluation.checkpoints import check_run_settings
 from domainmerge.evaluation.inference import evaluate_with
+from domainmerge.evaluation.protocols import Protocol
 
 PathLike = str | os.PathLike[str]
 
@@ -19,14 +21,27 @@ PathLike = str | os.PathLike[str]
 @dataclass
 class Interpolation:
     """:func:`interpolate_checkpoints`' result: the models' ``names``, one row per point
-    (``{'weights', 'scores': {domain: mIoU}, 'H'}``, :func:`domainmerge.analysis.lmc.scan`),
-    the ``barriers`` per domain and for H (:func:`domainmerge.analysis.lmc.barriers`) and the
-    test protocol used per domain."""
+    (:class:`~domainmerge.analysis.lmc.ScanRow`: weights, mIoU per domain, H), the ``barriers``
+    per domain and for H (:class:`~domainmerge.analysis.lmc.CurveSummary`) and the test protocol
+    used per domain; what was scanned (``checkpoints``, ``buffers``, ``aligned``, ``domains``).
+    :meth:`to_dict` is ``domainmerge lmc``'s lmc.json."""
 
     names: list[str]
-    rows: list[dict[str, Any]]
-    barriers: dict[str, dict[str, Any]]
-    protocols: dict[str, Any]
+    rows: list[ScanRow]
+    barriers: dict[str, CurveSummary]
+    protocols: dict[str, Protocol]
+    checkpoints: list[str] = field(default_factory=list)
+    buffers: str = "gaussian"
+    aligned: bool = False
+    domains: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the inputs and settings, every point and the barriers."""
+        return {"checkpoints": list(self.checkpoints), "names": self.names, "buffers": self.buffers,
+                "aligned": self.aligned,
+                "domains": {d[0]: {"dataset": d[1], "root": d[2], "split": d[3]} for d in self.domains},
+                "protocol": {name: proto.to_dict() for name, proto in self.protocols.items()},
+                "points": self.rows, "barriers": self.barriers}
 
 
 def checkpoint_names(ckpts: Sequence[PathLike]) -> list[str]:
@@ -114,4 +129,5 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
 
     bar = tqdm(points, desc="lmc", unit="point", disable=not progress or not distributed.is_main_process())
     rows = lmc.scan(state_dicts, bar, score, buffers=buffers)
-    return Interpolation(names, rows, lmc.barriers(rows), protos)
+    return Interpolation(names, rows, lmc.barriers(rows), protos, paths, buffers, align,
+                         [(n, k, str(r), sp) for n, k, r, sp in domains])
