@@ -65,11 +65,41 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     statistics), so the mid-point is the model :func:`domainmerge.merging.files.merge_files`
     writes; ``align`` first permutes every model onto the first (weight matching).
 
-    The other arguments are :func:`domainmerge.evaluation.checkpoints.evaluate_checkpoints`'; ``log``
-    is told the protocol per domain and the alignment. Under torchrun each rank scores a shard.
+    Under torchrun each rank scores a shard.
+
+    Args:
+        ckpts: two or more checkpoint files of one architecture.
+        domains: ``(name, dataset kind, root, split)`` of the labelled splits to score on.
+        steps: lambdas from 0 to 1 (two models); grid: points per edge of the simplex (three or more).
+        buffers: the BatchNorm statistics rule of the merge (``gaussian``, ``mean``, ``first``).
+        align: permute every model onto the first (Git Re-Basin weight matching) first.
+        arch, prefix, trust_pickle, protocol, mode, crop, stride, img_scale, max_windows, device,
+            batch_size, num_classes, amp, workers, strict: as
+            :func:`domainmerge.evaluation.checkpoints.evaluate_checkpoints` takes them.
+        progress: a progress bar over the points; log: told the protocol per domain and the alignment.
 
     Returns:
-        An :class:`Interpolation` (rows, barriers).
+        An :class:`Interpolation`: one row per point, the barriers, :meth:`Interpolation.to_dict`
+        the lmc.json of ``domainmerge lmc``.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge import build_model, interpolate_checkpoints, save_checkpoint
+        >>> folder = tempfile.mkdtemp()
+        >>> paths = []
+        >>> for seed in (0, 1):
+        ...     _ = torch.manual_seed(seed)
+        ...     paths.append(save_checkpoint(os.path.join(folder, f"m{seed}.pth"),
+        ...                                  build_model("tiny_daformer_r").state_dict()))
+        >>> from domainmerge.data import register_dataset
+        >>> from domainmerge.data.synthetic import SyntheticDataset
+        >>> register_dataset("small", lambda root, split, strict=True: SyntheticDataset(root, split, 4, size=(32, 64)),
+        ...                  overwrite=True)   # a dataset kind for the example: 4 synthetic scenes of 32x64
+        >>> found = interpolate_checkpoints(paths, [("city", "small", "city", "val")], steps=3)
+        >>> [row["weights"] for row in found.rows]
+        [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+        >>> sorted(found.barriers["city"])[:3]
+        ['argmax', 'argmin', 'barrier']
     """
     import torch
     from tqdm import tqdm

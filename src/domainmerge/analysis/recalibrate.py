@@ -107,6 +107,22 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
 
     Returns:
         A :class:`RecalibrationReport`.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge import build_model, load_state_dict, recalibrate_file, save_checkpoint
+        >>> folder = tempfile.mkdtemp()
+        >>> path = save_checkpoint(os.path.join(folder, "merged.pth"), build_model("tiny_daformer_r").state_dict())
+        >>> from domainmerge.data import register_dataset
+        >>> from domainmerge.data.synthetic import SyntheticDataset
+        >>> register_dataset("small", lambda root, split, strict=True: SyntheticDataset(root, split, 4, size=(32, 64)),
+        ...                  overwrite=True)   # a dataset kind for the example: 4 synthetic scenes of 32x64
+        >>> report = recalibrate_file(path, os.path.join(folder, "recal.pth"), images=4, batch_size=2,
+        ...                           domains=[("city", "small", "city", "train")])
+        >>> report.images, report.batches
+        ({'city': 4}, 2)
+        >>> float(load_state_dict(report.output)["backbone.stem.1.num_batches_tracked"])
+        2.0
     """
     from domainmerge.data import SegDataset, image_dataset
     from domainmerge.data.sampling import image_batches, spread_indices

@@ -48,7 +48,7 @@ from domainmerge.demo.records import (
     merged,
     stda,
 )
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 from domainmerge.evaluation.inference import evaluate_model
 from domainmerge.evaluation.metrics import ImageStats
 from domainmerge.reporting import jsonable
@@ -127,9 +127,9 @@ def parse_targets(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in names if t not in TARGETS]
     if unknown:
-        raise UserError(f"--targets: unknown target {unknown[0]!r}; choose from {','.join(TARGETS)}")
+        raise UserError(Option("targets", text), f": unknown target {unknown[0]!r}; choose from {','.join(TARGETS)}")
     if len(set(names)) != len(names) or len(names) < 2:
-        raise UserError(f"--targets {text!r}: give at least two different targets, e.g. city,idd")
+        raise UserError(Option("targets", text), ": give at least two different targets, e.g. city,idd")
     return names
 
 
@@ -540,16 +540,42 @@ class Demo:
 
 def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = False, jobs: int = 1,
              log: Callable[[str], None] = print) -> DemoResults:
-    """Run every stage, write results.json, results.md and the plots to ``out``; return the results.
+    """Run every stage, write results.json, results.md and the plots to ``out``; return the results
+    (the library behind ``domainmerge demo``).
 
-    ``jobs`` worker processes run the independent training runs side by side, and the methods
-    table beside the evaluation; the numbers do not depend on ``jobs`` (see ``demo.jobs``)."""
+    Args:
+        preset: sizes and iteration counts (:data:`PRESETS`, or :func:`preset_with` for other
+            targets or networks).
+        out: the output folder (created).
+        seed: seed of the world, the initialisations and the sampling.
+        force: overwrite an existing results.json in ``out``.
+        jobs: worker processes that run the independent training runs side by side, and the
+            methods table beside the evaluation; the numbers do not depend on it (``demo.jobs``).
+        log: called with each progress line and, at the end, each check's verdict.
+
+    Returns:
+        The :class:`DemoResults` (``to_dict()`` is results.json): scores per model and target,
+        interpolation curves, methods table, the paper's checks.
+
+    Example:
+        >>> import contextlib, io, os, tempfile
+        >>> from domainmerge import run_demo
+        >>> from domainmerge.demo import PRESETS
+        >>> folder = tempfile.mkdtemp()
+        >>> with contextlib.redirect_stdout(io.StringIO()):   # the stages' progress lines
+        ...     results = run_demo(PRESETS["tiny"], folder, log=lambda line: None)
+        >>> results.targets, [c.id for c in results.checks][:3]
+        (['city', 'night'], ['1', '2', '3'])
+        >>> sorted(f for f in os.listdir(folder) if f.startswith("results"))
+        ['results.json', 'results.md']
+    """
     from domainmerge.demo.report import plot, render_markdown
     from domainmerge.reporting import write_json, write_markdown
 
     out = Path(out)
     if (out / "results.json").exists() and not force:
-        raise UserError(f"{out}/results.json exists; pass --force to overwrite the demo's outputs")
+        raise UserError(f"{out}/results.json exists; pass ", Option("force", switch=True),
+                        " to overwrite the demo's outputs")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     demo = Demo(preset, out, seed, log)
     demo.build_world()
@@ -572,9 +598,9 @@ def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = Fa
 
 
 def preset_with(name: str, targets: str | None = None, arch: str | None = None) -> Preset:
-    """A named preset, with ``--targets`` and ``--arch`` applied."""
+    """A named preset, with ``targets`` ('city,idd') and ``arch`` applied."""
     if name not in PRESETS:
-        raise UserError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
+        raise UserError(Option("preset", name), f": unknown; choose one of {', '.join(PRESETS)}")
     p = PRESETS[name]
     return replace(p, targets=parse_targets(targets, p.targets), arch=arch or p.arch)
 

@@ -279,7 +279,24 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
         Under torchrun each rank scores a shard and the counts are summed.
 
     Returns:
-        An :class:`Evaluation`.
+        An :class:`Evaluation`: ``rows[row]`` (:class:`RowScores`), ``scores[row][domain]``,
+        :meth:`Evaluation.to_dict` the JSON of ``domainmerge evaluate --json``.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge import build_model, evaluate_checkpoints, save_checkpoint
+        >>> _ = torch.manual_seed(0)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pth")
+        >>> _ = save_checkpoint(path, build_model("tiny_daformer_r").state_dict())
+        >>> from domainmerge.data import register_dataset
+        >>> from domainmerge.data.synthetic import SyntheticDataset
+        >>> register_dataset("small", lambda root, split, strict=True: SyntheticDataset(root, split, 4, size=(32, 64)),
+        ...                  overwrite=True)   # a dataset kind for the example: 4 synthetic scenes of 32x64
+        >>> result = evaluate_checkpoints([path], [("city", "small", "city", "val")])
+        >>> list(result.scores), 0 <= result.scores["model"]["city"].miou <= 100
+        (['model'], True)
+        >>> result.to_dict()["results"]["model"]["domains"]["city"]["images"]
+        4
     """
     from domainmerge.data import SegDataset, build_dataset
     from domainmerge.evaluation.protocols import resolve

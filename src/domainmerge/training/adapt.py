@@ -377,6 +377,26 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
     validation (mIoU). Checkpoints are the authors' container: ``{'meta': {'iter', 'CLASSES',
     'PALETTE', 'domainmerge'}, 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'},
     'optimizer': ...}``. A non-finite loss stops the run with a UserError naming the iteration.
+
+    Args:
+        config: the run (:class:`AdaptConfig`: data, network, recipe, outputs, device).
+        log: called with each progress line.
+
+    Returns:
+        An :class:`AdaptResult`: the student and teacher state dicts (CPU copies), the log records,
+        the validations, the iterations run and the last checkpoint written (None without ``out``).
+
+    Example:
+        >>> from domainmerge import AdaptConfig, adapt, build_dataset, get_recipe
+        >>> from domainmerge.data.training import CropConfig
+        >>> source, target = (build_dataset("synthetic", domain, "train", length=2, size=(32, 64))
+        ...                   for domain in ("game", "night"))
+        >>> recipe = get_recipe("daformer", iters=2, batch_size=1, warmup_iters=1, ignore_top=0, ignore_bottom=0,
+        ...                     rcs_min_pixels=0)
+        >>> result = adapt(AdaptConfig(source, target, arch="tiny_daformer_r", recipe=recipe, progress=False,
+        ...                            source_crop=CropConfig(), target_crop=CropConfig()), log=lambda line: None)
+        >>> result.iterations, len(result.records), sorted(result.records[0])[:3]
+        (2, 2, ['images_per_s', 'iter', 'loss_fd'])
     """
     from tqdm import tqdm
 
