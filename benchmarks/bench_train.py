@@ -309,7 +309,8 @@ def training_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
 
 
 def evaluate_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    size = (max(64, int(1024 * args.crop_scale) // 32 * 32), max(128, int(2048 * args.crop_scale) // 32 * 32))
+    # small scales stop at 256x512 (windows of 128, whose half-resolution context MiT still takes)
+    size = (max(256, int(1024 * args.crop_scale) // 32 * 32), max(512, int(2048 * args.crop_scale) // 32 * 32))
     amp = "bf16" if args.device.startswith("cuda") else None
     print(f"\n## evaluate, HRDA slide inference ({size[0]}x{size[1]} images, batch as evaluate chooses)\n")
     print("| configuration | precision | images/s | GPU busy | kernels/image | peak memory |")

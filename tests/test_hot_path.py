@@ -117,7 +117,8 @@ def test_cuda_iterations_equal_the_cpu_ones_to_float_rounding(arch, recipe):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         for device in ("cpu", "cuda"):
-            src, tgt = SyntheticDataset("game", "train", 6, size=(64, 64)), SyntheticDataset("night", "train", 6, size=(64, 64))
+            src = SyntheticDataset("game", "train", 6, size=(64, 64))
+            tgt = SyntheticDataset("night", "train", 6, size=(64, 64))
             r = get_recipe(recipe, mic=True, iters=3, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
                            rcs_min_pixels=20)
             results[device] = adapt(AdaptConfig(src, tgt, arch=arch, arch_options={"dropout": 0.0}, recipe=r,

@@ -238,7 +238,7 @@ class Trainer:
             log(load_pretrained(model, config.pretrained, trust_pickle=config.trust_pickle))
         model.to(device)
         if config.channels_last and device.type == "cuda":   # teacher and ImageNet copy inherit it
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.use_fd = self.uda and r.fd_lambda > 0
         self.imnet = frozen_copy(model).eval() if self.use_fd else None
         self.teacher = frozen_copy(model) if self.uda else None

@@ -22,7 +22,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, it: int) ->
     so the result is that loop's (bit-identical on CPU, where foreach falls back to the loop);
     ``_foreach_lerp_`` would round differently."""
     a = ema_alpha(it, alpha)
-    teach = list(teacher.parameters())
+    teach: list[torch.Tensor] = list(teacher.parameters())
     stud = [s.detach() for s in student.parameters()]
     if len(teach) != len(stud):
         raise ValueError(f"EMA: the teacher has {len(teach)} parameters, the student {len(stud)}")
