@@ -354,6 +354,7 @@ def data_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     from domainmerge.data import build_dataset
     from domainmerge.data.training import TrainSet, batches, recipe_crops
 
+    pin = args.pin and torch.cuda.is_available()   # page-locking needs a CUDA driver
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "cityscapes"
         t0 = time.perf_counter()
@@ -361,7 +362,7 @@ def data_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         size = sum(p.stat().st_size for p in (root / "leftImg8bit").rglob("*.png")) / args.images
         print(f"\n## Data loading: {args.images} generated 2048x1024 Cityscapes PNGs "
               f"({size / 2**20:.1f} MiB per image, written in {time.perf_counter() - t0:.1f} s), "
-              f"batch {args.batch_size}, pinned memory {args.pin}\n")
+              f"batch {args.batch_size}, pinned memory {pin}\n")
         print("| geometry | workers | images/s | images/s per worker | ms/image |")
         print("|:--|--:|--:|--:|--:|", flush=True)
         reader = build_dataset("cityscapes", root, "train")
@@ -375,7 +376,7 @@ def data_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
                 # Timed from the iterator's creation (worker start-up included): timing only after a
                 # first batch would let prefetched batches arrive for free and overstate the rate.
                 start = time.perf_counter()
-                it = batches(ts, args.batch_size, start_iter=0, workers=workers, pin_memory=args.pin)
+                it = batches(ts, args.batch_size, start_iter=0, workers=workers, pin_memory=pin)
                 for _ in range(n_batches):
                     next(it)
                 elapsed = time.perf_counter() - start

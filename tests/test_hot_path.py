@@ -106,11 +106,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @cuda
-@pytest.mark.parametrize("arch,recipe", [("tiny_daformer_r", "daformer"), ("tiny_daformer_mit", "daformer"),
-                                         ("tiny_hrda_r", "hrda")])
-def test_cuda_iterations_equal_the_cpu_ones_to_float_rounding(arch, recipe):
+@pytest.mark.parametrize("arch,recipe,channels_last", [("tiny_daformer_r", "daformer", False),
+                                                       ("tiny_daformer_r", "daformer", True),
+                                                       ("tiny_daformer_mit", "daformer", False),
+                                                       ("tiny_hrda_r", "hrda", False)])
+def test_cuda_iterations_equal_the_cpu_ones_to_float_rounding(arch, recipe, channels_last):
     """fp32, TF32 off, dropout off (its draws differ per device): the same samples, augmentation
-    and pseudo-labels, so losses and weights agree to float rounding after a few iterations."""
+    and pseudo-labels, so losses and weights agree to float rounding after a few iterations
+    (fused AdamW, pinned copies, and with channels_last NHWC convolutions on the GPU)."""
     torch.set_num_threads(1)
     results = {}
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -123,7 +126,7 @@ def test_cuda_iterations_equal_the_cpu_ones_to_float_rounding(arch, recipe):
                            rcs_min_pixels=20)
             results[device] = adapt(AdaptConfig(src, tgt, arch=arch, arch_options={"dropout": 0.0}, recipe=r,
                                                 source_crop=WHOLE, target_crop=WHOLE, device=device, progress=False,
-                                                log_every=1), log=lambda s: None)
+                                                log_every=1, channels_last=channels_last), log=lambda s: None)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     cpu, gpu = results["cpu"], results["cuda"]

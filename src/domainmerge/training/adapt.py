@@ -110,12 +110,15 @@ class Student(nn.Module):
     """The training forward of a segmentor (what DistributedDataParallel wraps): returns
     (logits, HRDA detail logits or None, backbone features of the view the feature distance uses)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.channels_last = channels_last   # inputs in the NHWC layout of the convolutions' weights
 
     def forward(self, x: Tensor, boxes: list[tuple[int, int, int, int]] | None = None
                 ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if boxes is not None:
             return train_forward(self.model, x, boxes)  # type: ignore[arg-type]
         backbone, head = cast(nn.Module, self.model.backbone), cast(nn.Module, self.model.decode_head)
@@ -253,7 +256,7 @@ class Trainer:
             model = sync_batchnorm(model, device)
             self.teacher = sync_batchnorm(self.teacher, device) if self.teacher is not None else None
         self.model = model
-        self.student: nn.Module = Student(model)
+        self.student: nn.Module = Student(model, channels_last=config.channels_last and device.type == "cuda")
         self.optimizer = build_optimizer(model, r)
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
@@ -295,11 +298,8 @@ class Trainer:
         """Segmentation loss of the student on uint8 images ``x`` (and its backbone features)."""
         boxes = _boxes(self.is_hrda, self.model, tuple(x.shape[-2:]), self.recipe, self.config.seed, it, slots,
                        stream)
-        x = normalize(x)
-        if self.config.channels_last and x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
-            logits, detail, feats = self.student(x, boxes)
+            logits, detail, feats = self.student(normalize(x), boxes)
         return _seg_loss(logits, detail, labels, weight, boxes, self.recipe), feats
 
     def step(self, it: int) -> dict[str, Any]:
