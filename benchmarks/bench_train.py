@@ -20,8 +20,9 @@ configuration, each in a child process:
   convolutions and attention, forward and backward) and TFLOP/s at the timed rate;
 - peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the child's peak RSS on the CPU.
 
-Configurations are ``ARCH:PRECISION[:mic][:cl][:compile][:tf32][:png]`` (``cl``: channels_last;
-``tf32``: TF32 matrix products in fp32; defaults: the five rows of the README's table).
+Configurations are ``ARCH:PRECISION[:mic][:cl][:compile][:tf32][:cudnn][:png]`` (``cl``:
+channels_last; ``tf32``: TF32 matrix products in fp32; ``cudnn``: ``cudnn.benchmark`` autotuning;
+defaults: the five rows of the README's table).
 
 Part 2 (evaluation, ``--evaluate``): ``evaluate_model`` of hrda_mitb5 in slide mode (1024 windows,
 stride 512, the authors' Cityscapes test setting) on 2048x1024 images held in memory, bf16
@@ -61,7 +62,7 @@ ARCH_RECIPE = {"daformer_mitb5": "daformer", "daformer_r101": "daformer", "hrda_
                "daformer_mitb0": "daformer", "hrda_mitb0": "hrda"}
 DEFAULT_CONFIGS = ["daformer_mitb5:fp32", "daformer_mitb5:bf16", "daformer_r101:bf16", "hrda_mitb5:bf16",
                    "hrda_mitb5:bf16:mic"]
-FLAGS = {"mic", "cl", "compile", "tf32", "png"}
+FLAGS = {"mic", "cl", "compile", "tf32", "cudnn", "png"}
 ITERS_40K = 40_000
 
 
@@ -143,6 +144,8 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
         torch.set_num_threads(threads)
     if c["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if c["cudnn"]:   # autotuned convolution algorithms (fixed shapes; float rounding may change)
+        torch.backends.cudnn.benchmark = True
     recipe = get_recipe(ARCH_RECIPE[c["arch"]], mic=c["mic"])
     real_crop = recipe_crops(recipe.name, "cityscapes", "cityscapes")[1].crop
     assert real_crop is not None
