@@ -468,7 +468,9 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
     ``log_every`` iterations (losses, pseudo-label weight, learning rate, images/s) and after each
     validation (mIoU). Checkpoints are the authors' container: ``{'meta': {'iter', 'CLASSES',
     'PALETTE', 'domainmerge'}, 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'},
-    'optimizer': ...}``. A non-finite loss stops the run with a UserError naming the iteration.
+    'optimizer': ...}``. A non-finite loss stops the run with a UserError naming the iteration;
+    the losses are read from the device every ``log_every`` iterations and before each checkpoint
+    and validation (:class:`LossLog`), so no checkpoint holds the state after it.
     """
     from tqdm import tqdm
 
