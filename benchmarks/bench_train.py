@@ -132,6 +132,21 @@ def profile_summary(prof: Any, n: int) -> dict[str, float]:
             "dtoh_copies": dtoh / n, "scalar_reads": scalars / n}
 
 
+def top_ops(prof: Any, n: int, k: int = 12) -> dict[str, list[list[Any]]]:
+    """The ``k`` operators with the most self time per iteration on the device (kernels) and on the
+    host (CPU ops, cudaLaunchKernel included): [name, ms per iteration, calls per iteration]."""
+    averages = prof.key_averages()
+
+    def device_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    def rows(key: Any) -> list[list[Any]]:
+        ranked = sorted(averages, key=key, reverse=True)[:k]
+        return [[e.key[:80], round(key(e) / 1e3 / n, 3), round(e.count / n, 1)] for e in ranked if key(e) > 0]
+
+    return {"device": rows(device_us), "cpu": rows(lambda e: float(e.self_cpu_time_total))}
+
+
 def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, profile_iters: int, crop_scale: float,
                threads: int | None, png_workers: int = 8) -> dict[str, Any]:
     """Time one configuration in this process (the benchmark runs it in a child)."""
@@ -216,6 +231,7 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
         run(profile_iters)
         _sync(device)
     prof_summary = profile_summary(prof, profile_iters)
+    top = top_ops(prof, profile_iters)
     flops = float("nan")
     if not c["compile"]:   # the counter sees the eager operators; a compiled run does the same work
         from torch.utils.flop_counter import FlopCounterMode
@@ -230,7 +246,7 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
             "first_iter_s": first, "hours_40k": s_per_it * ITERS_40K / 3600, "peak_bytes": peak,
             "tflop_per_iter": flops / 1e12, "tflops": flops / 1e12 / s_per_it,
             "gpu_busy": prof_summary["device_busy_s"] / s_per_it if cuda else float("nan"), **prof_summary,
-            "device_name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+            "top": top, "device_name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
 
 
 def evaluate_config(device: str, images: int, size: tuple[int, int], arch: str, amp: str | None,
@@ -309,6 +325,12 @@ def training_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
               f"{_fmt(100 * r['gpu_busy'], '.0f')} % | {r['kernels']:.0f} | {syncs:.0f} | "
               f"{_fmt(r['tflop_per_iter'], '.2f')} | {_fmt(r['tflops'], '.1f')} | {r['peak_bytes'] / 2**30:.2f} GiB | "
               f"{r['hours_40k']:.1f} h | {r['first_iter_s']:.1f} s |", flush=True)
+    print("\nWhere an iteration's time goes (self time per iteration from the profile: ms, calls):")
+    for r in results:
+        if "top" in r:
+            for side in ("device", "cpu"):
+                ops = "; ".join(f"{name} {ms:.2f} ms x{calls:g}" for name, ms, calls in r["top"][side][:6])
+                print(f"- {r['config']} {side}: {ops or '-'}")
 
 
 def evaluate_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
