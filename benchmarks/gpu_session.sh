@@ -5,7 +5,8 @@
 #   session.log   everything printed (nvidia-smi, versions, test results, the tables)
 #   train.json    bench_train figures of the training configurations
 #   extra.json    evaluate (HRDA slide) and data-loading figures
-#   variants.json channels_last / TF32 / end-to-end-from-PNG / compile variants (as time allows)
+#   variants.json end-to-end-from-PNG / channels_last / cudnn.benchmark / TF32 / compile variants
+#                 (as many as the budget allows, in that order)
 # Each step has its own timeout, so one hung step costs its budget, not the session; a step that
 # fails leaves the others running. The project runs from src/ (no install); a missing package
 # stops the session at once, naming it.
