@@ -39,8 +39,14 @@ class Layout:
         return {p + k: v for r, p in self.prefixes if r in networks for k, v in networks[r].items()}
 
     def network(self, state_dict: Mapping[str, torch.Tensor], role: str) -> dict[str, torch.Tensor]:
-        """The tensors of ``role``'s network, keys without its prefix (:func:`strip_model_prefix`)."""
+        """The tensors of ``role``'s network, keys without its prefix (:func:`strip_model_prefix`:
+        a UserError when no key has it)."""
         return strip_model_prefix(state_dict, self.prefix(role))
+
+    def networks(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Every role's tensors, keys without its prefix (empty for a role the state dict lacks);
+        keys under no role's prefix are left out."""
+        return {role: {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)} for role, p in self.prefixes}
 
 
 # The container DAFormer / HRDA / MIC training (and domainmerge adapt) writes: the student, its EMA
