@@ -32,7 +32,7 @@ def test_stored_network_writes_back_only_its_tensors(tmp_path) -> None:
         assert stored.prefix == "ema_model."
         model = stored.build()
         changed = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
-        out = stored.save(tmp_path / "out.pth", changed, step="test")
+        out = stored.save(tmp_path / "out.pth", changed, record=stored.updated_record(step="test"))
     written = load_state_dict(out)
     for k, v in net.items():
         assert torch.equal(written["model." + k], half[k])                      # the student untouched

@@ -150,7 +150,7 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
                                             for d, s in scales.items()))
         batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=batch_size, img_scale=scales),
                                  device=device, progress=progress, total=n_images)
-        written = stored.save(output, model.state_dict(), force=force,
-                              recalibrated={"images": n_images, "batches": batches,
-                                            "domains": {d: len(v) for d, v in indices.items()}})
+        record = stored.updated_record(recalibrated={"images": n_images, "batches": batches,
+                                                     "domains": {d: len(v) for d, v in indices.items()}})
+        written = stored.save(output, model.state_dict(), record=record, force=force)
     return RecalibrationReport(written, {d: len(v) for d, v in indices.items()}, batches, scales)

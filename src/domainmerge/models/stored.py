@@ -11,7 +11,7 @@ entries (optimizer dropped) and the record (extended).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,8 @@ class StoredNetwork:
         ...     with StoredNetwork.open(path) as stored:
         ...         model = stored.build()
         ...         model.decode_head.conv_seg.bias.data += 1
-        ...         out = stored.save(os.path.join(folder, "edited.pth"), model.state_dict(), edited=True)
+        ...         out = stored.save(os.path.join(folder, "edited.pth"), model.state_dict(),
+        ...                           record=stored.updated_record(edited=True))
         ...     edited = load_state_dict(out)
         >>> stored.prefix, type(model).__name__
         ('model.', 'EncoderDecoder')
@@ -101,24 +102,33 @@ class StoredNetwork:
         except UserError as exc:
             raise exc.prefixed(f"{self.name}: ") from None
 
-    def full_state_dict(self, network: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, network: Mapping[str, torch.Tensor], *, stored_dtypes: bool = True
+                        ) -> dict[str, torch.Tensor]:
         """Every stored tensor, with the network's replaced by ``network`` (keys without the prefix;
-        each value moved to the CPU in its stored dtype). Keys outside the prefix are kept."""
+        with ``stored_dtypes`` each value is moved to the CPU in its stored dtype, else taken as it
+        is). Keys outside the prefix are kept."""
         full = self.checkpoint.state_dict()
         out = dict(full)
         for key, value in network.items():
-            original = full[self.prefix + key]
-            out[self.prefix + key] = value.detach().to("cpu", original.dtype)
+            out[self.prefix + key] = (value.detach().to("cpu", full[self.prefix + key].dtype) if stored_dtypes
+                                      else value)
         return out
 
-    def save(self, output: str | os.PathLike[str], network: Mapping[str, torch.Tensor], *, force: bool = False,
-             **record: Any) -> Path:
+    def updated_record(self, **entries: Any) -> dict[str, Any]:
+        """The stored domainmerge record with ``entries`` added
+        (:func:`domainmerge.checkpoint.updated_record`)."""
+        return updated_record(self.checkpoint, **entries)
+
+    def save(self, output: str | os.PathLike[str], network: Mapping[str, torch.Tensor], *,
+             record: Mapping[str, Any] | None = None, stored_dtypes: bool = True, force: bool = False,
+             inputs: Sequence[str | os.PathLike[str]] = ()) -> Path:
         """Write the checkpoint with the network replaced by ``network`` (:meth:`full_state_dict`) to
-        ``output``, atomically, in its container (optimizer dropped), with ``record`` entries added
-        to the stored domainmerge record; the input is never overwritten. Returns the path written."""
-        return save_checkpoint(output, self.full_state_dict(network), template=self.checkpoint,
-                               record=updated_record(self.checkpoint, **record), force=force,
-                               inputs=(self.path,))
+        ``output``, atomically, in its container (optimizer dropped) with ``record`` as its
+        domainmerge record (:meth:`updated_record` extends the stored one); neither this file nor
+        ``inputs`` is ever overwritten. Returns the path written."""
+        return save_checkpoint(output, self.full_state_dict(network, stored_dtypes=stored_dtypes),
+                               template=self.checkpoint, record=record, force=force,
+                               inputs=(self.path, *inputs))
 
     def close(self) -> None:
         self.checkpoint.close()
