@@ -38,6 +38,11 @@ SWEEPS: dict[str, tuple[str, str, tuple[float, ...]]] = {
 }
 
 
+def _seed(method: str, seed: int) -> dict[str, int]:
+    """DARE's seed, for the methods that read one (merge_state_dicts refuses a knob that does nothing)."""
+    return {"seed": seed} if method.startswith("dare") else {}
+
+
 def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str, Tensor],
                   groups: Mapping[str, Sequence[str]], score: Scorer, net: nn.Module,
                   images: Mapping[str, Tensor], *, extra: Mapping[str, Mapping[str, MethodRow]] | None = None,
@@ -64,9 +69,8 @@ def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str,
         sds = [models[stda(t)] for t in targets]
         rows = []
         for label, method, knobs in METHOD_ROWS:
-            merged = merge_state_dicts(sds, base=None if method == "linear" else base, method=method, seed=seed,
-                                       lam=knobs.get("lam", 1.0), density=knobs.get("density", 0.2),
-                                       drop=knobs.get("drop", 0.9))
+            merged = merge_state_dicts(sds, base=None if method == "linear" else base, method=method,
+                                       **knobs, **_seed(method, seed))
             rows.append(MethodRow(label, method, score(merged, targets)))
         fishers = [fisher_diagonal(net, sd, images[t].split(8)) for sd, t in zip(sds, targets)]
         rows.append(MethodRow("Fisher merging", "fisher", score(fisher_merge(sds, fishers), targets), True))
@@ -81,9 +85,7 @@ def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str,
     for method, (knob, _, values) in SWEEPS.items():
         hs = []
         for v in values:
-            knobs = {"lam": 1.0, "density": 0.2, "drop": 0.9, knob: v}
-            merged = merge_state_dicts(sds, base=base, method=method, seed=seed, lam=knobs["lam"],
-                                       density=knobs["density"], drop=knobs["drop"])
+            merged = merge_state_dicts(sds, base=base, method=method, **{knob: v}, **_seed(method, seed))
             hs.append(harmonic_mean(list(score(merged, groups[largest]).values())))
         result.sweeps[method] = {"values": list(values), "H": hs}
     return result

@@ -275,7 +275,7 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     from domainmerge.data import build_dataset
     from domainmerge.evaluation import distributed, lmc
     from domainmerge.evaluation.protocols import family_of, resolve
-    from domainmerge.merging import DictSource, MergeOptions, nonfinite_keys, plan_merge
+    from domainmerge.merging import DictSource, MergeSpec, nonfinite_keys, plan_merge
     from domainmerge.merging.engine import nonfinite_message
     from domainmerge.models import model_from_state_dict, resolve_spec
 
@@ -295,9 +295,9 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
             raise UserError(nonfinite_message(c, bad))
     # The interpolation merges in memory; check first, naming the files and what to check.
     plan_merge([DictSource(sd, c) for sd, c in zip(state_dicts, paths)],
-               MergeOptions(buffers=buffers, mismatch_advice=(
+               MergeSpec(buffers=buffers), mismatch_advice=(
                    "lmc needs models of one architecture with the same keys; check ", Option("prefix"),
-                   " and ", Option("arch"))))
+                   " and ", Option("arch")))
     if align:
         from domainmerge.alignment.matching import align_state_dicts
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from domainmerge.checkpoint import Checkpoint, detect_prefixes, open_checkpoint
 from domainmerge.errors import UserError
-from domainmerge.merging.engine import MergeOptions, all_finite, plan_merge
+from domainmerge.merging.plan import plan_merge
 from domainmerge.merging.roles import COUNT_SUFFIX, Role, assign_roles, layer_of
+from domainmerge.merging.stream import all_finite
 
 
 def module_group(key: str, wrappers: list[str]) -> str:
@@ -72,7 +73,7 @@ def compare(cks: Sequence[Checkpoint]) -> dict[str, Any]:
     (when they cannot: the reason, and the engine's error under 'error')."""
 
     try:
-        plan = plan_merge(cks, MergeOptions())
+        plan = plan_merge(cks)
         verdict: dict[str, Any] = {"mergeable": True, "reason": "same keys and shapes"}
     except UserError as exc:
         return {"mergeable": False, "reason": str(exc), "distances": {}, "error": exc}
