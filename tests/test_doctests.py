@@ -14,6 +14,7 @@ MODULES = [
     "domainmerge.checkpoint",
     "domainmerge.merging.engine",
     "domainmerge.merging.recipe",
+    "domainmerge.merging.spec",
     "domainmerge.models.registry",
     "domainmerge.models.detect",
     "domainmerge.alignment.matching",

@@ -109,6 +109,7 @@ def plan_merge(sources: Sequence[Source], spec: MergeSpec | None = None, base: S
     if dtype is not None and not dtype.is_floating_point:
         raise MergeError(Option("dtype", str(dtype).replace("torch.", "")), ": not a floating-point dtype")
     weights = spec.check_inputs(len(sources), base is not None)
+    out_dtype = dtype   # the name `dtype` is reused below for each input's
     infos = [infos_of(s) for s in sources]
     names = [source_name(s, i) for i, s in enumerate(sources)]
     first = infos[0]
@@ -169,7 +170,7 @@ def plan_merge(sources: Sequence[Source], spec: MergeSpec | None = None, base: S
         merged[k] = shared and not head and not outside and k not in unpaired
         if dtypes[k].is_floating_point:
             combined = head or merged[k]
-            dtypes[k] = dtype or (common_dtype([infos[i][k][1] for i in holders[k]]) if combined
+            dtypes[k] = out_dtype or (common_dtype([infos[i][k][1] for i in holders[k]]) if combined
                                           else dtypes[k])
     if spec.keep_heads and not any(per_model.values()):
         raise MergeError(Option("keep_heads", spec.keep_heads), ": no key lies under this prefix; "
