@@ -115,7 +115,8 @@ def test_the_merge_writes_through_the_same_writer_as_save_checkpoint(pair, tmp_p
 
 def test_keep_heads_writes_one_file_per_model_with_its_own_head(pair, tmp_path: Path) -> None:
     a_path, b_path, a, b = pair
-    report = merge_files([a_path, b_path], tmp_path / "m.pth", MergeSpec(keep_heads="decode_head.", names=["cs", "idd"]))
+    report = merge_files([a_path, b_path], tmp_path / "m.pth",
+                         MergeSpec(keep_heads="decode_head.", names=["cs", "idd"]))
     assert report.outputs == [tmp_path / "m.cs.pth", tmp_path / "m.idd.pth"]
     expected = by_hand(a, b, 0.5, 0.5)
     for out, own in zip(report.outputs, (a, b)):
@@ -188,10 +189,13 @@ def _library_errors(pair: tuple, tmp_path: Path) -> list[tuple[UserError, str]]:
         (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(weights=[1, -1])), "--weights"),
         (lambda: merge_files([a_path, a_path], tmp_path / "o.pth"), "--weights"),
         (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(method=Ties())), "--base"),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(method=Ties(lam=float("nan"))), base=a_path),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(method=Ties(lam=float("nan"))),
+                             base=a_path),
          "--lambda"),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(keep_heads="nothing.")), "--keep-heads nothing."),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(method=Fisher(), keep_heads="decode_head.")),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(keep_heads="nothing.")),
+         "--keep-heads nothing."),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth",
+                             MergeSpec(method=Fisher(), keep_heads="decode_head.")),
          "--method fisher"),
         (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(method=Fisher())), "--domain"),
         (lambda: merge_files([a_path, tmp_path / "evil.pth"], tmp_path / "o.pth"), "--trust-pickle"),

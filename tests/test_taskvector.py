@@ -150,8 +150,7 @@ def _model(seed: int, n: int = 100) -> dict[str, torch.Tensor]:
 
 
 def test_engine_ties_uses_base_and_keeps_gaussian_buffers() -> None:
-    from domainmerge.merging import merge_state_dicts
-    from domainmerge.merging import DictSource, MergeSpec, Ties, iter_merged, plan_merge
+    from domainmerge.merging import DictSource, MergeSpec, Ties, iter_merged, merge_state_dicts, plan_merge
 
     a, b = _model(1, n=100), _model(2, n=300)
     base = {k: v for k, v in _model(0).items() if not k.startswith("decode_head.")}   # head not in base
