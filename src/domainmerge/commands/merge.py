@@ -133,7 +133,8 @@ def summary(report: Any) -> str:
     for rule in report.record.get("recipe", {}).get("rules", []):
         what = "kept per model" if rule.get("keep_own") else rule["method"]
         knobs = "".join(f", {k} {rule[k]:g}" for k in ("lam", "density", "drop", "seed") if k in rule)
-        lines.append(f"rule {rule['pattern']!r} ({what}{knobs}): {report.rules.get(rule['pattern'], 0)} keys")
+        n = report.rules.get(rule["pattern"], 0)
+        lines.append(f"rule {rule['pattern']!r} ({what}{knobs}): {n} key{'' if n == 1 else 's'}")
     for name, aligned in report.alignment.items():
         lines.append(f"aligned {name} to {report.inputs[0].name}: {aligned.overall:.1%} of units kept "
                      f"in place over {len(aligned.sizes)} permutations ({aligned.seconds:.1f} s)")

@@ -16,7 +16,10 @@ rules:                        # per-module overrides, first match wins
 ```
 
 Relative paths are read from the recipe's folder. Every field is validated before any tensor is
-read; a wrong one is a one-line error naming the field and the file.
+read; a wrong one is a one-line error naming the field and the file. A knob (``lambda``,
+``density``, ``drop``, ``seed``, at the top or in a rule) is only accepted where its method reads
+it. A recipe is loaded as a :class:`MergeRecipe`: the models, the base and the
+:class:`~domainmerge.merging.spec.MergeSpec` the command line would build.
 """
 
 from __future__ import annotations
