@@ -44,11 +44,10 @@ def run(args: argparse.Namespace) -> int:
     table on rank 0, write the files under --out."""
     from domainmerge import reporting
     from domainmerge.commands._common import parse_domains, protocol_settings, resolve_device
+    from domainmerge.errors import UserError
     from domainmerge.evaluation import distributed, lmc
     from domainmerge.evaluation.checkpoints import interpolate_checkpoints
     from domainmerge.fsutil import check_output_dir, check_output_path
-
-    from domainmerge.errors import UserError
 
     domains = parse_domains(args.domain, "val")
     k = len(args.ckpts)
@@ -66,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group_from_env():
         main = distributed.is_main_process()
         found = interpolate_checkpoints(
-            args.ckpts, domains, steps=args.steps, grid=5 if args.grid is None else args.grid, buffers=args.buffers, align=args.align,
+            args.ckpts, domains, steps=args.steps, grid=5 if args.grid is None else args.grid, buffers=args.buffers,
+            align=args.align,
             arch=args.arch, prefix=args.prefix, trust_pickle=args.trust_pickle, **protocol_settings(args),
             device=resolve_device(args.device), batch_size=args.batch_size,
             num_classes=args.num_classes, amp=args.amp, workers=args.workers, strict=not args.no_strict,
