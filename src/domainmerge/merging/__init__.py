@@ -25,14 +25,14 @@ from domainmerge.merging.spec import (
     TaskArithmetic,
     Ties,
 )
-from domainmerge.merging.stream import all_finite, iter_merged, nonfinite_keys
+from domainmerge.merging.stream import iter_merged
 from domainmerge.merging.taskvector import dare, task_arithmetic, ties
 
 __all__ = [
     "BUFFER_RULES", "DATA_METHODS", "METHODS", "AdaMerging", "DareLinear", "DareTies", "DictSource", "Fisher",
     "KeyRule", "Linear", "MergeMethod", "MergePlan", "MergeSpec", "Role", "StrippedSource", "TaskArithmetic",
-    "Ties", "all_finite", "assign_roles", "gaussian_pool", "interpolate", "iter_merged",
+    "Ties", "assign_roles", "gaussian_pool", "interpolate", "iter_merged",
     "merge_state_dicts", "merge_state_dicts_per_head", "mixture_proportions",
-    "nonfinite_keys", "normalise_weights", "plan_merge", "pooled_count", "weighted_average", "dare",
+    "normalise_weights", "plan_merge", "pooled_count", "weighted_average", "dare",
     "task_arithmetic", "ties",
 ]

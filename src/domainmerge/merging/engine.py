@@ -12,13 +12,12 @@ from domainmerge.merging.plan import ALLOW_MISSING_ADVICE, MergePlan, plan_merge
 from domainmerge.merging.roles import KeyRule
 from domainmerge.merging.sources import DictSource, Source, StrippedSource
 from domainmerge.merging.spec import BUFFER_RULES, METHODS, MergeSpec
-from domainmerge.merging.stream import all_finite, iter_merged, nonfinite_keys, nonfinite_message
+from domainmerge.merging.stream import iter_merged
 
 # The engine's parts, importable from here as before the split.
 __all__ = [
     "ALLOW_MISSING_ADVICE", "BUFFER_RULES", "METHODS", "DictSource", "MergePlan", "MergeSpec", "Source",
-    "StrippedSource", "all_finite", "interpolate", "iter_merged", "merge_state_dicts", "merge_state_dicts_per_head",
-    "nonfinite_keys", "nonfinite_message", "plan_merge",
+    "StrippedSource", "interpolate", "iter_merged", "merge_state_dicts", "merge_state_dicts_per_head", "plan_merge",
 ]
 
 def merge_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None,

@@ -15,7 +15,7 @@ from domainmerge.checkpoint import Checkpoint, detect_prefixes, open_checkpoint
 from domainmerge.errors import UserError
 from domainmerge.merging.plan import plan_merge
 from domainmerge.merging.roles import COUNT_SUFFIX, Role, assign_roles, layer_of
-from domainmerge.merging.stream import all_finite
+from domainmerge.tensors import all_finite
 
 
 def module_group(key: str, wrappers: list[str]) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -14,31 +14,7 @@ from domainmerge.merging.roles import COUNT_SUFFIX, MEAN_SUFFIX, VAR_SUFFIX, Rol
 from domainmerge.merging.sources import Source, source_name
 from domainmerge.merging.spec import DareLinear, DareTies, MergeMethod, TaskArithmetic, Ties
 from domainmerge.merging.taskvector import dare, key_generator, task_arithmetic, ties
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether a tensor holds no NaN or infinity.
-
-    Fast path: one sum, into which NaN and inf propagate; only when the sum is not finite (a
-    bad value, or an overflow of the sum itself) is every element checked.
-    """
-    if not t.dtype.is_floating_point or t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """The keys of the floating tensors that hold a NaN or an infinity."""
-    return [k for k, t in tensors.items() if not all_finite(t)]
-
-
-def nonfinite_message(name: str, bad: Sequence[str]) -> str:
-    """The one line that says a checkpoint holds ``bad`` non-finite tensors (from
-    :func:`nonfinite_keys`)."""
-    return (f"{name}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the checkpoint is damaged "
-            "or diverged")
+from domainmerge.tensors import all_finite
 
 
 class _Reader:
