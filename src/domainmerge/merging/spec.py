@@ -322,10 +322,11 @@ class MergeSpec:
             raise MergeError(Option("names"), f": got {len(self.names)} names for {n} inputs; give one name per "
                              "input")
         if self.uses_base and not has_base:
-            name = self.method.name if uses_base(self.method.name) else \
-                next(r.method for r in self.rules if r.method not in (None, "linear"))
-            where = "" if uses_base(self.method.name) else \
-                next(f"rule {r.pattern!r}: " for r in self.rules if r.method not in (None, "linear"))
+            # Name the method that needs the base: the spec's, else the first rule's that does.
+            rule = None if uses_base(self.method.name) else \
+                next(r for r in self.rules if r.method not in (None, "linear"))
+            name = self.method.name if rule is None else rule.method
+            where = "" if rule is None else f"rule {rule.pattern!r}: "
             what = "learns coefficients of task vectors" if name == "adamerging" else "merges task vectors"
             raise MergeError(f"{where}method {name!r} {what} and needs the base weights the models were "
                              "adapted from (", Option("base"), ")")
