@@ -63,9 +63,9 @@ def test_spec_is_frozen_validated_once_and_equal_from_every_builder() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.buffers = "first"  # type: ignore[misc]
     with pytest.raises(MergeError, match="density"):
-        Ties(density=0.0).check()
-    with pytest.raises(MergeError, match="density"):
-        MergeSpec(method=Ties(density=1.5))
+        Ties(density=0.0)
+    with pytest.raises(MergeError, match="drop"):
+        DareTies(drop=1.0)
     with pytest.raises(MergeError, match="buffer rule"):
         MergeSpec(buffers="median")
     with pytest.raises(MergeError, match="weights"):

@@ -37,30 +37,36 @@ def _finite(value: float, name: str, where: str) -> None:
         raise MergeError(where, Option(name), f" must be a finite number, got {value}")
 
 
+class _Method:
+    """A method's knobs are checked when it is made (``check`` raises a MergeError naming the knob)."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, where: str = "") -> None:
+        """Refuse knob values outside their range (``where`` goes before the message)."""
+
+
 @dataclass(frozen=True)
-class Linear:
+class Linear(_Method):
     """The paper's merge: the weighted average of the models' parameters."""
 
     name: ClassVar[str] = "linear"
 
-    def check(self, where: str = "") -> None:
-        """Nothing to check: linear has no knobs."""
-
 
 @dataclass(frozen=True)
-class TaskArithmetic:
+class TaskArithmetic(_Method):
     """``base + lam * sum_k w_k tau_k`` (Ilharco et al., ICLR 2023); needs a base."""
 
     lam: float = 1.0
     name: ClassVar[str] = "task_arithmetic"
 
     def check(self, where: str = "") -> None:
-        """Refuse knob values outside their range (``where`` goes before the message)."""
         _finite(self.lam, "lam", where)
 
 
 @dataclass(frozen=True)
-class Ties:
+class Ties(_Method):
     """TIES-Merging (Yadav et al., NeurIPS 2023): trim to ``density``, elect sign, disjoint mean."""
 
     lam: float = 1.0
@@ -73,7 +79,7 @@ class Ties:
 
 
 @dataclass(frozen=True)
-class DareLinear:
+class DareLinear(_Method):
     """DARE (Yu et al., ICML 2024): drop with probability ``drop``, rescale, task arithmetic."""
 
     lam: float = 1.0
@@ -87,7 +93,7 @@ class DareLinear:
 
 
 @dataclass(frozen=True)
-class DareTies:
+class DareTies(_Method):
     """DARE's drop and rescale, then TIES' trim, sign election and disjoint mean."""
 
     lam: float = 1.0
@@ -103,7 +109,7 @@ class DareTies:
 
 
 @dataclass(frozen=True)
-class Fisher:
+class Fisher(_Method):
     """Fisher merging (reads ``images`` unlabeled target images, ``batch_size`` at a time)."""
 
     images: int = 64
@@ -115,7 +121,7 @@ class Fisher:
 
 
 @dataclass(frozen=True)
-class AdaMerging:
+class AdaMerging(_Method):
     """AdaMerging (learns task-vector coefficients on unlabeled target images); needs a base."""
 
     images: int = 64
@@ -183,9 +189,10 @@ def make_method(name: str, where: str = "", **knobs: Any) -> MergeMethod:
             readers = [m for m in METHOD_TYPES if knob in knobs_of(m)]
             raise MergeError(where, Option(knob), f" does nothing with method {name!r}; it is read by "
                              f"{', '.join(readers)}")
-    method = METHOD_TYPES[name](**given)
-    method.check(where)
-    return method
+    try:
+        return METHOD_TYPES[name](**given)
+    except MergeError as exc:
+        raise exc.prefixed(where) from None
 
 
 def _weights(values: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -253,7 +260,6 @@ class MergeSpec:
         if not isinstance(self.method, tuple(METHOD_TYPES.values())):
             raise MergeError(Option("method"), f": not a merge method: {self.method!r}; use one of "
                              f"{', '.join(c.__name__ for c in METHOD_TYPES.values())}")
-        self.method.check()
         if self.buffers not in BUFFER_RULES:
             raise MergeError(f"unknown buffer rule {self.buffers!r}; use one of {', '.join(BUFFER_RULES)}")
         for rule in self.rules:
