@@ -9,7 +9,9 @@ an example, in its own module):
   :func:`strip_model_prefix`, :class:`StoredNetwork` (the network in a checkpoint file: read,
   build, write back)
 - merging: :func:`merge_state_dicts`, :func:`interpolate`, :func:`merge_state_dicts_per_head`,
-  :func:`merge_files`, :func:`inspect_files`
+  :func:`merge_files` (checkpoint files, as ``domainmerge merge``) and :class:`MergeSpec` (what
+  a merge does: the method and its knobs, weights, buffer rule, per-module rules),
+  :func:`inspect_files`
 - alignment: :func:`align_state_dicts`, :func:`align_files` (Git Re-Basin weight matching)
 - networks: :func:`build_model`, :func:`model_from_state_dict`
 - data and evaluation: :func:`build_dataset`, :func:`convert_labels`, :func:`evaluate_model` (one
@@ -66,6 +68,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors (loaded lazi
     from domainmerge.merging import interpolate, merge_state_dicts, merge_state_dicts_per_head
     from domainmerge.merging.files import MergeReport, merge_files
     from domainmerge.merging.inspection import inspect_files
+    from domainmerge.merging.spec import MergeSpec
     from domainmerge.models import StoredNetwork, build_model, model_from_state_dict
     from domainmerge.tensors import harmonic_mean
     from domainmerge.training.adapt import AdaptConfig, adapt
@@ -82,6 +85,7 @@ _API = {
     "interpolate": "domainmerge.merging",
     "merge_files": "domainmerge.merging.files",
     "MergeReport": "domainmerge.merging.files",
+    "MergeSpec": "domainmerge.merging.spec",
     "align_state_dicts": "domainmerge.alignment.matching",
     "build_model": "domainmerge.models",
     "model_from_state_dict": "domainmerge.models",
@@ -119,7 +123,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AdaptConfig", "DomainScores", "MergeReport", "StoredNetwork", "UserError", "__version__", "adapt",
+    "AdaptConfig", "DomainScores", "MergeReport", "MergeSpec", "StoredNetwork", "UserError", "__version__", "adapt",
     "align_files", "align_state_dicts", "build_dataset", "build_model", "convert_labels", "evaluate_checkpoints",
     "evaluate_domains", "evaluate_model", "get_recipe", "harmonic_mean", "inspect_files", "interpolate",
     "interpolate_checkpoints", "load_state_dict", "merge_files", "merge_state_dicts", "merge_state_dicts_per_head",

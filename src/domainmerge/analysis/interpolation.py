@@ -107,7 +107,7 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     from domainmerge.analysis import lmc
     from domainmerge.data import build_dataset
     from domainmerge.evaluation.protocols import family_of, resolve
-    from domainmerge.merging import DictSource, MergeOptions, plan_merge
+    from domainmerge.merging import DictSource, MergeSpec, plan_merge
     from domainmerge.models import StoredNetwork
     from domainmerge.runtime import distributed
     from domainmerge.tensors import nonfinite_keys, nonfinite_message
@@ -132,9 +132,9 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
             raise UserError(nonfinite_message(c, bad))
     # The interpolation merges in memory; check first, naming the files and what to check.
     plan_merge([DictSource(sd, c) for sd, c in zip(state_dicts, paths)],
-               MergeOptions(buffers=buffers, mismatch_advice=(
+               MergeSpec(buffers=buffers), mismatch_advice=(
                    "lmc needs models of one architecture with the same keys; check ", Option("prefix"),
-                   " and ", Option("arch"))))
+                   " and ", Option("arch")))
     if align:
         from domainmerge.alignment.matching import align_state_dicts
 
