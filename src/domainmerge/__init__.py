@@ -11,7 +11,7 @@ an example, in its own module):
 - merging: :func:`merge_state_dicts`, :func:`interpolate`, :func:`merge_state_dicts_per_head`,
   :func:`merge_files` (checkpoint files, as ``domainmerge merge``) and :class:`MergeSpec` (what
   a merge does: the method and its knobs, weights, buffer rule, per-module rules),
-  :func:`inspect_files`
+  :func:`merge_recipe_files` (a YAML recipe), :func:`inspect_files`
 - alignment: :func:`align_state_dicts`, :func:`align_files` (Git Re-Basin weight matching)
 - networks: :func:`build_model`, :func:`model_from_state_dict`
 - data and evaluation: :func:`build_dataset`, :func:`convert_labels`, :func:`evaluate_model` (one
@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors (loaded lazi
     from domainmerge.evaluation.folders import score_folders
     from domainmerge.evaluation.inference import DomainScores, evaluate_domains, evaluate_model
     from domainmerge.merging import interpolate, merge_state_dicts, merge_state_dicts_per_head
-    from domainmerge.merging.files import MergeReport, merge_files
+    from domainmerge.merging.files import MergeReport, merge_files, merge_recipe_files
     from domainmerge.merging.inspection import inspect_files
     from domainmerge.merging.spec import MergeSpec
     from domainmerge.models import StoredNetwork, build_model, model_from_state_dict
@@ -84,6 +84,7 @@ _API = {
     "merge_state_dicts_per_head": "domainmerge.merging",
     "interpolate": "domainmerge.merging",
     "merge_files": "domainmerge.merging.files",
+    "merge_recipe_files": "domainmerge.merging.files",
     "MergeReport": "domainmerge.merging.files",
     "MergeSpec": "domainmerge.merging.spec",
     "align_state_dicts": "domainmerge.alignment.matching",
@@ -126,7 +127,8 @@ __all__ = [
     "AdaptConfig", "DomainScores", "MergeReport", "MergeSpec", "StoredNetwork", "UserError", "__version__", "adapt",
     "align_files", "align_state_dicts", "build_dataset", "build_model", "convert_labels", "evaluate_checkpoints",
     "evaluate_domains", "evaluate_model", "get_recipe", "harmonic_mean", "inspect_files", "interpolate",
-    "interpolate_checkpoints", "load_state_dict", "merge_files", "merge_state_dicts", "merge_state_dicts_per_head",
+    "interpolate_checkpoints", "load_state_dict", "merge_files", "merge_recipe_files", "merge_state_dicts",
+    "merge_state_dicts_per_head",
     "model_from_state_dict", "open_checkpoint", "recalibrate_file", "run_demo", "save_checkpoint",
     "score_folders", "strip_model_prefix",
 ]

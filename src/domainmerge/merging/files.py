@@ -356,10 +356,30 @@ def _merge_with_data(inputs: list[Path], output: Path, spec: MergeSpec, *, base:
 def merge_recipe_files(recipe: Any, out: PathLike, *, prefix: str | None = None,
                        dtype: torch.dtype | str | None = None, trust_pickle: bool = False, force: bool = False,
                        progress: bool = False) -> MergeReport:
-    """:func:`merge_files` as a recipe says: ``recipe`` is a
-    :class:`~domainmerge.merging.recipe.MergeRecipe` or the path of a YAML file; the other
-    arguments are the file options a recipe does not hold (as in :func:`merge_files`). The output
-    records the same recipe as the equal call of :func:`merge_files`."""
+    """:func:`merge_files` as a recipe says (the library behind ``domainmerge merge --config``).
+    The output records the same recipe as the equal call of :func:`merge_files`.
+
+    Args:
+        recipe: a :class:`~domainmerge.merging.recipe.MergeRecipe` or the path of a YAML (or
+            JSON) recipe (:mod:`domainmerge.merging.recipe`: models, weights, base, method and
+            knobs, buffers, per-module rules).
+        out: the output file; prefix, dtype, trust_pickle, force, progress: the file options a
+            recipe does not hold, as :func:`merge_files` takes them.
+
+    Returns:
+        The :class:`MergeReport`.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from domainmerge import load_state_dict, merge_recipe_files, save_checkpoint
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name, value in (("a", 0.0), ("b", 4.0)):
+        ...     _ = save_checkpoint(folder / f"{name}.pth", {"conv.weight": torch.full((2,), value)})
+        >>> _ = (folder / "recipe.yaml").write_text("models: [{path: a.pth, weight: 3}, b.pth]")
+        >>> report = merge_recipe_files(folder / "recipe.yaml", folder / "merged.pth")
+        >>> load_state_dict(folder / "merged.pth")["conv.weight"], report.method
+        (tensor([1., 1.]), 'linear')
+    """
     from domainmerge.merging.recipe import MergeRecipe, load_recipe
 
     r = recipe if isinstance(recipe, MergeRecipe) else load_recipe(recipe)
