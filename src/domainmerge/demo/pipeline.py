@@ -69,7 +69,7 @@ TEXT4 = "interpolation dip below the line: shared init <= 1 mIoU, different init
 SUPERVISED = Recipe(name="demo-supervised", uda=False, iters=300, batch_size=8, lr=1e-3, warmup_iters=30,
                     warmup_ratio=0.0, rcs=False)
 SELF_TRAINING = Recipe(name="demo-selftraining", iters=300, batch_size=4, lr=6e-4, warmup_iters=30, warmup_ratio=0.0,
-                       alpha=0.99, ignore_top=0, ignore_bottom=0, jitter_p=0.5, fd_lambda=0.0, rcs_temperature=0.1,
+                       alpha=0.99, ignore_top=0, ignore_bottom=0, jitter_skip=0.5, fd_lambda=0.0, rcs_temperature=0.1,
                        rcs_min_pixels=0, rcs_min_crop_ratio=0.0)
 
 

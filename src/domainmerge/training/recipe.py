@@ -10,7 +10,8 @@ AIR-DISCOVER/Model-Merging-MTDA; the merging paper trains with the HRDA recipe):
   warm-up 1500 iterations from ratio 1e-6); ``runner max_iters=40000``; batch 2
   (``samples_per_gpu=2`` in the dataset bases);
 - self-training: ``configs/_base_/uda/dacs.py`` (pseudo threshold 0.968, ClassMix, colour jitter
-  strength 0.2 with probability 0.2, Gaussian blur) and ``dacs_a999_fdthings.py`` (alpha 0.999,
+  strength 0.2 with ``color_jitter_probability`` 0.2, which DACS compares as ``uniform > p``, so
+  the jitter runs on 80 % of iterations; Gaussian blur on 50 %) and ``dacs_a999_fdthings.py`` (alpha 0.999,
   ImageNet feature distance lambda 0.005 on classes 6, 7, 11-18 with min ratio 0.75);
 - DAFormer: ``configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py``
   (pseudo-weight ignore top 15 / bottom 120 rows; RCS temperature 0.01, min pixels 3000, min crop
@@ -63,8 +64,8 @@ class Recipe:
     ignore_top: int = 15                   # pseudo-weight rows ignored at the top of the crop
     ignore_bottom: int = 120
     jitter_strength: float = 0.2
-    jitter_p: float = 0.2
-    blur: bool = True
+    jitter_skip: float = 0.2               # DACS color_jitter_probability: jitter when U(0, 1) > it (80 %)
+    blur: bool = True                      # blur when U(0, 1) > 0.5
     fd_lambda: float = 0.005
     fd_classes: tuple[int, ...] = THING_CLASSES
     fd_min_ratio: float = 0.75
