@@ -185,22 +185,39 @@ def strong_augment(images: Tensor, *, seed: int, iteration: int, slots: Sequence
     mixed images: own jitter order and sigma); otherwise the batch is one call (MIC: shared order
     and sigma). Factors are per image from the slots' generators.
     """
-    shared = sample_generator(seed, iteration, SHARED, stream)
-    jitter_u, blur_u = torch.rand(2, generator=shared, dtype=torch.float64).tolist()
-    shared_order = torch.randperm(4, generator=shared)
-    shared_sigma = torch.rand(1, generator=shared, dtype=torch.float64)
+    shared = shared_draws(seed, iteration, stream)
     gens = [sample_generator(seed, iteration, slot, stream) for slot in slots]
-    params = draw_jitter(gens, strength, None if per_image else shared_order)
-    sigmas = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]) if per_image \
-        else shared_sigma.expand(len(gens))
+    params = draw_jitter(gens, strength, None if per_image else shared.order)
     x = images.float() / 255.0
-    if jitter_u > jitter_skip:
+    if shared.jitter > jitter_skip:
         x = colour_jitter(x, params)
     x = normalize(x * 255.0)
-    if blur and blur_u > BLUR_SKIP:
+    if blur and shared.blur > BLUR_SKIP:
         lo, hi = BLUR_SIGMA
-        x = gaussian_blur(x, (lo + (hi - lo) * sigmas).float())
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]) if per_image \
+            else torch.full((len(gens),), shared.sigma_u, dtype=torch.float64)
+        x = gaussian_blur(x, (lo + (hi - lo) * u).float())
     return x
+
+
+@dataclass(frozen=True)
+class SharedDraws:
+    """The draws of one iteration and stream that the whole global batch shares: DACS' jitter and
+    blur decisions (uniforms), and for a one-call batch (MIC) the jitter order and blur sigma's
+    uniform."""
+
+    jitter: float
+    blur: float
+    order: Tensor
+    sigma_u: float
+
+
+def shared_draws(seed: int, iteration: int, stream: str) -> SharedDraws:
+    """:class:`SharedDraws` of (seed, iteration, stream), independent of rank and slot."""
+    g = sample_generator(seed, iteration, SHARED, stream)
+    jitter_u, blur_u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+    order = torch.randperm(4, generator=g)
+    return SharedDraws(jitter_u, blur_u, order, float(torch.rand(1, generator=g, dtype=torch.float64)))
 
 
 # -- stochastic depth ------------------------------------------------------------------------------------
