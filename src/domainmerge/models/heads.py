@@ -131,7 +131,8 @@ class DAFormerHead(nn.Module):
         """mmseg ``BaseDecodeHead``'s ``init_cfg``: ``conv_seg`` Normal(0, 0.01), bias 0 (the
         ConvModules initialise themselves)."""
         nn.init.normal_(self.conv_seg.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(self.conv_seg.bias)
+        if self.conv_seg.bias is not None:
+            nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         size = feats[0].shape[2:]

@@ -139,7 +139,7 @@ class MiTConfig:
 
     def drop_path_rates(self) -> list[float]:
         """Per block over all stages: ``linspace(0, drop_path_rate, sum(depths))`` as the authors."""
-        return [float(v) for v in torch.linspace(0, self.drop_path_rate, sum(self.depths))]
+        return torch.linspace(0, self.drop_path_rate, sum(self.depths), device="cpu").tolist()
 
 
 MIT_SIZES = {
