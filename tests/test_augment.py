@@ -123,7 +123,8 @@ def test_hue_shifts_occur_and_factors_cover_the_authors_ranges():
         assert lo <= float(v.min()) < lo + 0.05 * (hi - lo) and hi - 0.05 * (hi - lo) < float(v.max()) <= hi, name
     assert len({tuple(o) for o in p.order.tolist()}) == 24      # every order of the four steps occurs
     red = torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1)
-    one = Jitter(torch.zeros(1), torch.ones(1), torch.ones(1), torch.tensor([2 * math.pi / 3]), torch.tensor([[3, 0, 1, 2]]))
+    one = Jitter(torch.zeros(1), torch.ones(1), torch.ones(1), torch.tensor([2 * math.pi / 3]),
+                 torch.tensor([[3, 0, 1, 2]]))
     torch.testing.assert_close(colour_jitter(red, one).flatten(), torch.tensor([0.1, 0.9, 0.1]), atol=1e-5, rtol=0)
 
 
@@ -139,7 +140,7 @@ def test_blur_kernel_size_and_output_by_hand():
     out = gaussian_blur(torch.from_numpy(img), torch.tensor(sigmas)).numpy()
     ky, kx = 3, 7
     for b, sigma in enumerate(sigmas):
-        def taps(k: int) -> np.ndarray:
+        def taps(k: int, sigma: float = sigma) -> np.ndarray:
             x = np.arange(k) - k // 2
             g = np.exp(-x**2 / (2 * sigma**2))
             return g / g.sum()
@@ -255,8 +256,8 @@ def test_hrda_loss_is_09_fused_plus_01_detail():
 # -- stochastic depth -----------------------------------------------------------------------------------
 
 def _mit(rate: float = 0.1) -> MixVisionTransformer:
-    return MixVisionTransformer(MiTConfig(embed_dims=(8, 16, 16, 16), num_heads=(1, 1, 1, 1), depths=(2, 2, 2, 2), sr_ratios=(1, 1, 1, 1),
-                                          drop_path_rate=rate))
+    return MixVisionTransformer(MiTConfig(embed_dims=(8, 16, 16, 16), num_heads=(1, 1, 1, 1), depths=(2, 2, 2, 2),
+                                          sr_ratios=(1, 1, 1, 1), drop_path_rate=rate))
 
 
 def _drop_rates(model: MixVisionTransformer, x: torch.Tensor) -> np.ndarray:
@@ -358,3 +359,19 @@ def test_margins_are_drawn_at_the_datasets_size_and_resized_with_the_image():
 
     assert recipe_crops("hrda", "gta", "idd")[1].margin_size == (1080, 1920)
     assert recipe_crops("hrda", "gta", "cityscapes")[1].margin_size == (1024, 2048)
+
+
+def test_hrda_detail_box_is_one_per_batch_by_default_and_per_image_on_request():
+    from domainmerge.models import build_model
+    from domainmerge.training.adapt import _boxes
+
+    model = build_model("tiny_hrda_r")
+    batch, image = get_recipe("hrda"), get_recipe("hrda", detail_boxes="image")
+    per_batch = [_boxes(True, model, (96, 160), batch, 0, it, [0, 1, 2], "hrda_mix") for it in range(20)]
+    assert all(len(set(b)) == 1 for b in per_batch) and len({b[0] for b in per_batch}) > 1
+    # a rank holding slot 2 alone draws the batch's box
+    assert _boxes(True, model, (96, 160), batch, 0, 7, [2], "hrda_mix")[0] == per_batch[7][0]
+    per_image = [_boxes(True, model, (96, 160), image, 0, it, [0, 1, 2], "hrda_mix") for it in range(20)]
+    assert any(len(set(b)) > 1 for b in per_image)
+    with pytest.raises(Exception, match="detail_boxes"):
+        get_recipe("hrda", detail_boxes="crop")

@@ -46,7 +46,7 @@ from domainmerge.evaluation import distributed
 from domainmerge.evaluation.inference import autocast
 from domainmerge.models.mit import DropPath
 from domainmerge.tensors import normalize
-from domainmerge.training.augment import classmix_masks, drop_path_noise, mix, sample_generator, strong_augment
+from domainmerge.training.augment import SHARED, classmix_masks, drop_path_noise, mix, sample_generator, strong_augment
 from domainmerge.training.ema import ema_update, frozen_copy
 from domainmerge.training.hrda import crop_to, detail_box, hrda_loss, train_forward
 from domainmerge.training.mic import block_masks, mask_image
@@ -443,6 +443,9 @@ def _boxes(is_hrda: bool, model: nn.Module, size: tuple[int, ...], r: Recipe, se
         return None
     hr_crop = cast(tuple[int, int], model.hr_crop_size)
     crop = (min(hr_crop[0], size[0]), min(hr_crop[1], size[1]))
+    if r.detail_boxes == "batch":   # HRDA: one box for the (global) batch, drawn from (seed, iteration)
+        box = detail_box(size[0], size[1], crop, r.crop_divisible, sample_generator(seed, it, SHARED, stream))
+        return [box] * len(slots)
     return [detail_box(size[0], size[1], crop, r.crop_divisible, sample_generator(seed, it, slot, stream))
             for slot in slots]
 

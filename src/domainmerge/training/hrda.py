@@ -10,8 +10,9 @@ logits on the full-resolution grid are ``a * detail (inside the box, 0 elsewhere
 context)`` with ``a`` upsampled. The loss is ``HRDAHead.losses``: ``(1 - lr_loss_weight -
 hr_loss_weight) x CE(fused) + hr_loss_weight x CE(detail, labels in the box)``, i.e. 0.9 x fused
 + 0.1 x detail with HRDA's weights (lr_loss_weight 0, hr_loss_weight 0.1); see :func:`hrda_loss`.
-HRDA draws one box per batch; here each image draws its own (a pure function of seed, iteration
-and slot), so a batch split over ranks trains exactly as one process.
+HRDA draws one box per batch, and so does the trainer by default (``Recipe.detail_boxes``
+'batch', drawn from seed and iteration, so all ranks agree); 'image' draws one per image (from
+seed, iteration and slot).
 """
 
 from __future__ import annotations

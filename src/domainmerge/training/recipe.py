@@ -36,6 +36,7 @@ from typing import Any
 from domainmerge.errors import UserError
 
 RECIPES = ("daformer", "hrda")
+DETAIL_BOXES = ("batch", "image")
 # Cityscapes train ids of the 'thing' classes: pole, traffic light, traffic sign, person, rider,
 # car, truck, bus, train, motorcycle, bicycle minus pole (dacs_a999_fdthings.py).
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
@@ -80,11 +81,19 @@ class Recipe:
     detail_crop: tuple[int, int] = (512, 512)
     detail_loss_weight: float = 0.1
     crop_divisible: int = 8
+    detail_boxes: str = "batch"            # 'batch': one detail box per batch (HRDA); 'image': one per image
     # -- MIC
     mic: bool = False
     mask_ratio: float = 0.7
     mask_block_size: int = 64
     mic_lambda: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.detail_boxes not in DETAIL_BOXES:
+            raise UserError(f"recipe {self.name!r}: detail_boxes {self.detail_boxes!r}; choose one of "
+                            f"{', '.join(DETAIL_BOXES)}")
+        if not 0.0 <= self.jitter_skip <= 1.0:
+            raise UserError(f"recipe {self.name!r}: jitter_skip {self.jitter_skip} must lie in [0, 1]")
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with ``changes``; unknown names are a UserError."""
