@@ -58,7 +58,7 @@ def _dataset(values: list[str], option: str) -> tuple[str, str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from domainmerge.commands._common import resolve_device
+    from domainmerge.runtime.device import resolve_device
     from domainmerge.training import AdaptConfig, adapt, get_recipe
 
     overrides = {k: v for k, v in (("iters", args.iters), ("batch_size", args.batch_size)) if v is not None}

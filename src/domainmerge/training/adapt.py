@@ -42,9 +42,9 @@ from torch import Tensor, nn
 
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
 from domainmerge.errors import UserError
-from domainmerge.evaluation import distributed
-from domainmerge.evaluation.inference import autocast
 from domainmerge.models.mit import DropPath
+from domainmerge.runtime import distributed
+from domainmerge.runtime.precision import autocast
 from domainmerge.tensors import normalize
 from domainmerge.training.augment import SHARED, classmix_masks, drop_path_noise, mix, sample_generator, strong_augment
 from domainmerge.training.ema import ema_update, frozen_copy
@@ -461,7 +461,7 @@ def _seg_loss(logits: Tensor, detail: Tensor | None, labels: Tensor, weight: Ten
 
 def _validate(model: nn.Module, reader: Any, config: AdaptConfig, is_hrda: bool, n: int,
               log: Callable[[str], None], log_fh: Any) -> dict[str, Any]:
-    from domainmerge.evaluation.inference import evaluate_model
+    from domainmerge.evaluation import evaluate_model
 
     mode = config.val_mode or ("slide" if is_hrda else "whole")
     scores = evaluate_model(model, reader, mode=mode, device=config.device, progress=False, amp=config.amp

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from domainmerge.data.classes import IGNORE_INDEX, NUM_CLASSES
 from domainmerge.data.rcs import rng_for
-from domainmerge.evaluation.distributed import all_reduce_sum
+from domainmerge.runtime.distributed import all_reduce_sum
 from domainmerge.tensors import normalize
 
 # Random streams of the trainer, numbered after the data pipeline's (TrainSet 0, RCS 1).
