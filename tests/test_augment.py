@@ -293,7 +293,8 @@ def test_stochastic_depth_drops_with_the_authors_rates_in_training_only():
         with drop_path_noise(wrapper, 0, 5, [s], "drop_mix"), torch.no_grad():
             alone = model(x[s:s + 1])
         for a, b in zip(alone, both):
-            torch.testing.assert_close(a[0], b[s], rtol=0, atol=1e-6)
+            # same drops (a dropped branch moves features by O(1)); matmul blocking differs by batch size
+            torch.testing.assert_close(a[0], b[s], rtol=1e-5, atol=1e-5)
     assert model.path_noise is None
     # eval mode: never
     model.eval()
