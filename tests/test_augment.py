@@ -376,3 +376,22 @@ def test_hrda_detail_box_is_one_per_batch_by_default_and_per_image_on_request():
     assert any(len(set(b)) > 1 for b in per_image)
     with pytest.raises(Exception, match="detail_boxes"):
         get_recipe("hrda", detail_boxes="crop")
+
+
+def test_augmentation_classmix_and_masks_never_read_device_values():
+    """On the meta device any host read of a tensor value (item, bool, tolist) raises: the
+    ingredients run on the training device from CPU-drawn parameters only (no GPU sync)."""
+    x = torch.empty(2, 3, 64, 128, device="meta", dtype=torch.uint8)
+    for it in range(10):             # jitter and blur both taken and skipped among these
+        for per_image in (True, False):
+            y = strong_augment(x, seed=0, iteration=it, slots=[0, 1], stream="jitter_mix", strength=0.2,
+                               jitter_skip=0.2, blur=True, per_image=per_image)
+            assert y.device.type == "meta" and y.dtype == torch.float32
+    assert {shared_draws(0, it, "jitter_mix").jitter > 0.2 for it in range(10)} == {True, False}
+    assert {shared_draws(0, it, "jitter_mix").blur > 0.5 for it in range(10)} == {True, False}
+    labels = torch.empty(2, 64, 128, device="meta", dtype=torch.int64)
+    assert classmix_masks(labels, [sample_generator(0, 0, s, "classmix") for s in (0, 1)]).shape == (2, 64, 128)
+    assert block_masks(64, 128, 8, 0.7, [torch.Generator()], "meta").shape == (1, 1, 64, 128)
+    model = _mit().to("meta").train()
+    with drop_path_noise(torch.nn.ModuleDict({"backbone": model}), 0, 0, [0, 1], "drop_mix"):
+        assert model(torch.empty(2, 3, 16, 16, device="meta"))[-1].device.type == "meta"

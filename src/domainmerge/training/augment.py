@@ -169,7 +169,8 @@ def blur_kernel_size(height: int, width: int) -> tuple[int, int]:
 def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     """kornia ``gaussian_blur2d`` (reflect padding) of [B, C, H, W] with ``sigma`` [B] (CPU) per image."""
     size = blur_kernel_size(images.shape[-2], images.shape[-1])
-    s = sigma.to(images.device, images.dtype, non_blocking=True).view(-1, 1).expand(-1, 2)
+    # sigma stays on the CPU: kornia checks its sign there and moves it without waiting for the device
+    s = sigma.to(images.dtype).view(-1, 1).expand(-1, 2).contiguous()
     return gaussian_blur2d(images, size, s, border_type="reflect")
 
 
