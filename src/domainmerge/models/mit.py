@@ -86,8 +86,9 @@ class DropPath(nn.Module):
         keep = 1.0 - self.p
         if u is None:
             u = torch.rand(x.shape[0], device=x.device)
-        mask = torch.floor(keep + u.to(x.dtype)).view(-1, *([1] * (x.dim() - 1)))
-        return x / keep * mask
+        # the 0/1 mask in float32: keep + u in bfloat16 would round the drop probability
+        mask = torch.floor(keep + u.float()).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return x.div(keep) * mask
 
     def extra_repr(self) -> str:
         return f"p={self.p:.4g}"
