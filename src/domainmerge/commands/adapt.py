@@ -46,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data loading processes per rank (default 2)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbones and heads (faster iterations on a GPU after a compile of minutes)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC convolutions on CUDA (faster for ResNet backbones; float rounding differs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from latest.pth")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     p.set_defaults(func=run)
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         val=tuple(args.val) if args.val else None, out=args.out, arch=args.arch, pretrained=args.pretrained,
         trust_pickle=args.trust_pickle, recipe=get_recipe(args.recipe, mic=args.mic, **overrides),
         val_every=args.val_every, save_every=args.save_every, amp=args.amp, seed=args.seed,
-        workers=args.workers, device=resolve_device(args.device), resume=args.resume, force=args.force)
+        workers=args.workers, device=resolve_device(args.device), resume=args.resume, force=args.force,
+        compile=args.compile, channels_last=args.channels_last)
     result = adapt(config)
     if result.checkpoint is not None:
         print(f"wrote {result.checkpoint} (iteration {result.iterations})")
