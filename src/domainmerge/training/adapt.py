@@ -120,13 +120,13 @@ class Student(nn.Module):
         return head(feats), None, feats
 
 
-def _reader(spec: Any, option: str) -> Any:
+def _reader(spec: Any, option: str, *, images_only: bool = False) -> Any:
     if isinstance(spec, (tuple, list)):
-        from domainmerge.data.readers import build_dataset
+        from domainmerge.data.readers import build_dataset, image_dataset
 
         if len(spec) != 3:
             raise UserError(Option(option, " ".join(map(str, spec))), ": give KIND ROOT SPLIT")
-        return build_dataset(str(spec[0]), spec[1], str(spec[2]))
+        return (image_dataset if images_only else build_dataset)(str(spec[0]), spec[1], str(spec[2]))
     return spec
 
 
@@ -286,7 +286,7 @@ class Trainer:
 
         c, r = self.config, self.recipe
         source_reader = _reader(c.source, "source")
-        target_reader = _reader(c.target, "target") if self.uda else None
+        target_reader = _reader(c.target, "target", images_only=True) if self.uda else None
         self.val_reader = _reader(c.val, "val") if c.val is not None else None
         if self.val_reader is not None:
             _check_val(self.val_reader)
