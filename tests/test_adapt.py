@@ -82,7 +82,7 @@ def test_checkpoints_are_the_authors_container_and_merge_and_evaluate_read_them(
 def _first_step(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Iteration 0's losses (the mean over ranks, as one process's batch mean) and the last
     layer's gradient (DistributedDataParallel averages it over ranks)."""
-    from domainmerge.evaluation.distributed import all_reduce_sum, get_world_size
+    from domainmerge.runtime.distributed import all_reduce_sum, get_world_size
 
     losses = trainer.step(0)["losses"]
     names = sorted(losses)

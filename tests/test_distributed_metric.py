@@ -31,8 +31,8 @@ def free_port() -> int:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    from domainmerge.evaluation import distributed
     from domainmerge.evaluation.metrics import SegMetric
+    from domainmerge.runtime import distributed
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:

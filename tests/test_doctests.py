@@ -11,7 +11,9 @@ import pytest
 
 MODULES = [
     "domainmerge",
-    "domainmerge.checkpoint",
+    "domainmerge.checkpoint.reading",
+    "domainmerge.checkpoint.prefixes",
+    "domainmerge.checkpoint.writing",
     "domainmerge.merging.engine",
     "domainmerge.merging.recipe",
     "domainmerge.models.registry",

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from domainmerge.data.resize import rescale_size
 from domainmerge.errors import UserError
 from domainmerge.evaluation.inference import evaluate_model, normalize, predict
-from domainmerge.evaluation.resize import rescale_size
 
 
 class Pointwise(nn.Module):

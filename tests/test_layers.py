@@ -17,23 +17,30 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "domainmerge"
 # Lowest first. A module may import its own unit's modules and those of lower layers; units of one
 # layer do not import each other. A unit is a top-level module or package of domainmerge, or a
 # module given its own row ('package.module': it then leaves its package's layer). Keep in step
-# with docs/CONTRACTS.md.
+# with docs/CONTRACTS.md and docs/ARCHITECTURE.md.
 LAYERS: tuple[tuple[str, ...], ...] = (
+    # foundations: no domain knowledge
     ("errors", "version"),
     ("fsutil",),
-    ("checkpoint", "data"),
+    ("runtime", "data.classes"),   # data.classes: the label set and MEAN/STD, constants only
     ("tensors",),
+    ("checkpoint",),
     ("reporting",),
-    ("models", "alignment"),
-    ("merging",),       # merge --align calls alignment; lmc (evaluation) calls the merge kernels
-    ("evaluation",),
-    ("merging.files",),  # merge_files: the learned methods and BN recalibration read target data
-    ("training",),
+    # shared domain layer
+    ("data", "models", "alignment"),
+    # the siblings: phase 1, phase 2, scoring
+    ("training", "merging", "evaluation"),
+    # studies combining them: interpolation/LMC, BN recalibration
+    ("analysis",),
     ("demo",),
     ("commands",),
     ("cli", ""),       # "": the package itself (domainmerge/__init__.py, the public API)
     ("__main__",),     # python -m domainmerge
 )
+# The documented exceptions between units of one layer: (importer, imported module). Only a
+# package's own face (its __init__), never one of its modules: training validates through
+# domainmerge.evaluation's evaluate_model.
+SIBLING_API = {("training", "domainmerge.evaluation")}
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 
 
@@ -101,7 +108,7 @@ def upward_imports(edges: dict[str, set[str]]) -> list[str]:
     for module, targets in edges.items():
         for target in targets:
             a, b = unit(module), unit(target)
-            if a != b and RANK[b] >= RANK[a]:
+            if a != b and RANK[b] >= RANK[a] and (a, target) not in SIBLING_API:
                 upward.append(f"{module} imports {target} ({a or 'domainmerge'} is layer {RANK[a]}, "
                               f"{b or 'domainmerge'} layer {RANK[b]})")
     return sorted(upward)
@@ -172,3 +179,13 @@ def test_an_upward_import_and_a_cycle_are_found() -> None:
     assert RANK["reporting"] < RANK["evaluation"] < RANK["demo"]
     assert unit("domainmerge.evaluation.lmc") == "evaluation" and unit("domainmerge") == ""
     assert unit("domainmerge.reporting") == "reporting"
+
+
+def test_siblings_meet_only_through_the_documented_face() -> None:
+    # training may import domainmerge.evaluation (its __init__), not evaluation's modules; the
+    # siblings merging and evaluation may not import each other at all
+    assert upward_imports({"domainmerge.training.adapt": {"domainmerge.evaluation"}}) == []
+    assert len(upward_imports({"domainmerge.training.adapt": {"domainmerge.evaluation.inference"}})) == 1
+    assert len(upward_imports({"domainmerge.evaluation.checkpoints": {"domainmerge.merging.engine"}})) == 1
+    assert len(upward_imports({"domainmerge.merging.files": {"domainmerge.evaluation"}})) == 1
+    assert RANK["training"] == RANK["merging"] == RANK["evaluation"] < RANK["analysis"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from domainmerge.evaluation.lmc import barrier, barriers, dip_below_line, lambda_grid, scan, simplex_grid
+from domainmerge.analysis.lmc import barrier, barriers, dip_below_line, lambda_grid, scan, simplex_grid
 
 
 def test_barrier_by_hand() -> None:

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from domainmerge.analysis.recalibrate import recalibrate_bn
 from domainmerge.errors import UserError
-from domainmerge.evaluation.recalibrate import recalibrate_bn, spread_indices
 
 
 def small_net() -> nn.Module:
@@ -75,13 +75,6 @@ def test_no_batchnorm_or_no_images_is_a_user_error() -> None:
         recalibrate_bn(nn.Conv2d(3, 3, 1), [torch.zeros(1, 3, 4, 4)])
     with pytest.raises(UserError, match="no image"):
         recalibrate_bn(small_net(), [])
-
-
-def test_spread_indices_shares_images_evenly() -> None:
-    # 7 images over 3 domains: 3, 2, 2; evenly spaced; a short domain gives what it has.
-    got = spread_indices({"a": 10, "b": 5, "c": 1}, 7)
-    assert got == {"a": [0, 4, 9], "b": [0, 4], "c": [0]}
-    assert spread_indices({"a": 4}, 10) == {"a": [0, 1, 2, 3]}
 
 
 def write_cityscapes(root, n: int, seed: int, size=(24, 32)) -> list:  # type: ignore[no-untyped-def]

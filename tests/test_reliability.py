@@ -293,13 +293,14 @@ def test_every_command_checks_its_outputs_first(tmp_path, capsys, argv, pattern)
 
 def _fail_writes(monkeypatch, err: int) -> None:
     """Make every byte written to a checkpoint fail as a full disk (or size limit) would."""
-    import domainmerge.checkpoint as ck
+    from domainmerge.checkpoint import SafetensorsWriter
+    from domainmerge.checkpoint.pickles import _Sink
 
     def fail(self, *args):
         self.error = OSError(err, os.strerror(err))  # what _Sink records from os.write
         raise self.error
-    monkeypatch.setattr(ck._Sink, "write", fail)
-    monkeypatch.setattr(ck.SafetensorsWriter, "write", fail)
+    monkeypatch.setattr(_Sink, "write", fail)
+    monkeypatch.setattr(SafetensorsWriter, "write", fail)
 
 
 @pytest.mark.parametrize("err,pattern", [(errno.ENOSPC, r"No space left on device\); free some space"),
@@ -603,7 +604,7 @@ def test_default_workers_none_for_in_memory_data():
 def test_recalibrate_progress_bar_has_a_total(capsys):
     from torch import nn
 
-    from domainmerge.evaluation.recalibrate import recalibrate_bn
+    from domainmerge.analysis.recalibrate import recalibrate_bn
 
     net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
     batches = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)]

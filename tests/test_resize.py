@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from domainmerge.evaluation.resize import rescale_size, resize_to_scale, resize_uint8
+from domainmerge.data.resize import rescale_size, resize_to_scale, resize_uint8
 
 
 def ours(img: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """How results are shown and saved: Markdown tables like the paper's, plots, JSON and CSV files.
 
-Every command, ``evaluation.lmc`` and ``alignment.diagnostics`` render through this module so
+Every command, ``analysis.lmc`` and ``alignment.diagnostics`` render through this module so
 tables look the same everywhere: scores in percent with one decimal, one column per domain
 followed by the harmonic mean H (the paper's primary number) and the arithmetic mean. NaN (a
 score that does not exist) prints as "n/a" and is saved as JSON null / an empty CSV cell.
@@ -215,7 +215,7 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120, *, repla
         plt.close(fig)
 
 
-# -- linear mode connectivity (evaluation.lmc) --------------------------------------------------
+# -- linear mode connectivity (analysis.lmc) --------------------------------------------------
 def point_label(weights: Sequence[float]) -> str:
     """'0.30' (lambda, the weight of the second model) for two models, '0.50/0.25/0.25' beyond."""
     return f"{weights[1]:.2f}" if len(weights) == 2 else "/".join(f"{w:.2f}" for w in weights)
@@ -223,7 +223,7 @@ def point_label(weights: Sequence[float]) -> str:
 
 def lmc_markdown(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, Any]],
                  names: Sequence[str]) -> str:
-    """Markdown of ``evaluation.lmc.scan`` rows and ``barriers`` summary: the scores at every point
+    """Markdown of ``analysis.lmc.scan`` rows and ``barriers`` summary: the scores at every point
     (mIoU per domain, H), then per metric the barrier and the dip below the line."""
     domains = list(rows[0]["scores"])
     k = len(names)

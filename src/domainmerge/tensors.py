@@ -3,14 +3,16 @@
 One home for each: the network's input normalisation (:func:`normalize`, any device), the
 sliding-window boxes of mmseg/HRDA (:func:`crop_boxes`), grouping images of equal size into
 batches (:func:`equal_size_batches`), and the means over domains every table shows (:func:`harmonic_mean`,
-the paper's H, and :func:`arithmetic_mean`). This module imports nothing of domainmerge but the
-datasets' MEAN/STD, so every layer above may use it (docs/CONTRACTS.md, "Layers").
+the paper's H, and :func:`arithmetic_mean`), and the non-finite checks of merging, evaluation and
+inspection (:func:`all_finite`, :func:`nonfinite_keys`, :func:`nonfinite_message`). This module
+imports nothing of domainmerge but the datasets' MEAN/STD, so every layer above may use it
+(docs/CONTRACTS.md, "Layers").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -114,3 +116,28 @@ def arithmetic_mean(values: Iterable[float]) -> float:
 
 
 __all__ = ["arithmetic_mean", "crop_boxes", "equal_size_batches", "harmonic_mean", "normalize"]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or infinity.
+
+    Fast path: one sum, into which NaN and inf propagate; only when the sum is not finite (a
+    bad value, or an overflow of the sum itself) is every element checked.
+    """
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating tensors that hold a NaN or an infinity."""
+    return [k for k, t in tensors.items() if not all_finite(t)]
+
+
+def nonfinite_message(name: str, bad: Sequence[str]) -> str:
+    """The one line that says a checkpoint holds ``bad`` non-finite tensors (from
+    :func:`nonfinite_keys`)."""
+    return (f"{name}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the checkpoint is damaged "
+            "or diverged")

@@ -89,16 +89,3 @@ def protocol_settings(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(args, "mode"):
         out.update(mode=args.mode, crop=pair("crop"), stride=pair("stride"), max_windows=args.max_windows)
     return out
-
-
-def resolve_device(requested: str | None) -> str:
-    """``--device``: cuda when available unless given; ``cuda`` becomes this process's current device
-    (torchrun sets it per rank); a clear error when CUDA is asked for but absent."""
-    import torch
-
-    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
-    return device

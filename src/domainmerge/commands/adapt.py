@@ -70,7 +70,7 @@ def _dataset(values: list[str], option: str) -> tuple[str, str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from domainmerge.commands._common import resolve_device
+    from domainmerge.runtime.device import resolve_device
     from domainmerge.training import AdaptConfig, adapt, get_recipe
     from domainmerge.training.recipe import parse_settings, read_recipe_file
 

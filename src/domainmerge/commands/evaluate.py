@@ -12,7 +12,6 @@ from domainmerge.commands._common import (
     add_network_options,
     parse_domains,
     protocol_settings,
-    resolve_device,
 )
 
 DESCRIPTION = """\
@@ -90,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate with :func:`domainmerge.evaluation.checkpoints.evaluate_checkpoints`, print the
     table on rank 0, write the requested files."""
     from domainmerge import reporting
-    from domainmerge.evaluation import distributed
     from domainmerge.evaluation.bootstrap import check_settings
     from domainmerge.evaluation.checkpoints import evaluate_checkpoints
     from domainmerge.fsutil import check_output_dir, check_output_path
+    from domainmerge.runtime import distributed
+    from domainmerge.runtime.device import resolve_device
 
     domains = parse_domains(args.domain, "val")
     # Every output is checked before any work: a late failure would waste the whole evaluation.

@@ -22,7 +22,7 @@ def add_parser(sub: Any) -> None:
 
 def nonfinite_warning(summary: dict[str, Any]) -> str | None:
     """The warning line for a checkpoint with NaN/inf tensors, or None."""
-    from domainmerge.merging.engine import nonfinite_message
+    from domainmerge.tensors import nonfinite_message
 
     bad = summary["nonfinite"]
     return f"warning: {nonfinite_message(summary['file'], bad)}" if bad else None

@@ -40,13 +40,15 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Scan with :func:`domainmerge.evaluation.checkpoints.interpolate_checkpoints`, print the
+    """Scan with :func:`domainmerge.analysis.interpolation.interpolate_checkpoints`, print the
     table on rank 0, write the files under --out."""
     from domainmerge import reporting
-    from domainmerge.commands._common import parse_domains, protocol_settings, resolve_device
-    from domainmerge.evaluation import distributed, lmc
-    from domainmerge.evaluation.checkpoints import interpolate_checkpoints
+    from domainmerge.analysis import lmc
+    from domainmerge.analysis.interpolation import interpolate_checkpoints
+    from domainmerge.commands._common import parse_domains, protocol_settings
     from domainmerge.fsutil import check_output_dir, check_output_path
+    from domainmerge.runtime import distributed
+    from domainmerge.runtime.device import resolve_device
 
     domains = parse_domains(args.domain, "val")
     k = len(args.ckpts)

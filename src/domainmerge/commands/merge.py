@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from domainmerge.commands._common import add_domain_argument, parse_domains, resolve_device
+from domainmerge.commands._common import add_domain_argument, parse_domains
 from domainmerge.errors import Option, UserError
 
 
@@ -129,6 +129,7 @@ def summary(report: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     """Parse, merge with :func:`domainmerge.merging.files.merge_files`, print the summary."""
     from domainmerge.merging.files import DATA_METHODS, merge_files, merge_recipe_files
+    from domainmerge.runtime.device import resolve_device
 
     if args.config is not None:
         _check_config(args)

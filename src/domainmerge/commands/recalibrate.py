@@ -11,7 +11,6 @@ from domainmerge.commands._common import (
     add_protocol_options,
     parse_domains,
     protocol_settings,
-    resolve_device,
 )
 
 DESCRIPTION = """\
@@ -42,8 +41,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Parse, recalibrate with :func:`domainmerge.evaluation.recalibrate.recalibrate_file`, print."""
-    from domainmerge.evaluation.recalibrate import recalibrate_file
+    """Parse, recalibrate with :func:`domainmerge.analysis.recalibrate.recalibrate_file`, print."""
+    from domainmerge.analysis.recalibrate import recalibrate_file
+    from domainmerge.runtime.device import resolve_device
 
     domains = parse_domains(args.domain, "train")
     report = recalibrate_file(

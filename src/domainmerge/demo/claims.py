@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from domainmerge.analysis.lmc import dip_below_line
 from domainmerge.demo.records import Check, Condition
 from domainmerge.evaluation.bootstrap import (
     PairedBootstrap,
@@ -31,7 +32,6 @@ from domainmerge.evaluation.bootstrap import (
     percentile_interval,
     verdict,
 )
-from domainmerge.evaluation.lmc import dip_below_line
 from domainmerge.evaluation.metrics import ImageStats, harmonic_mean
 
 ALL_CHECKS = ("1", "2", "3", "4", "5", "world-1", "world-2")

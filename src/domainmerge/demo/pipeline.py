@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from domainmerge.analysis.lmc import barrier, dip_below_line, lambda_grid
 from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.demo.claims import ALL_CHECKS, Judge, Stat, format_check, judged, not_tested
@@ -46,7 +47,6 @@ from domainmerge.demo.records import (
     stda,
 )
 from domainmerge.errors import UserError
-from domainmerge.evaluation.lmc import barrier, dip_below_line, lambda_grid
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, harmonic_mean
 from domainmerge.reporting import jsonable
 from domainmerge.tensors import normalize
@@ -55,7 +55,7 @@ from domainmerge.training.init import reset_head
 
 StateDict = dict[str, torch.Tensor]
 HEAD = "decode_head."
-# Claim 4 measures the dip below the line between the end points (evaluation.lmc.dip_below_line):
+# Claim 4 measures the dip below the line between the end points (analysis.lmc.dip_below_line):
 # the per-domain curves of two targets' models end at very different heights, so the paper's
 # barrier (mean of the ends - minimum) is large even for a straight line.
 TEXT4 = "interpolation dip below the line: shared init <= 1 mIoU, different init >= 10"
@@ -325,7 +325,8 @@ class Demo:
     def _recalibrated(self, net: nn.Module, state_dict: StateDict, targets: Sequence[str]) -> StateDict:
         """``state_dict`` with BN statistics re-estimated (cumulative average) on ``recal_images``
         unlabeled training images spread evenly over ``targets``, in batches of 8."""
-        from domainmerge.evaluation.recalibrate import recalibrate_bn, spread_indices
+        from domainmerge.analysis.recalibrate import recalibrate_bn
+        from domainmerge.data.sampling import spread_indices
 
         idx = spread_indices({t: len(self.train[t]) for t in targets}, self.p.recal_images)
         images = torch.cat([self.train[t].images[idx[t]] for t in targets])

@@ -5,7 +5,7 @@ instead of string keys. ``results.json`` is ``DemoResults.to_dict()`` and reads 
 ``DemoResults.from_dict``. Model names (the keys of ``scores``) come only from :func:`stda`,
 :func:`combined` and :func:`merged`.
 
-Interpolation curves carry two quantities under one name each, as in ``evaluation.lmc``: the
+Interpolation curves carry two quantities under one name each, as in ``analysis.lmc``: the
 *barrier* (mean of the end points minus the curve's minimum, the paper's form) and the *dip
 below the line* (largest drop below the straight line between the end points).
 """
@@ -121,7 +121,7 @@ class Check:
 @dataclass
 class Curve:
     """An interpolation curve over the lambdas: mIoU per domain, H, and per domain and H the
-    barrier and the dip below the line (``evaluation.lmc.barrier`` / ``dip_below_line``)."""
+    barrier and the dip below the line (``analysis.lmc.barrier`` / ``dip_below_line``)."""
 
     miou: dict[str, list[float]]
     h: list[float]

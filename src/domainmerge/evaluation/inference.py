@@ -6,13 +6,12 @@ logits, resizing to the label before argmax, and a dataset loop sharded over ran
   end at the border), each window's logits resized to the window, summed, and divided by the
   number of windows covering each pixel.
 Optionally the uint8 image is first rescaled like mmseg's ``Resize(img_scale, keep_ratio=True)``
-(OpenCV's fixed-point bilinear, :mod:`domainmerge.evaluation.resize`) and then normalised; the
+(OpenCV's fixed-point bilinear, :mod:`domainmerge.data.resize`) and then normalised; the
 logits are resized to the label's size before the argmax.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -22,28 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from domainmerge.data.resize import rescale_size, resize_to_scale
 from domainmerge.errors import Option, UserError, loader_errors
-from domainmerge.evaluation import distributed
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
-from domainmerge.evaluation.resize import rescale_size, resize_to_scale
+from domainmerge.runtime import distributed
+from domainmerge.runtime.precision import autocast
 from domainmerge.tensors import crop_boxes, equal_size_batches, harmonic_mean, normalize
 
 MODES = ("whole", "slide")
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
-    """Mixed precision for the forward pass: 'fp16'/'bf16' on CUDA (bf16 also on CPU), else off."""
-    if amp is None:
-        return contextlib.nullcontext()
-    if amp not in AMP_DTYPES:
-        raise UserError(Option("amp", amp), f": unknown; use one of {', '.join(AMP_DTYPES)}")
-    if device.type != "cuda" and amp == "fp16":
-        raise UserError(Option("amp", "fp16"), " needs a CUDA device; use ", Option("amp", "bf16"), " or no ",
-                        Option("amp"), " on CPU")
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
 def _forward(model: nn.Module, x: Tensor, size: Sequence[int], amp: str | None) -> Tensor:
     """Float32 logits of ``model`` on ``x``, resized (bilinear) to ``size``."""
     with autocast(x.device, amp):

@@ -19,7 +19,7 @@ import torch
 
 from domainmerge.data.classes import CLASSES
 from domainmerge.errors import CONVERT_LABELS, Option, UserError
-from domainmerge.evaluation import distributed
+from domainmerge.runtime import distributed
 from domainmerge.tensors import arithmetic_mean as arithmetic_mean  # re-exported: the means H is built from
 from domainmerge.tensors import harmonic_mean as harmonic_mean
 

@@ -8,12 +8,10 @@ from domainmerge.merging.engine import (
     MergeOptions,
     MergePlan,
     StrippedSource,
-    all_finite,
     interpolate,
     iter_merged,
     merge_state_dicts,
     merge_state_dicts_per_head,
-    nonfinite_keys,
     plan_merge,
 )
 from domainmerge.merging.parameters import normalise_weights, weighted_average
@@ -22,8 +20,8 @@ from domainmerge.merging.taskvector import dare, task_arithmetic, ties
 
 __all__ = [
     "BUFFER_RULES", "METHODS", "DictSource", "MergeOptions", "MergePlan", "Role",
-    "StrippedSource", "all_finite", "assign_roles", "gaussian_pool", "interpolate", "iter_merged",
+    "StrippedSource", "assign_roles", "gaussian_pool", "interpolate", "iter_merged",
     "merge_state_dicts", "merge_state_dicts_per_head", "mixture_proportions",
-    "nonfinite_keys", "normalise_weights", "plan_merge", "pooled_count", "weighted_average", "dare",
+    "normalise_weights", "plan_merge", "pooled_count", "weighted_average", "dare",
     "task_arithmetic", "ties",
 ]

@@ -30,6 +30,7 @@ from domainmerge.merging.roles import (
     under_prefix,
 )
 from domainmerge.merging.taskvector import dare, key_generator, task_arithmetic, ties
+from domainmerge.tensors import all_finite
 
 BUFFER_RULES = ("gaussian", "mean", "first")
 # Parameter rules: the paper's weighted average, and the task-vector rules (they need a base).
@@ -360,31 +361,6 @@ def _match_base(base: Source, order: Sequence[str], roles: Mapping[str, Role],
         raise MergeError(f"the base {_name(base, -1)} shares no parameter with the models; check its "
                         "prefixes with ", INSPECT)
     return found
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether a tensor holds no NaN or infinity.
-
-    Fast path: one sum, into which NaN and inf propagate; only when the sum is not finite (a
-    bad value, or an overflow of the sum itself) is every element checked.
-    """
-    if not t.dtype.is_floating_point or t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """The keys of the floating tensors that hold a NaN or an infinity."""
-    return [k for k, t in tensors.items() if not all_finite(t)]
-
-
-def nonfinite_message(name: str, bad: Sequence[str]) -> str:
-    """The one line that says a checkpoint holds ``bad`` non-finite tensors (from
-    :func:`nonfinite_keys`)."""
-    return (f"{name}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]!r}); the checkpoint is damaged "
-            "or diverged")
 
 
 class _Reader:

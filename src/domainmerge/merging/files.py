@@ -308,10 +308,11 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
     import json
 
     from domainmerge.checkpoint import save_checkpoint
-    from domainmerge.evaluation.recalibrate import image_batches, spread_indices
+    from domainmerge.data.sampling import image_batches, spread_indices
     from domainmerge.fsutil import write_text_atomic
     from domainmerge.merging.learned import adamerging, fisher_diagonal, fisher_merge
     from domainmerge.models import model_from_state_dict
+    from domainmerge.runtime.device import resolve_device
 
     method = options.method
     if method == "adamerging" and base is None:
@@ -336,7 +337,7 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
     coef_path = output.with_name(output.stem + ".coefficients.json") if method == "adamerging" else None
     if coef_path is not None:
         check_output_path(coef_path, force=force, inputs=tuple(inputs))
-    run_on = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_on = device or resolve_device(None)
     datasets = _datasets(domains)
     indices = spread_indices({n: len(ds) for n, ds in datasets.items()}, images)
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from domainmerge.checkpoint import Checkpoint, detect_prefixes, open_checkpoint
 from domainmerge.errors import UserError
-from domainmerge.merging.engine import MergeOptions, all_finite, plan_merge
+from domainmerge.merging.engine import MergeOptions, plan_merge
 from domainmerge.merging.roles import COUNT_SUFFIX, Role, assign_roles, layer_of
+from domainmerge.tensors import all_finite
 
 
 def module_group(key: str, wrappers: list[str]) -> str:

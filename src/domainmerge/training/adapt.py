@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
 from domainmerge.errors import Option, UserError, loader_errors
-from domainmerge.evaluation import distributed
-from domainmerge.evaluation.inference import autocast
+from domainmerge.runtime import distributed
+from domainmerge.runtime.precision import autocast
 from domainmerge.tensors import normalize
 from domainmerge.training.augment import classmix_mask, sample_generator, strong_transform
 from domainmerge.training.ema import ema_update, frozen_copy
@@ -312,8 +312,8 @@ class Trainer:
 
     def _networks(self) -> None:
         """The student (initialised, pretrained weights checked), its teacher and ImageNet copy."""
-        from domainmerge.merging.engine import nonfinite_keys, nonfinite_message
         from domainmerge.models import build_model
+        from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
         c, r = self.config, self.recipe
         torch.manual_seed(c.seed)
@@ -576,7 +576,7 @@ def _seg_loss(logits: Tensor, detail: Tensor | None, labels: Tensor, weight: Ten
 
 def _validate(model: nn.Module, reader: Any, config: AdaptConfig, is_hrda: bool, n: int,
               log: Callable[[str], None], run: RunFolder | None) -> dict[str, Any]:
-    from domainmerge.evaluation.inference import evaluate_model
+    from domainmerge.evaluation import evaluate_model
 
     mode = config.val_mode or ("slide" if is_hrda else "whole")
     scores = evaluate_model(model, reader, mode=mode, device=config.device, progress=False, amp=config.amp

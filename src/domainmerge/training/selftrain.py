@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from domainmerge.data.classes import IGNORE_INDEX
-from domainmerge.evaluation.distributed import all_reduce_sum
+from domainmerge.runtime.distributed import all_reduce_sum
 
 
 def resized_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

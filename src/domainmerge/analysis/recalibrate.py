@@ -11,12 +11,11 @@ num_batches_tracked = B. Only BN buffers change.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -69,39 +68,6 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Tensor], *, device: str |
     return count
 
 
-def spread_indices(lengths: Mapping[str, int], n: int) -> dict[str, list[int]]:
-    """``n`` image indices spread over domains: an equal share each (the first ``n % K`` get one
-    more), evenly spaced within each dataset; a domain with fewer images gives all it has."""
-    if n < 1:
-        raise UserError(Option("images", n), ": must be at least 1")
-    names = list(lengths)
-    out: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        share = min(n // len(names) + (1 if i < n % len(names) else 0), lengths[name])
-        out[name] = sorted({int(j) for j in np.linspace(0, lengths[name] - 1, share).round()}) if share else []
-    return out
-
-
-def image_batches(datasets: Mapping[str, Any], indices: Mapping[str, Sequence[int]], *, batch_size: int = 1,
-                  img_scale: tuple[int, int] | None | Mapping[str, tuple[int, int] | None] = None
-                  ) -> Iterable[Tensor]:
-    """Normalised batches [B, 3, H, W] of ``datasets[d][i]`` (items whose first element is a uint8
-    RGB image), optionally rescaled as evaluation rescales them (``img_scale`` one for all
-    domains or a mapping domain -> scale); consecutive images of equal size are stacked up to
-    ``batch_size``, a change of size starts a new batch."""
-    from domainmerge.evaluation.resize import resize_to_scale
-    from domainmerge.tensors import equal_size_batches, normalize
-
-    def images() -> Iterator[Tensor]:
-        for name, idx in indices.items():
-            scale = img_scale.get(name) if isinstance(img_scale, Mapping) else img_scale
-            for i in idx:
-                yield normalize(resize_to_scale(datasets[name][i][0].unsqueeze(0), scale))
-
-    for batch in equal_size_batches(images(), batch_size, lambda x: x.shape):
-        yield torch.cat(batch)
-
-
 @dataclass
 class RecalibrationReport:
     """What :func:`recalibrate_file` wrote: the output, images read per domain, batches
@@ -130,7 +96,7 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
         checkpoint: the (merged) checkpoint file.
         output: the output file (checked before any image is read; written atomically).
         domains: ``(name, dataset kind, root, split)`` of the image folders.
-        images: images over all domains, spread evenly (:func:`spread_indices`).
+        images: images over all domains, spread evenly (:func:`domainmerge.data.sampling.spread_indices`).
         batch_size: images per forward (equal-size images only).
         protocol, img_scale: the image scale evaluation would use per domain
             (:func:`domainmerge.evaluation.protocols.resolve`).
@@ -151,10 +117,11 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
         updated_record,
     )
     from domainmerge.data import image_dataset
+    from domainmerge.data.sampling import image_batches, spread_indices
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.fsutil import check_output_path
-    from domainmerge.merging.engine import nonfinite_keys, nonfinite_message
     from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
     if batch_size < 1:
         raise UserError(Option("batch_size", batch_size), ": must be at least 1")
