@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 
 RECIPES = ("daformer", "hrda")
 # Cityscapes train ids of the 'thing' classes: pole, traffic light, traffic sign, person, rider,
@@ -101,7 +101,7 @@ class Recipe:
 def get_recipe(name: str = "daformer", *, mic: bool = False, **overrides: Any) -> Recipe:
     """The authors' settings for ``name`` ('daformer' or 'hrda'), with MIC when ``mic``."""
     if name not in RECIPES:
-        raise UserError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
+        raise UserError(Option("recipe", name), f": unknown; choose one of {', '.join(RECIPES)}")
     recipe = Recipe()
     if name == "hrda":
         # HRDA masks the pseudo-label margins of the stored image (before resize and crop)
