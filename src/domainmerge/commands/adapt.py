@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default="none",
                    help="mixed precision (CUDA; bf16 also on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data loading processes per rank (default 2)")
+    p.add_argument("--workers", type=int,
+                   help="data loading processes per rank (default 2; 0 for the in-memory synthetic world)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from latest.pth")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds a run")

@@ -81,7 +81,7 @@ class AdaptConfig:
     log_every: int = 50                     # mmcv's default logger interval
     amp: str | None = None                  # None, 'bf16' or 'fp16'
     seed: int = 0
-    workers: int = 0
+    workers: int | None = 0                 # None: 0 for in-memory datasets (synthetic), else 2
     device: str = "cpu"
     resume: bool = False
     force: bool = False
@@ -244,7 +244,7 @@ class Trainer:
             raise UserError(f"iterations ({r.iters}) and batch size ({r.batch_size}) must be at least 1")
         if r.warmup_iters < 0 or r.lr <= 0:
             raise UserError(f"recipe: warmup_iters ({r.warmup_iters}) must be 0 or more and lr ({r.lr}) positive")
-        if c.workers < 0:
+        if c.workers is not None and c.workers < 0:
             raise UserError(Option("workers", c.workers), ": must be 0 or more")
         for name in ("save_every", "log_every"):
             if getattr(c, name) < 1:
@@ -385,6 +385,8 @@ class Trainer:
         from domainmerge.data.training import batches
 
         b, w = self.recipe.batch_size, self.config.workers
+        if w is None:   # worker processes only pay off for datasets read from files
+            w = 0 if getattr(self.source_set.reader, "in_memory", False) else 2
         self.src_iter = loader_errors(batches(self.source_set, b, start_iter=self.start, rank=self.rank,
                                               world_size=self.world, workers=w))
         self.tgt_iter = loader_errors(batches(self.target_set, b, start_iter=self.start, rank=self.rank,
