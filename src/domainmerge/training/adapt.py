@@ -83,6 +83,8 @@ class AdaptConfig:
     seed: int = 0
     workers: int | None = 0                 # None: 0 for in-memory datasets (synthetic), else 2
     device: str = "cpu"
+    compile: bool = False                   # torch.compile the backbones and heads (first iterations slower)
+    channels_last: bool = False             # NHWC convolutions on CUDA (cuDNN's faster layout for ResNets)
     resume: bool = False
     force: bool = False
     stop_at: int | None = None              # stop (and save) after this iteration; the schedule keeps ``iters``
@@ -107,17 +109,32 @@ class Student(nn.Module):
     """The training forward of a segmentor (what DistributedDataParallel wraps): returns
     (logits, HRDA detail logits or None, backbone features of the view the feature distance uses)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.channels_last = channels_last   # inputs in the NHWC layout of the convolutions' weights
 
     def forward(self, x: Tensor, boxes: list[tuple[int, int, int, int]] | None = None
                 ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if boxes is not None:
             return train_forward(self.model, x, boxes)  # type: ignore[arg-type]
         backbone, head = cast(nn.Module, self.model.backbone), cast(nn.Module, self.model.decode_head)
         feats = backbone(x)
         return head(feats), None, feats
+
+
+def compile_parts(model: nn.Module) -> None:
+    """``torch.compile`` (in place, state-dict keys unchanged) the backbone and the head(s) of a
+    segmentor: the parts whose input shapes are fixed during training. The HRDA glue (boxes drawn
+    per iteration) stays eager, since compiling it would recompile for every box."""
+    parts = [cast(nn.Module, model.backbone)]
+    head = cast(nn.Module, model.decode_head)
+    parts += [cast(nn.Module, head.head), cast(nn.Module, head.scale_attention)] if hasattr(head, "scale_attention") \
+        else [head]
+    for part in parts:
+        part.compile(dynamic=False)
 
 
 def _reader(spec: Any, option: str, *, images_only: bool = False) -> Any:
@@ -331,6 +348,8 @@ class Trainer:
         if bad:   # as evaluate and merge refuse them: training from NaN only fails later, less clearly
             raise UserError(nonfinite_message(str(c.pretrained or "the initial weights"), bad))
         model.to(self.device)
+        if c.channels_last and self.device.type == "cuda":   # teacher and ImageNet copy inherit it
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.use_fd = self.uda and r.fd_lambda > 0
         self.imnet = frozen_copy(model).eval() if self.use_fd else None
         self.teacher = frozen_copy(model) if self.uda else None
@@ -367,7 +386,8 @@ class Trainer:
             model = sync_batchnorm(model, self.device)
             self.teacher = sync_batchnorm(self.teacher, self.device) if self.teacher is not None else None
         self.model = model
-        self.student: nn.Module = Student(model)
+        self.student: nn.Module = Student(model, channels_last=self.config.channels_last
+                                          and self.device.type == "cuda")
         self.optimizer = build_optimizer(model, self.recipe)
         if opt_state is not None:
             _load_optimizer(self.optimizer, opt_state, self.run.out / LATEST if self.run else Path(LATEST))
@@ -379,6 +399,10 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.train()
             _dropout_off(self.teacher)
+        if self.config.compile:
+            for net in (model, self.teacher, self.imnet):
+                if net is not None:
+                    compile_parts(net)
 
     def _loaders(self) -> None:
         """Endless iterators of this rank's batches from the start iteration (worker errors: one line)."""
@@ -387,10 +411,11 @@ class Trainer:
         b, w = self.recipe.batch_size, self.config.workers
         if w is None:   # worker processes only pay off for datasets read from files
             w = 0 if getattr(self.source_set.reader, "in_memory", False) else 2
+        pin = self.device.type == "cuda"   # page-locked batches: their copies to the GPU do not block
         self.src_iter = loader_errors(batches(self.source_set, b, start_iter=self.start, rank=self.rank,
-                                              world_size=self.world, workers=w))
+                                              world_size=self.world, workers=w, pin_memory=pin))
         self.tgt_iter = loader_errors(batches(self.target_set, b, start_iter=self.start, rank=self.rank,
-                                              world_size=self.world, workers=w)) \
+                                              world_size=self.world, workers=w, pin_memory=pin)) \
             if self.target_set is not None else None
 
     def _forward(self, x: Tensor, labels: Tensor, weight: Tensor | None, it: int, slots: list[int],
@@ -405,14 +430,17 @@ class Trainer:
     def step(self, it: int) -> dict[str, Any]:
         """Losses of iteration ``it`` (0-based) backpropagated into the student's gradients.
 
-        Returns {'losses': {name: tensor}, 'pseudo_weight': float or None, 'lr': float}.
+        Returns {'losses': {name: tensor}, 'pseudo_weight': 0-dim tensor or None, 'lr': float}; the
+        tensors stay on the training device (nothing here waits for the GPU: :class:`LossLog`
+        reads them every few iterations).
         """
         r, dev, seed = self.recipe, self.device, self.config.seed
         torch.manual_seed(int(sample_generator(seed, it, self.rank, "dropout").initial_seed()))
         lr = set_lr(self.optimizer, it, r)
         slots = [self.rank * r.batch_size + j for j in range(r.batch_size)]
         src = next(self.src_iter)
-        xs, ys = src["image"].to(dev), src["label"].to(dev)
+        # pinned host memory on CUDA (see batches): the copies overlap the queued kernels
+        xs, ys = src["image"].to(dev, non_blocking=True), src["label"].to(dev, non_blocking=True)
         self.crop_hw = tuple(xs.shape[-2:])
         losses: dict[str, Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
@@ -431,13 +459,13 @@ class Trainer:
         # 2. pseudo-labels of the teacher on the clean target images
         assert self.teacher is not None and self.tgt_iter is not None
         tgt = next(self.tgt_iter)
-        xt = tgt["image"].to(dev)
+        xt = tgt["image"].to(dev, non_blocking=True)
         with torch.no_grad(), autocast(dev, self.amp):
             t_logits = resized_logits(self.teacher(normalize(xt)).float(), xt.shape[-2:])
         plabel, confident = pseudo_labels(t_logits, r.pseudo_threshold)
         pweight, share = pseudo_weight(confident, plabel, r.ignore_top, r.ignore_bottom)
         if "valid" in tgt:   # HRDA's pseudo-label margins, cut from the stored image like the crop
-            pweight = pweight * tgt["valid"].to(dev)
+            pweight = pweight * tgt["valid"].to(dev, non_blocking=True)
 
         # 3. ClassMix of each slot's source image onto its target image, strong augmentation
         mixed, mlabel, mweight = [], [], []
@@ -478,18 +506,83 @@ class Trainer:
             if self.is_hrda:   # HRDA compares the context (half-resolution) features
                 view = F.interpolate(view, scale_factor=float(cast(float, self.model.lr_scale)), mode="bilinear",
                                      align_corners=False)
-            ref = cast(nn.Module, self.imnet.backbone)(view)[-1]
+            with autocast(self.device, self.amp):   # as the student's forward (fp32 without --amp)
+                ref = cast(nn.Module, self.imnet.backbone)(view)[-1]
         dsum, count = feature_distance(feats[-1], ref, ys, r.fd_classes, r.fd_min_ratio, NUM_CLASSES)
-        total = float(distributed.all_reduce_sum(count.reshape(1).cpu())[0])
-        # the mean over the global mask; x world size because DDP averages the ranks' gradients
-        return r.fd_lambda * dsum * (self.world / total) if total > 0 else dsum * 0.0
+        # The mean over the global mask, x world size because DDP averages the ranks' gradients.
+        # The count stays on the device (no host round trip). An empty mask has dsum = 0 with a
+        # zero gradient, so clamping its count to 1 gives the 0 the recipe asks for.
+        total = distributed.all_reduce_sum(count.reshape(1))[0].clamp(min=1.0)
+        # world / total as a true division (int / tensor multiplies by a rounded reciprocal), rounded
+        # to float32 as a Python scalar factor is: the recipe's float32 arithmetic, to the bit
+        scale = (total.new_full((), float(self.world)) / total).to(dsum.dtype)
+        return r.fd_lambda * dsum * scale
 
     def update(self, it: int) -> None:
-        """AdamW step, then the teacher's EMA with the rate of iteration ``it + 1``."""
+        """AdamW step, then the teacher's EMA with the rate of iteration ``it + 1`` (neither waits
+        for the GPU)."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.teacher is not None:
             ema_update(self.teacher, self.model, self.recipe.alpha, it + 1)
+
+
+class NonFiniteLoss(Exception):
+    """A loss of iteration ``iteration`` (1-based) was not finite."""
+
+    def __init__(self, iteration: int, name: str, value: float) -> None:
+        super().__init__(f"iteration {iteration}: the {name} loss is {value}")
+        self.iteration, self.name, self.value = iteration, name, value
+
+
+class LossLog:
+    """The iterations' loss values and pseudo-label shares, kept on the training device and read
+    in one piece by :meth:`flush` (one collective, one host copy): reading them every iteration
+    would make the host wait for the GPU each time and leave the GPU idle while it queues the
+    next iteration. Every rank must flush at the same iterations (it is a collective).
+
+    :meth:`flush` returns the window's records in order and raises :class:`NonFiniteLoss` for
+    its first iteration with a non-finite loss (the rank-averaged values, so all ranks agree).
+    The caller flushes before anything that must not see a broken state (a checkpoint, a
+    validation), so a non-finite loss is found before its weights are written.
+    """
+
+    def __init__(self, world: int, images_per_iter: int) -> None:
+        self.world, self.images_per_iter = world, images_per_iter
+        self.rows: list[tuple[int, float, Tensor, Tensor | None]] = []
+        self.names: list[str] = []
+        self.t_last = time.perf_counter()
+
+    def add(self, it: int, state: Mapping[str, Any]) -> None:
+        losses: dict[str, Tensor] = state["losses"]
+        self.names = [k for k in LOSSES if k in losses]
+        values = torch.stack([losses[k].detach().float().reshape(()) for k in self.names])
+        self.rows.append((it, float(state["lr"]), values, state["pseudo_weight"]))
+
+    def flush(self) -> list[dict[str, Any]]:
+        if not self.rows:
+            return []
+        # summed over ranks, then / world: the order of the per-iteration reduction before
+        values = (distributed.all_reduce_sum(torch.stack([row[2] for row in self.rows])) / self.world).cpu()
+        shares = [row[3] for row in self.rows]
+        share_values = (torch.stack(cast(list[Tensor], shares)).cpu().tolist()
+                        if all(x is not None for x in shares) else [None] * len(shares))
+        now = time.perf_counter()
+        rate = self.images_per_iter * len(self.rows) / max(now - self.t_last, 1e-9)
+        self.t_last = now
+        rows, self.rows = self.rows, []
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            i, j = int(bad[0, 0]), int(bad[0, 1])
+            raise NonFiniteLoss(rows[i][0] + 1, self.names[j], float(values[i, j]))
+        records = []
+        for (it, lr, _, _), vals, share in zip(rows, values.tolist(), share_values):
+            record: dict[str, Any] = {"iter": it + 1, "lr": lr, **{f"loss_{k}": v for k, v in zip(self.names, vals)},
+                                      "images_per_s": rate}
+            if share is not None:
+                record["pseudo_weight"] = share
+            records.append(record)
+        return records
 
 
 def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptResult:
@@ -500,7 +593,9 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
     ``log_every`` iterations (losses, pseudo-label weight, learning rate, images/s) and after each
     validation (mIoU). Checkpoints are the authors' container: ``{'meta': {'iter', 'CLASSES',
     'PALETTE', 'domainmerge'}, 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'},
-    'optimizer': ...}``. A non-finite loss stops the run with a UserError naming the iteration.
+    'optimizer': ...}``. A non-finite loss stops the run with a UserError naming the iteration;
+    the losses are read from the device every ``log_every`` iterations and before each checkpoint
+    and validation (:class:`LossLog`), so no checkpoint holds the state after it.
     """
     from tqdm import tqdm
 
@@ -513,40 +608,35 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
     bar = tqdm(total=end, initial=tr.start, desc=config.desc, disable=not (config.progress and main),
                dynamic_ncols=True, mininterval=1.0, leave=False)
     last_saved: Path | None = (out / LATEST) if (out is not None and tr.start > 0) else None
-    t_last = time.perf_counter()
+    losslog = LossLog(world, (2 if tr.uda else 1) * r.batch_size * world)
     try:
         for it in range(tr.start, end):
-            state = tr.step(it)
-            losses: dict[str, Tensor] = state["losses"]
-            # Losses averaged over ranks (one collective), also the NaN check every rank agrees on.
-            names = [k for k in LOSSES if k in losses]
-            values = distributed.all_reduce_sum(torch.stack([losses[k].float().cpu() for k in names])) / world
-            if not bool(torch.isfinite(values).all()):
-                bad = names[int((~torch.isfinite(values)).nonzero()[0])]
-                kept = f"; {last_saved} stays" if last_saved is not None else ""
-                raise UserError(f"iteration {it + 1}: the {bad} loss is {float(values[names.index(bad)])}; "
-                                f"training stopped{kept} (lower the learning rate or check the data)")
+            losslog.add(it, tr.step(it))
             tr.update(it)
-
-            now = time.perf_counter()
-            images = (2 if tr.uda else 1) * r.batch_size * world
-            record: dict[str, Any] = {"iter": it + 1, "lr": state["lr"],
-                                      **{f"loss_{k}": float(v) for k, v in zip(names, values)},
-                                      "images_per_s": images / max(now - t_last, 1e-9)}
-            if state["pseudo_weight"] is not None:
-                record["pseudo_weight"] = state["pseudo_weight"]
-            t_last = now
-            records.append(record)
             bar.update(1)
             n = it + 1
-            if n % config.log_every == 0 or n == end:
+            log_now = n % config.log_every == 0 or n == end
+            validate = tr.val_reader is not None and config.val_every > 0 and (n % config.val_every == 0 or n == end)
+            save = tr.run is not None and (n % config.save_every == 0 or n == end)
+            if not (log_now or validate or save):
+                continue
+            # The values are read here, before a checkpoint or a validation can see a broken state.
+            try:
+                window = losslog.flush()
+            except NonFiniteLoss as e:
+                kept = f"; {last_saved} stays" if last_saved is not None else ""
+                raise UserError(f"{e}; training stopped{kept} (lower the learning rate or check the data)") from None
+            records.extend(window)
+            record = window[-1]
+            if log_now:
                 if tr.run is not None:
                     tr.run.log(record)
                 bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss_")})
             # the checkpoint first: a validation that fails must not cost the iteration's weights
-            if tr.run is not None and (n % config.save_every == 0 or n == end):
+            if save:
+                assert tr.run is not None
                 last_saved = _checkpoint(tr.run, n, tr, config) or last_saved
-            if tr.val_reader is not None and config.val_every > 0 and (n % config.val_every == 0 or n == end):
+            if validate:
                 validation.append(_validate(tr.model, tr.val_reader, config, tr.is_hrda, n, log, tr.run))
     finally:
         bar.close()
@@ -619,4 +709,4 @@ def _describe(spec: Any) -> str | None:
     return type(spec).__name__
 
 
-__all__ = ["AdaptConfig", "AdaptResult", "Student", "Trainer", "adapt"]
+__all__ = ["AdaptConfig", "AdaptResult", "LossLog", "NonFiniteLoss", "Student", "Trainer", "adapt"]

@@ -48,16 +48,19 @@ def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def pseudo_weight(confident: torch.Tensor, labels: torch.Tensor, ignore_top: int = 0,
-                  ignore_bottom: int = 0) -> tuple[torch.Tensor, float]:
-    """Pixel weights [B, H, W] of the pseudo-labels ``labels`` and the scalar weight.
+                  ignore_bottom: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel weights [B, H, W] of the pseudo-labels ``labels`` and the scalar weight (a 0-dim
+    float64 tensor on the labels' device: reading it would stall the GPU, so the trainer reads
+    it only when it logs).
 
     The scalar is the confident share of the global batch: ``confident`` and the pixel count are
     summed over ranks. Rows ``[:ignore_top]`` and ``[-ignore_bottom:]`` of every crop get 0.
     """
-    counts = all_reduce_sum(torch.stack([confident.double().cpu(), torch.tensor(float(labels.numel()),
-                                                                                  dtype=torch.float64)]))
-    share = float(counts[0] / counts[1])
-    weight = torch.full(labels.shape, share, dtype=torch.float32, device=labels.device)
+    numel = torch.full((), float(labels.numel()), dtype=torch.float64, device=labels.device)
+    counts = all_reduce_sum(torch.stack([confident.to(torch.float64).reshape(()), numel]))
+    share = counts[0] / counts[1]
+    # float64 share rounded to float32 once, as torch.full(shape, python float) does
+    weight = share.to(torch.float32).expand(labels.shape).clone()
     if ignore_top > 0:
         weight[:, :ignore_top, :] = 0
     if ignore_bottom > 0:
@@ -71,13 +74,11 @@ def downscale_label_ratio(labels: torch.Tensor, factor: int, min_ratio: float, n
     """Labels [B, H, W] -> [B, H/factor, W/factor]: the majority class of each factor x factor cell,
     or ``ignore_index`` when it covers less than ``min_ratio`` of the cell (ignored pixels count as
     a class of their own)."""
-    lab = labels.clone()
-    lab[lab == ignore_index] = num_classes
+    # masked_fill rather than boolean-index assignment: no host round trip on CUDA
+    lab = labels.masked_fill(labels == ignore_index, num_classes)
     onehot = F.one_hot(lab, num_classes + 1).permute(0, 3, 1, 2).float()
     ratio, out = F.avg_pool2d(onehot, kernel_size=factor).max(dim=1)
-    out[out == num_classes] = ignore_index
-    out[ratio < min_ratio] = ignore_index
-    return out
+    return out.masked_fill((out == num_classes) | (ratio < min_ratio), ignore_index)
 
 
 def feature_distance(student: torch.Tensor, imnet: torch.Tensor, labels: torch.Tensor, classes: Sequence[int],
@@ -89,6 +90,13 @@ def feature_distance(student: torch.Tensor, imnet: torch.Tensor, labels: torch.T
     """
     factor = labels.shape[-1] // student.shape[-1]
     small = downscale_label_ratio(labels, factor, min_ratio, num_classes)
-    mask = torch.isin(small, torch.tensor(list(classes), device=labels.device))
+    # the class list is made on the host and copied without blocking (a plain copy of pageable
+    # memory to the GPU would wait for the queued kernels)
+    wanted = torch.tensor(list(classes), dtype=small.dtype)
+    mask = torch.isin(small, wanted.pin_memory().to(small.device, non_blocking=True)
+                      if small.is_cuda else wanted)
     dist = torch.norm(student.float() - imnet.float().detach(), p=2, dim=1)
-    return dist[mask].sum(), mask.sum().to(torch.float64)
+    # On CUDA a masked sum: boolean indexing would wait for the mask's size (a host round trip).
+    # On CPU the selected elements are summed, the order (and rounding) of the original recipe.
+    total = dist.masked_fill(~mask, 0).sum() if dist.is_cuda else dist[mask].sum()
+    return total, mask.sum().to(torch.float64)

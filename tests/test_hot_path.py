@@ -1,0 +1,180 @@
+"""The training iteration's fast paths against their plain forms: the multi-tensor EMA against a
+per-parameter loop, MiT's fused attention against the explicit softmax, the deferred loss check
+(values read every few iterations) against the per-iteration one, and, when CUDA is present, a
+few iterations on the GPU against the same iterations on the CPU."""
+
+from __future__ import annotations
+
+import math
+import traceback
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from domainmerge.data.synthetic import SyntheticDataset
+from domainmerge.data.training import CropConfig
+from domainmerge.errors import UserError
+from domainmerge.models import build_model
+from domainmerge.models.mit import Attention
+from domainmerge.training import AdaptConfig, adapt, get_recipe
+from domainmerge.training.adapt import LossLog, NonFiniteLoss, Trainer
+from domainmerge.training.ema import ema_update
+
+WHOLE = CropConfig(None, None)
+
+
+def test_foreach_ema_equals_the_per_parameter_loop_bit_for_bit():
+    torch.manual_seed(0)
+    student, teacher = build_model("tiny_daformer_mit"), build_model("tiny_daformer_mit")
+    hand = [t.detach().clone() for t in teacher.parameters()]
+    for it, alpha in ((0, 0.999), (3, 0.999), (5000, 0.999), (7, 0.5)):
+        a = ema_update(teacher, student, alpha, it)
+        assert a == min(1 - 1 / (it + 1), alpha)
+        for t, s in zip(hand, student.parameters()):
+            t.mul_(a).add_(s.detach(), alpha=1 - a)
+    for t, h in zip(teacher.parameters(), hand):
+        assert torch.equal(t, h)
+
+
+def test_mit_attention_equals_the_explicit_softmax_attention():
+    torch.manual_seed(0)
+    for sr in (1, 2):
+        attn = Attention(64, 2, sr_ratio=sr).eval()
+        n, h, w, c, heads = 2, 6, 8, 64, 2
+        x = torch.randn(n, h * w, c)
+        # SegFormer's formulation: softmax(q k^T * d^-0.5) v per head, keys/values from the
+        # spatially reduced grid (conv of stride sr, then LayerNorm)
+        q = F.linear(x, attn.q.weight, attn.q.bias).reshape(n, h * w, heads, c // heads).transpose(1, 2)
+        src = x
+        if sr > 1:
+            grid = F.conv2d(x.transpose(1, 2).reshape(n, c, h, w), attn.sr.weight, attn.sr.bias, stride=sr)
+            src = F.layer_norm(grid.flatten(2).transpose(1, 2), (c,), attn.norm.weight, attn.norm.bias)
+        kv = F.linear(src, attn.kv.weight, attn.kv.bias)
+        k, v = kv[..., :c], kv[..., c:]
+        k = k.reshape(n, -1, heads, c // heads).transpose(1, 2)
+        v = v.reshape(n, -1, heads, c // heads).transpose(1, 2)
+        weights = torch.softmax(q @ k.transpose(-2, -1) * (c // heads) ** -0.5, dim=-1)
+        expected = F.linear((weights @ v).transpose(1, 2).reshape(n, h * w, c), attn.proj.weight, attn.proj.bias)
+        # float32 sums of 64-term products in another order: a few ulps of values of order 1
+        torch.testing.assert_close(attn(x, h, w), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_log_names_the_first_bad_iteration_of_a_window():
+    log = LossLog(world=1, images_per_iter=4)
+    for it, value in enumerate([1.0, 2.0, math.inf, math.nan]):
+        log.add(it, {"losses": {"source": torch.tensor(value), "pseudo": torch.tensor(0.5)}, "lr": 0.1,
+                     "pseudo_weight": torch.tensor(0.25, dtype=torch.float64)})
+    with pytest.raises(NonFiniteLoss, match=r"iteration 3: the source loss is inf"):
+        log.flush()
+    log.add(4, {"losses": {"source": torch.tensor(1.5)}, "lr": 0.2, "pseudo_weight": None})
+    (record,) = log.flush()
+    assert record["iter"] == 5 and record["loss_source"] == 1.5 and "pseudo_weight" not in record
+    assert log.flush() == []
+
+
+def _config(out, **kw):
+    src, tgt = SyntheticDataset("game", "train", 6, size=(32, 64)), SyntheticDataset("night", "train", 6, size=(32, 64))
+    # a learning rate that grows from 1e-3 to 1e3 over the warm-up: the losses go NaN a few
+    # iterations in (at iteration 8 on the machines tried), after some good checkpoints
+    r = get_recipe("daformer", mic=False, iters=20, batch_size=2, warmup_iters=10, warmup_ratio=1e-6,
+                   ignore_top=2, ignore_bottom=4, rcs_min_pixels=20, lr=1e3)
+    return AdaptConfig(src, tgt, out=out, arch=kw.pop("arch", "tiny_daformer_r"), recipe=r, source_crop=WHOLE,
+                       target_crop=WHOLE, progress=False, **kw)
+
+
+def _bad_iteration(err: pytest.ExceptionInfo[UserError]) -> int:
+    return int(str(err.value).split()[1].rstrip(":"))
+
+
+def test_a_nan_found_at_the_next_log_still_names_its_iteration_and_no_checkpoint_holds_it(tmp_path):
+    """Losses are read every log_every iterations; the error names the first non-finite one (as a
+    check every iteration does) and every checkpoint written is of a good state (checked before
+    each save, so a save between the NaN and the next log cannot write it): the last one is the
+    last save before the bad iteration."""
+    torch.set_num_threads(1)
+    with pytest.raises(UserError, match=r"iteration \d+: the \w+ loss is nan") as every:
+        adapt(_config(tmp_path / "a", save_every=100, log_every=1), log=lambda s: None)
+    with pytest.raises(UserError, match=r"iteration \d+: the \w+ loss is nan") as windowed:
+        adapt(_config(tmp_path / "b", save_every=3, log_every=7), log=lambda s: None)
+    bad = _bad_iteration(every)
+    assert _bad_iteration(windowed) == bad and bad > 4   # found at the save before it or at iteration 7
+    kept = torch.load(tmp_path / "b" / "latest.pth", map_location="cpu", weights_only=True)
+    assert kept["meta"]["iter"] == (bad - 1) // 3 * 3
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("arch,recipe,channels_last", [("tiny_daformer_r", "daformer", False),
+                                                       ("tiny_daformer_r", "daformer", True),
+                                                       ("tiny_daformer_mit", "daformer", False),
+                                                       ("tiny_hrda_r", "hrda", False)])
+def test_cuda_iterations_equal_the_cpu_ones_to_float_rounding(arch, recipe, channels_last):
+    """fp32, TF32 off, dropout off (its draws differ per device): the same samples, augmentation
+    and pseudo-labels, so losses and weights agree to float rounding after a few iterations
+    (fused AdamW, pinned copies, and with channels_last NHWC convolutions on the GPU)."""
+    torch.set_num_threads(1)
+    results = {}
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for device in ("cpu", "cuda"):
+            src = SyntheticDataset("game", "train", 6, size=(64, 64))
+            tgt = SyntheticDataset("night", "train", 6, size=(64, 64))
+            r = get_recipe(recipe, mic=True, iters=3, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
+                           rcs_min_pixels=20)
+            results[device] = adapt(AdaptConfig(src, tgt, arch=arch, arch_options={"dropout": 0.0}, recipe=r,
+                                                source_crop=WHOLE, target_crop=WHOLE, device=device, progress=False,
+                                                log_every=1, channels_last=channels_last), log=lambda s: None)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    cpu, gpu = results["cpu"], results["cuda"]
+    for a, b in zip(cpu.records, gpu.records):
+        for k in a:
+            if k.startswith("loss_") or k == "pseudo_weight":
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["iter"], k)
+    for name, nets in (("student", (cpu.student, gpu.student)), ("teacher", (cpu.teacher, gpu.teacher))):
+        for k, v in nets[0].items():
+            # AdamW steps of 1e-4 x lr-scale per parameter: a gradient that is zero up to
+            # rounding may take a different sign, hence the absolute part
+            torch.testing.assert_close(nets[1][k], v, rtol=1e-4, atol=1e-4, msg=f"{name} {k}")
+
+
+@cuda
+@pytest.mark.parametrize("arch,recipe", [("tiny_daformer_r", "daformer"), ("tiny_hrda_r", "hrda")])
+def test_a_cuda_iteration_does_not_wait_for_the_gpu(arch, recipe):
+    """Between two log points an iteration (step and update) makes no host-device synchronisation:
+    torch's sync debug mode warns on any (a .item(), a boolean index, a blocking copy); the
+    warnings name the lines that synchronised."""
+    src, tgt = SyntheticDataset("game", "train", 6, size=(64, 64)), SyntheticDataset("night", "train", 6, size=(64, 64))
+    r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
+                   rcs_min_pixels=20)
+    tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, device="cuda",
+                             progress=False))
+    log = LossLog(1, 4)
+    log.add(0, tr.step(0))   # the first iteration builds caches (cuDNN plans) and may synchronise
+    tr.update(0)
+    torch.cuda.synchronize()
+    syncs: set[str] = set()
+
+    def record(message, *args, **kwargs):   # where in domainmerge each synchronising call was made
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack() if "domainmerge" in f.filename]
+            syncs.add(" < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:])))
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            for it in (1, 2):
+                log.add(it, tr.step(it))
+                tr.update(it)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not syncs, f"host syncs at {sorted(syncs)}"
+    assert [x["iter"] for x in log.flush()] == [1, 2, 3]
