@@ -40,7 +40,8 @@ def _last_line_is_the_error(err: str, needle: str) -> None:
     (["--crop", "0", "0"], "--crop 0 0: must be two positive sizes"),
     (["--img-scale", "-5", "10"], "--img-scale -5 10: must be two positive sizes"),
     (["--mode", "slide", "--crop", "32", "32", "--stride", "64", "64"], "no prediction"),
-    (["--mode", "slide", "--crop", "256", "256"], "--stride (512, 512) is larger than the windows --crop (256, 256)"),
+    (["--mode", "slide", "--stride", "2048", "2048"],
+     "--stride (2048, 2048) is larger than the windows --crop (1024, 1024)"),
 ])
 def test_impossible_window_settings_are_one_line_errors(ckpts, capsys, options, needle):
     assert main(["evaluate", str(ckpts / "m.pth"), *DOMAIN, *options]) == 2

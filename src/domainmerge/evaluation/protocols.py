@@ -168,7 +168,7 @@ def resolve(family: str | None, dataset: str, protocol: str | None = None, *, mo
                         " or use ", Option("protocol", "custom"))
     if protocol == "custom" or (protocol is None and given):
         check_protocol_settings(protocol, mode=mode, crop=crop, stride=stride, img_scale=img_scale)
-        s = {**CUSTOM_DEFAULTS, **given}
+        s = {**CUSTOM_DEFAULTS, **_default_stride(given)}
         slide = s["mode"] == "slide"
         return Protocol("custom", s["mode"], tuple(s["crop"]) if slide else None,
                         tuple(s["stride"]) if slide else None,
@@ -183,6 +183,13 @@ def resolve(family: str | None, dataset: str, protocol: str | None = None, *, mo
                         Option("mode"), "/", Option("crop"), "/", Option("stride"), "/", Option("img_scale"))
     return Protocol("native", "whole", None, None, None,
                     f"no authors' protocol for a {family or 'unknown'} network on dataset kind {dataset}")
+
+
+def _default_stride(given: dict[str, Any]) -> dict[str, Any]:
+    """Windows given without a stride overlap by half, as the default 1024 / 512 do."""
+    if given.get("crop") is not None and given.get("stride") is None:
+        return {**given, "stride": (max(1, given["crop"][0] // 2), max(1, given["crop"][1] // 2))}
+    return given
 
 
 def check_protocol_settings(protocol: str | None = None, *, mode: str | None = None,
@@ -201,7 +208,7 @@ def check_protocol_settings(protocol: str | None = None, *, mode: str | None = N
             raise UserError(Option(name), f" {' '.join(map(str, pair))}: must be two positive sizes")
     if protocol in VARIANTS:
         return
-    s = {**CUSTOM_DEFAULTS, **given, **({"mode": mode} if mode else {})}
+    s = {**CUSTOM_DEFAULTS, **_default_stride(given), **({"mode": mode} if mode else {})}
     if s["mode"] == "slide" and (s["stride"][0] > s["crop"][0] or s["stride"][1] > s["crop"][1]):
         raise UserError(Option("stride"), f" ({s['stride'][0]}, {s['stride'][1]}) is larger than the windows ",
                         Option("crop"), f" ({s['crop'][0]}, {s['crop'][1]}): the pixels between windows would "
