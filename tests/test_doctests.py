@@ -16,6 +16,7 @@ MODULES = [
     "domainmerge.checkpoint.writing",
     "domainmerge.merging.engine",
     "domainmerge.merging.recipe",
+    "domainmerge.merging.spec",
     "domainmerge.models.registry",
     "domainmerge.models.detect",
     "domainmerge.alignment.matching",

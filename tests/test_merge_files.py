@@ -18,6 +18,7 @@ from domainmerge.checkpoint import load_state_dict, open_checkpoint, save_checkp
 from domainmerge.cli import main
 from domainmerge.errors import CheckpointError, MergeError, Option, OutputExistsError, UserError
 from domainmerge.merging.files import MergeReport, merge_files, merge_recipe_files
+from domainmerge.merging.spec import Fisher, MergeSpec, Ties
 
 
 def net(seed: int, count: int) -> dict[str, torch.Tensor]:
@@ -61,7 +62,7 @@ def pair(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor], dict[str,
 
 def test_merge_files_equals_an_independent_merge_and_keeps_the_container(pair, tmp_path: Path) -> None:
     a_path, b_path, a, b = pair
-    report = merge_files([a_path, b_path], tmp_path / "m.pth", weights=[3, 1])
+    report = merge_files([a_path, b_path], tmp_path / "m.pth", MergeSpec(weights=[3, 1]))
     expected = by_hand(a, b, 0.75, 0.25)
     merged = load_state_dict(tmp_path / "m.pth")
     assert set(merged) == {f"model.{k}" for k in a}
@@ -114,7 +115,8 @@ def test_the_merge_writes_through_the_same_writer_as_save_checkpoint(pair, tmp_p
 
 def test_keep_heads_writes_one_file_per_model_with_its_own_head(pair, tmp_path: Path) -> None:
     a_path, b_path, a, b = pair
-    report = merge_files([a_path, b_path], tmp_path / "m.pth", keep_heads="decode_head.", names=["cs", "idd"])
+    report = merge_files([a_path, b_path], tmp_path / "m.pth",
+                         MergeSpec(keep_heads="decode_head.", names=["cs", "idd"]))
     assert report.outputs == [tmp_path / "m.cs.pth", tmp_path / "m.idd.pth"]
     expected = by_hand(a, b, 0.5, 0.5)
     for out, own in zip(report.outputs, (a, b)):
@@ -123,14 +125,14 @@ def test_keep_heads_writes_one_file_per_model_with_its_own_head(pair, tmp_path: 
         np.testing.assert_allclose(sd["model.backbone.conv1.weight"].double().numpy(),
                                    expected["backbone.conv1.weight"], rtol=1e-6, atol=1e-6)
     with pytest.raises(MergeError, match="names"):
-        merge_files([a_path, b_path], tmp_path / "n.pth", names=["cs", "idd"])   # names without keep_heads
+        merge_files([a_path, b_path], tmp_path / "n.pth", MergeSpec(names=["cs", "idd"]))   # names without keep_heads
 
 
 def test_merge_recipe_files_records_what_merge_files_records(pair, tmp_path: Path) -> None:
     a_path, b_path, _, _ = pair
     (tmp_path / "r.yaml").write_text("models: [a.pth, {path: b.pth, weight: 3}]\nbuffers: mean\n")
     from_recipe = merge_recipe_files(tmp_path / "r.yaml", tmp_path / "r.pth")
-    direct = merge_files([a_path, b_path], tmp_path / "d.pth", weights=[1, 3], buffers="mean")
+    direct = merge_files([a_path, b_path], tmp_path / "d.pth", MergeSpec(weights=[1, 3], buffers="mean"))
     assert from_recipe.record == direct.record and from_recipe.weights == [0.25, 0.75]
     x, y = load_state_dict(tmp_path / "r.pth"), load_state_dict(tmp_path / "d.pth")
     assert all(torch.equal(x[k], y[k]) for k in y)
@@ -184,15 +186,18 @@ def _library_errors(pair: tuple, tmp_path: Path) -> list[tuple[UserError, str]]:
     torch.save({"state_dict": a, "x": Evil()}, tmp_path / "evil.pth")
     calls = [
         (lambda: merge_files([a_path, tmp_path / "extra.pth"], tmp_path / "o.pth"), "--allow-missing"),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", weights=[1, -1]), "--weights"),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(weights=[1, -1])), "--weights"),
         (lambda: merge_files([a_path, a_path], tmp_path / "o.pth"), "--weights"),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", method="ties"), "--base"),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", method="ties", base=a_path, lam=float("nan")),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(method=Ties())), "--base"),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(method=Ties(lam=float("nan"))),
+                             base=a_path),
          "--lambda"),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", keep_heads="nothing."), "--keep-heads nothing."),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", method="fisher", keep_heads="decode_head."),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(keep_heads="nothing.")),
+         "--keep-heads nothing."),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth",
+                             MergeSpec(method=Fisher(), keep_heads="decode_head.")),
          "--method fisher"),
-        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", method="fisher"), "--domain"),
+        (lambda: merge_files([a_path, b_path], tmp_path / "o.pth", MergeSpec(method=Fisher())), "--domain"),
         (lambda: merge_files([a_path, tmp_path / "evil.pth"], tmp_path / "o.pth"), "--trust-pickle"),
         (lambda: merge_files([a_path, b_path], tmp_path / "extra.pth"), "--force"),
         (lambda: merge_state_dicts([a, b], dtype=torch.int64), "--dtype int64"),

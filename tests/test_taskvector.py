@@ -150,13 +150,12 @@ def _model(seed: int, n: int = 100) -> dict[str, torch.Tensor]:
 
 
 def test_engine_ties_uses_base_and_keeps_gaussian_buffers() -> None:
-    from domainmerge.merging import merge_state_dicts
-    from domainmerge.merging.engine import DictSource, MergeOptions, iter_merged, plan_merge
+    from domainmerge.merging import DictSource, MergeSpec, Ties, iter_merged, merge_state_dicts, plan_merge
 
     a, b = _model(1, n=100), _model(2, n=300)
     base = {k: v for k, v in _model(0).items() if not k.startswith("decode_head.")}   # head not in base
     sources = [DictSource(a), DictSource(b)]
-    plan = plan_merge(sources, MergeOptions(method="ties", density=0.5, lam=0.9), base=DictSource(base, "base"))
+    plan = plan_merge(sources, MergeSpec(method=Ties(density=0.5, lam=0.9)), base=DictSource(base, "base"))
     out = {k: t[0] for k, t in iter_merged(sources, plan)}
     k = "backbone.conv.weight"
     expected = ties([a[k], b[k]], base[k], [0.5, 0.5], lam=0.9, density=0.5)
@@ -292,3 +291,17 @@ def test_trim_with_tied_magnitudes_keeps_exactly_k() -> None:
     out = trim(tau, 0.5)                      # k = 3: the 2 and two of the four 1s
     assert int((out != 0).sum()) == 3 and out[4] == -2.0
     assert set(out[out != 0].abs().tolist()) == {1.0, 2.0}
+
+
+def test_trim_keeps_at_least_one_entry_of_a_small_tensor() -> None:
+    # density 0.2 of 4 entries: int(0.8) = 0, so without the floor the whole task vector went;
+    # by hand, the floor keeps the one largest magnitude (-3), and 7 entries keep int(1.4) = 1.
+    tau = torch.tensor([0.5, -3.0, 1.0, 2.0])
+    torch.testing.assert_close(trim(tau, 0.2), torch.tensor([0.0, -3.0, 0.0, 0.0]))
+    tau7 = torch.tensor([0.1, 0.2, -0.9, 0.3, 0.4, 0.5, 0.6])
+    assert trim(tau7, 0.2).tolist() == [0.0, 0.0, pytest.approx(-0.9), 0.0, 0.0, 0.0, 0.0]
+    assert trim(tau, 0.0).abs().sum() == 0                                   # density 0 still keeps nothing
+    # TIES of two 1-entry tensors at density 0.2: each keeps its entry; signs +1 and -1, weighted
+    # mass 0.5 * 4 - 0.5 * 2 = +1 elects +, the disjoint mean is 4, so base 1 + 4 = 5.
+    out = ties([torch.tensor([5.0]), torch.tensor([-1.0])], torch.tensor([1.0]), [0.5, 0.5], density=0.2)
+    torch.testing.assert_close(out, torch.tensor([5.0]))

@@ -10,18 +10,11 @@ from torch import nn
 from domainmerge.errors import UserError
 from domainmerge.models import build_model
 from domainmerge.training import get_recipe
-from domainmerge.training.augment import (
-    classmix_mask,
-    colour_jitter,
-    gaussian_blur,
-    gaussian_kernel1d,
-    mix,
-    sample_generator,
-)
+from domainmerge.training.augment import mix, sample_generator
 from domainmerge.training.ema import ema_update
 from domainmerge.training.hrda import crop_to, detail_box, fuse
 from domainmerge.training.init import reset_head
-from domainmerge.training.mic import block_mask
+from domainmerge.training.mic import block_masks
 from domainmerge.training.schedule import build_optimizer, lr_factor
 from domainmerge.training.selftrain import feature_distance, pseudo_labels, pseudo_weight, weighted_ce
 
@@ -31,6 +24,7 @@ def test_recipes_carry_the_authors_values():
     assert (d.lr, d.head_lr_mult, d.weight_decay, d.warmup_iters, d.iters, d.batch_size) == (6e-5, 10, 0.01, 1500,
                                                                                                40000, 2)
     assert (d.alpha, d.pseudo_threshold, d.fd_lambda, d.ignore_top, d.ignore_bottom) == (0.999, 0.968, 0.005, 15, 120)
+    assert (d.jitter_strength, d.jitter_skip, d.blur) == (0.2, 0.2, True)
     assert (d.rcs_temperature, d.rcs_min_pixels, d.rcs_min_crop_ratio, d.pseudo_margins) == (0.01, 3000, 0.5, None)
     assert h.hrda and h.detail_loss_weight == 0.1 and h.crop_divisible == 8
     assert h.pseudo_margins == (30, 240, 30, 30) and h.ignore_top == h.ignore_bottom == 0
@@ -143,37 +137,21 @@ def test_sample_generator_is_a_pure_function_of_its_arguments():
         assert not torch.equal(a, torch.rand(4, generator=sample_generator(*other)))
 
 
-def test_classmix_mask_takes_half_of_the_classes_whole():
-    lab = torch.tensor([[[0, 0, 1, 1, 2, 2, 255, 5]]]).reshape(1, 2, 4)
-    mask = classmix_mask(lab, torch.Generator().manual_seed(3))
-    chosen = {int(c) for c in lab[mask].unique()}
-    assert len(chosen) == 2                                  # ceil(4 classes / 2), 255 not a class
-    assert 255 not in chosen
-    assert np.array_equal(mask.numpy(), np.isin(lab.numpy(), list(chosen)))
-    img_a, img_b = torch.ones(1, 3, 2, 4), torch.zeros(1, 3, 2, 4)
+def test_mix_takes_the_pasted_values_inside_the_mask():
+    mask = torch.tensor([[[True, False], [False, True]]])
+    img_a, img_b = torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
     assert torch.equal(mix(mask, img_a, img_b)[:, 0].bool(), mask)
-
-
-def test_blur_matches_a_hand_kernel_and_jitter_with_p0_is_identity():
-    img = torch.zeros(1, 1, 9, 9)
-    img[0, 0, 4, 4] = 1.0
-    out = gaussian_blur(img, torch.Generator().manual_seed(0), sigma_range=(1.0, 1.0), p=1.0)
-    x = np.arange(-2, 3)
-    k = np.exp(-x**2 / 2.0)
-    k /= k.sum()
-    np.testing.assert_allclose(out[0, 0, 2:7, 2:7].numpy(), np.outer(k, k), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(gaussian_kernel1d(1.0, 2).numpy(), k, rtol=1e-6)
-    imgs = torch.rand(3, 3, 4, 4) * 255
-    assert torch.equal(colour_jitter(imgs, torch.Generator().manual_seed(0), p=0.0), imgs)
+    assert torch.equal(mix(mask, torch.full((1, 2, 2), 7), torch.full((1, 2, 2), 3)), torch.tensor([[[7, 3], [3, 7]]]))
 
 
 def test_mic_block_mask_by_hand():
-    g = torch.Generator().manual_seed(5)
-    mask = block_mask(128, 192, 64, 0.7, g).numpy()
-    cells = torch.rand((1, 1, 2, 3), generator=torch.Generator().manual_seed(5))[0, 0].numpy()
-    expected = np.kron((cells > 0.7).astype(np.float32), np.ones((64, 64), dtype=np.float32))
-    np.testing.assert_array_equal(mask, expected)
-    many = block_mask(640, 640, 64, 0.7, torch.Generator().manual_seed(1))
+    mask = block_masks(128, 192, 64, 0.7, [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)])
+    assert mask.shape == (2, 1, 128, 192)
+    for b, seed in enumerate((5, 6)):
+        cells = torch.rand((1, 2, 3), generator=torch.Generator().manual_seed(seed))[0].numpy()
+        expected = np.kron((cells > 0.7).astype(np.float32), np.ones((64, 64), dtype=np.float32))
+        np.testing.assert_array_equal(mask[b, 0].numpy(), expected)
+    many = block_masks(640, 640, 64, 0.7, [torch.Generator().manual_seed(1)])
     assert abs(float(many.mean()) - 0.3) < 0.1              # about 30 % of 100 blocks visible
 
 

@@ -7,7 +7,9 @@ an example, in its own module):
 
 - checkpoints: :func:`load_state_dict`, :func:`open_checkpoint`, :func:`save_checkpoint`,
   :func:`strip_model_prefix`
-- merging: :func:`merge_state_dicts`, :func:`interpolate`, :func:`merge_state_dicts_per_head`
+- merging: :func:`merge_state_dicts`, :func:`interpolate`, :func:`merge_state_dicts_per_head`,
+  :func:`merge_files` (checkpoint files, as ``domainmerge merge``) and :class:`MergeSpec` (what
+  a merge does: the method and its knobs, weights, buffer rule, per-module rules)
 - alignment: :func:`align_state_dicts` (Git Re-Basin weight matching)
 - networks: :func:`build_model`, :func:`model_from_state_dict`
 - data and evaluation: :func:`build_dataset`, :func:`evaluate_model` (one dataset),
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors (loaded lazi
     from domainmerge.evaluation.inference import DomainScores, evaluate_domains, evaluate_model
     from domainmerge.merging import interpolate, merge_state_dicts, merge_state_dicts_per_head
     from domainmerge.merging.files import MergeReport, merge_files
+    from domainmerge.merging.spec import MergeSpec
     from domainmerge.models import build_model, model_from_state_dict
     from domainmerge.tensors import harmonic_mean
 
@@ -63,6 +66,7 @@ _API = {
     "interpolate": "domainmerge.merging",
     "merge_files": "domainmerge.merging.files",
     "MergeReport": "domainmerge.merging.files",
+    "MergeSpec": "domainmerge.merging.spec",
     "align_state_dicts": "domainmerge.alignment.matching",
     "build_model": "domainmerge.models",
     "model_from_state_dict": "domainmerge.models",
@@ -87,7 +91,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "DomainScores", "MergeReport", "UserError", "__version__", "align_state_dicts", "build_dataset",
+    "DomainScores", "MergeReport", "MergeSpec", "UserError", "__version__", "align_state_dicts", "build_dataset",
     "build_model", "evaluate_domains", "evaluate_model", "harmonic_mean", "interpolate",
     "load_state_dict", "merge_files", "merge_state_dicts", "merge_state_dicts_per_head",
     "model_from_state_dict", "open_checkpoint", "save_checkpoint", "strip_model_prefix",

@@ -63,7 +63,7 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.data import build_dataset
     from domainmerge.evaluation.protocols import family_of, resolve
-    from domainmerge.merging import DictSource, MergeOptions, plan_merge
+    from domainmerge.merging import DictSource, MergeSpec, plan_merge
     from domainmerge.models import model_from_state_dict, resolve_spec
     from domainmerge.runtime import distributed
     from domainmerge.tensors import nonfinite_keys, nonfinite_message
@@ -84,9 +84,9 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
             raise UserError(nonfinite_message(c, bad))
     # The interpolation merges in memory; check first, naming the files and what to check.
     plan_merge([DictSource(sd, c) for sd, c in zip(state_dicts, paths)],
-               MergeOptions(buffers=buffers, mismatch_advice=(
+               MergeSpec(buffers=buffers), mismatch_advice=(
                    "lmc needs models of one architecture with the same keys; check ", Option("prefix"),
-                   " and ", Option("arch"))))
+                   " and ", Option("arch")))
     if align:
         from domainmerge.alignment.matching import align_state_dicts
 

@@ -57,7 +57,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--save-pred", metavar="DIR", help="write predicted train-id PNGs under DIR/[ROW/]DOMAIN/")
     p.add_argument("--ci", action="store_true",
                    help="bootstrap confidence intervals over images for every mIoU, H and paired difference")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for --ci (default 1000)")
+    p.add_argument("--resamples", type=int, help="bootstrap resamples for --ci (default 1000)")
     p.add_argument("--level", type=float, default=0.95, help="interval level for --ci (default 0.95)")
     p.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
     p.add_argument("--force", action="store_true",
@@ -101,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.json, force=args.force, inputs=tuple(args.ckpts))
     if args.save_pred:
         check_output_dir(args.save_pred, option="--save-pred")
+    if args.resamples is not None and not args.ci:
+        from domainmerge.errors import UserError
+
+        raise UserError("--resamples only applies with --ci (the bootstrap intervals); add --ci or drop it")
+    args.resamples = 1000 if args.resamples is None else args.resamples
     if args.ci:
         check_settings(args.resamples, args.level)
 

@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("ckpts", nargs="+", metavar="CKPT", help="2 checkpoints (a curve) or more (a simplex grid)")
     add_domain_argument(p)
     p.add_argument("--steps", type=int, default=11, help="lambdas from 0 to 1 for 2 models (default 11)")
-    p.add_argument("--grid", type=int, default=5, help="points per simplex edge for 3+ models (default 5)")
+    p.add_argument("--grid", type=int, help="points per simplex edge for 3+ models (default 5)")
     p.add_argument("--buffers", choices=["gaussian", "mean", "first"], default="gaussian",
                    help="BN statistics rule along the path (default gaussian, the paper's)")
     p.add_argument("--align", action="store_true",
@@ -46,12 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.analysis import lmc
     from domainmerge.analysis.interpolation import interpolate_checkpoints
     from domainmerge.commands._common import parse_domains, protocol_settings
+    from domainmerge.errors import UserError
     from domainmerge.fsutil import check_output_dir, check_output_path
     from domainmerge.runtime import distributed
     from domainmerge.runtime.device import resolve_device
 
     domains = parse_domains(args.domain, "val")
     k = len(args.ckpts)
+    if k == 2 and args.grid is not None:   # two models make a curve (--steps), not a simplex grid
+        raise UserError("--grid sets the simplex grid of 3 or more checkpoints; for two, set the curve's --steps")
     outputs: dict[str, Path] = {}
     if args.out:
         out_dir = check_output_dir(args.out, option="--out")
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group_from_env():
         main = distributed.is_main_process()
         found = interpolate_checkpoints(
-            args.ckpts, domains, steps=args.steps, grid=args.grid, buffers=args.buffers, align=args.align,
+            args.ckpts, domains, steps=args.steps, grid=5 if args.grid is None else args.grid, buffers=args.buffers,
+            align=args.align,
             arch=args.arch, prefix=args.prefix, trust_pickle=args.trust_pickle, **protocol_settings(args),
             device=resolve_device(args.device), batch_size=args.batch_size,
             num_classes=args.num_classes, amp=args.amp, workers=args.workers, strict=not args.no_strict,

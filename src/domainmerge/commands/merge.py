@@ -34,21 +34,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--base", metavar="CKPT",
                    help="the weights the models were adapted from (e.g. source-only or ImageNet); task "
                         "vectors are taken against it; parameters it lacks are averaged")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, metavar="L",
+    p.add_argument("--lambda", dest="lam", type=float, metavar="L",
                    help="task-vector scaling (default 1: the weighted average of the models)")
-    p.add_argument("--density", type=float, default=0.2, metavar="D",
+    p.add_argument("--density", type=float, metavar="D",
                    help="TIES / dare_ties: share of each task vector kept by magnitude (default 0.2)")
-    p.add_argument("--drop", type=float, default=0.9, metavar="P",
+    p.add_argument("--drop", type=float, metavar="P",
                    help="DARE: probability of dropping a task-vector entry (default 0.9)")
-    p.add_argument("--seed", type=int, default=0, help="DARE: seed of the drop masks (default 0)")
+    p.add_argument("--seed", type=int, help="DARE: seed of the drop masks (default 0)")
     add_domain_argument(p, "fisher/adamerging: unlabeled images of a target", default_split="train")
-    p.add_argument("--images", type=int, default=64, metavar="N",
+    p.add_argument("--images", type=int, metavar="N",
                    help="fisher/adamerging: images over all domains (default 64)")
-    p.add_argument("--steps", type=int, default=100, help="adamerging: optimisation steps (default 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="adamerging: Adam learning rate (default 1e-3)")
-    p.add_argument("--granularity", choices=["layer", "model"], default="layer",
+    p.add_argument("--steps", type=int, help="adamerging: optimisation steps (default 100)")
+    p.add_argument("--lr", type=float, help="adamerging: Adam learning rate (default 1e-3)")
+    p.add_argument("--granularity", choices=["layer", "model"],
                    help="adamerging: a coefficient per model and parameter tensor (default) or per model")
-    p.add_argument("--batch-size", type=int, default=4, help="fisher/adamerging: images per batch (default 4)")
+    p.add_argument("--batch-size", type=int, help="fisher/adamerging: images per batch (default 4)")
     p.add_argument("--device", default=None, help="fisher/adamerging: cpu or cuda (default: cuda when available)")
     p.add_argument("--keep-heads", metavar="PREFIX",
                    help="merge everything outside PREFIX (e.g. decode_head.), write one checkpoint per input "
@@ -78,7 +78,8 @@ def add_parser(sub: Any) -> None:
 FLAGS = {"lam": "--lambda"}
 # Options a recipe sets; giving one beside --config is refused rather than silently overridden.
 RECIPE_OPTIONS = ("weights", "buffers", "counts", "keep_heads", "names", "only", "allow_missing", "align", "method",
-                  "base", "lam", "density", "drop", "seed")
+                  "base", "lam", "density", "drop", "seed", "images", "batch_size", "steps", "lr", "granularity",
+                  "device")
 
 
 def _check_config(args: argparse.Namespace) -> None:
@@ -91,6 +92,17 @@ def _check_config(args: argparse.Namespace) -> None:
             raise UserError(Option(dest), f" is given beside --config {args.config}; set it in the recipe instead")
     if args.domain:  # a recipe's methods read no images
         raise UserError("--domain is only read by the methods that use data (fisher, adamerging)")
+
+
+def spec_of(args: argparse.Namespace) -> Any:
+    """The :class:`~domainmerge.merging.spec.MergeSpec` of the command line (a knob the method
+    does not read is refused)."""
+    from domainmerge.merging.spec import KNOBS, MergeSpec
+
+    return MergeSpec.build(args.method, weights=args.weights, buffers=args.buffers, counts=args.counts,
+                           keep_heads=args.keep_heads, names=args.names, only=args.only,
+                           allow_missing=args.allow_missing, align=args.align,
+                           **{k: getattr(args, k) for k in KNOBS})
 
 
 def _human(nbytes: float) -> str:
@@ -118,6 +130,11 @@ def summary(report: Any) -> str:
              f"dtype: {', '.join(report.dtypes)} ({why}; inputs: {', '.join(report.input_dtypes)}; "
              "accumulated in float32 or wider)",
              f"BatchNorm layers merged: {report.bn_layers}"]
+    for rule in report.record.get("recipe", {}).get("rules", []):
+        what = "kept per model" if rule.get("keep_own") else rule["method"]
+        knobs = "".join(f", {k} {rule[k]:g}" for k in ("lam", "density", "drop", "seed") if k in rule)
+        n = report.rules.get(rule["pattern"], 0)
+        lines.append(f"rule {rule['pattern']!r} ({what}{knobs}): {n} key{'' if n == 1 else 's'}")
     for name, aligned in report.alignment.items():
         lines.append(f"aligned {name} to {report.inputs[0].name}: {aligned.overall:.1%} of units kept "
                      f"in place over {len(aligned.sizes)} permutations ({aligned.seconds:.1f} s)")
@@ -138,14 +155,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         data = args.method in DATA_METHODS
         report = merge_files(
-            args.inputs, args.output, weights=args.weights, buffers=args.buffers, counts=args.counts,
-            method=args.method, base=args.base, lam=args.lam, density=args.density, drop=args.drop, seed=args.seed,
-            keep_heads=args.keep_heads, names=args.names, only=args.only, prefix=args.prefix, dtype=args.dtype,
-            allow_missing=args.allow_missing, align=args.align,
-            domains=parse_domains(args.domain, "train") if args.domain else None, images=args.images,
-            batch_size=args.batch_size, steps=args.steps, lr=args.lr, granularity=args.granularity,
-            device=resolve_device(args.device) if data else None, trust_pickle=args.trust_pickle,
-            force=args.force, progress=not args.quiet, log=lambda line: print(line, flush=True))
+            args.inputs, args.output, spec_of(args), base=args.base,
+            domains=parse_domains(args.domain, "train") if args.domain else None, prefix=args.prefix,
+            dtype=args.dtype, device=resolve_device(args.device) if data else args.device,
+            trust_pickle=args.trust_pickle, force=args.force, progress=not args.quiet,
+            log=lambda line: print(line, flush=True))
     if not args.quiet:
         print(summary(report))
     return 0

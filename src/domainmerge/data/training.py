@@ -51,16 +51,21 @@ class CropConfig:
     sets only). ``flip``: probability of a horizontal flip. ``pseudo_margins``: (top, bottom,
     left, right) pixels of the stored image whose pseudo-labels are not to be trusted (HRDA's
     ``crop_pseudo_margins``, [30, 240, 30, 30] for Cityscapes); when set, samples carry a
-    'valid' mask that follows the resize, crop and flip (False in the margins and padding)."""
+    'valid' mask that follows the resize, crop and flip (False in the margins and padding).
+    ``margin_size``: (h, w) at which the margins are drawn before the mask is resized to the
+    image (HRDA/MTDA datasets' fixed ``valid_mask_size``: 1024x2048 Cityscapes, 1080x1920 IDD,
+    ACDC, Dark Zurich), so an image of another size keeps the margins' share; None: the stored
+    image's own size."""
 
     scale: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None
     cat_max_ratio: float = 0.75
     flip: float = 0.5
     pseudo_margins: tuple[int, int, int, int] | None = None
+    margin_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        for name, value in (("scale", self.scale), ("crop", self.crop)):
+        for name, value in (("scale", self.scale), ("crop", self.crop), ("margin_size", self.margin_size)):
             if value is not None and (len(value) != 2 or min(value) < 1):
                 raise UserError(f"{name} {value}: must be two positive sizes")
         if not 0.0 <= self.flip <= 1.0:
@@ -74,9 +79,9 @@ class CropConfig:
 # The authors' settings: lhoyer/DAFormer configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py,
 # lhoyer/HRDA configs/_base_/datasets/uda_gtaHR_to_cityscapesHR_1024x1024.py and
 # AIR-DISCOVER/Model-Merging-MTDA configs/_base_/datasets/uda_gtaHR_to_{iddHR,acdcHR,darkzurichHR}_*.py.
-# The source crop is tested with cat_max_ratio 0.75; target crops are placed uniformly (the MTDA
-# IDD/ACDC/Dark Zurich pipelines do so; the Cityscapes ones read target labels for the test,
-# which an unsupervised run cannot and should not).
+# The source crop is tested with cat_max_ratio 0.75; target crops are placed uniformly, as every
+# target pipeline of the authors does (their Cityscapes pipelines load the labels but crop with
+# RandomCrop's default cat_max_ratio 1, which tests nothing).
 RECIPE_CROP = {"daformer": (512, 512), "hrda": (1024, 1024)}
 RECIPE_SCALE: dict[str, dict[str, tuple[int, int]]] = {
     "daformer": {"gta": (1280, 720), "cityscapes": (1024, 512), "idd": (960, 540), "acdc": (960, 540),
@@ -84,6 +89,11 @@ RECIPE_SCALE: dict[str, dict[str, tuple[int, int]]] = {
     "hrda": {"gta": (2560, 1440), "cityscapes": (2048, 1024), "idd": (1920, 1080), "acdc": (1920, 1080),
              "darkzurich": (1920, 1080)},
 }
+
+# (h, w) of the pseudo-label margin mask per target kind: the datasets' valid_mask_size in lhoyer/HRDA
+# mmseg/datasets/cityscapes.py and AIR-DISCOVER/Model-Merging-MTDA mmseg/datasets/{idd,acdc,dark_zurich}.py.
+MARGIN_SIZE: dict[str, tuple[int, int]] = {"cityscapes": (1024, 2048), "idd": (1080, 1920), "acdc": (1080, 1920),
+                                           "darkzurich": (1080, 1920)}
 
 
 def recipe_crops(recipe: str, source_kind: str, target_kind: str) -> tuple[CropConfig, CropConfig]:
@@ -93,7 +103,8 @@ def recipe_crops(recipe: str, source_kind: str, target_kind: str) -> tuple[CropC
         raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPE_CROP)}")
     scales, crop = RECIPE_SCALE[recipe], RECIPE_CROP[recipe]
     return (CropConfig(scale=scales.get(source_kind), crop=crop, cat_max_ratio=0.75),
-            CropConfig(scale=scales.get(target_kind), crop=crop, cat_max_ratio=1.0))
+            CropConfig(scale=scales.get(target_kind), crop=crop, cat_max_ratio=1.0,
+                       margin_size=MARGIN_SIZE.get(target_kind)))
 
 
 class TrainSet(torch.utils.data.Dataset):
@@ -149,10 +160,12 @@ class TrainSet(torch.utils.data.Dataset):
         image, label = self.load(index)
         valid = None
         if self.crop.pseudo_margins is not None:
-            valid = margin_mask(image.shape[-2], image.shape[-1], self.crop.pseudo_margins)
+            mh, mw = self.crop.margin_size or (image.shape[-2], image.shape[-1])
+            valid = margin_mask(mh, mw, self.crop.pseudo_margins)
         if self.crop.scale is not None:
             image, label = resize_keep_ratio(image, label, self.crop.scale)
-            valid = None if valid is None else resize_nearest(valid, (image.shape[-2], image.shape[-1]))
+        if valid is not None and tuple(valid.shape) != tuple(image.shape[-2:]):
+            valid = resize_nearest(valid, (image.shape[-2], image.shape[-1]))
         out = self._crop_flip(image, label, valid, rng)
         if self.rcs is not None and cls is not None and self.rcs.min_crop_ratio > 0 and self.crop.crop is not None:
             # DAFormer: re-draw the crop (and flip) until it shows enough of the drawn class; the

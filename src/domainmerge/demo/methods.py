@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
 from domainmerge.demo.records import MethodRow, MethodsResult, stda
-from domainmerge.merging import merge_state_dicts
+from domainmerge.merging import MergeSpec, merge_state_dicts
 from domainmerge.merging.learned import adamerging, fisher_diagonal, fisher_merge
 from domainmerge.tensors import harmonic_mean
 
@@ -36,6 +37,12 @@ SWEEPS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "ties": ("density", "density", (0.05, 0.1, 0.2, 0.5, 1.0)),
     "dare_linear": ("drop", "drop rate", (0.0, 0.3, 0.5, 0.7, 0.9)),
 }
+
+
+def _spec(method: str, knobs: Mapping[str, float], seed: int) -> MergeSpec:
+    """The merge of a row: the method with its knobs, and the seed where it reads one (DARE)."""
+    given: dict[str, Any] = {**knobs, **({"seed": seed} if method.startswith("dare") else {})}
+    return MergeSpec.build(method, **given)
 
 
 def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str, Tensor],
@@ -64,9 +71,8 @@ def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str,
         sds = [models[stda(t)] for t in targets]
         rows = []
         for label, method, knobs in METHOD_ROWS:
-            merged = merge_state_dicts(sds, base=None if method == "linear" else base, method=method, seed=seed,
-                                       lam=knobs.get("lam", 1.0), density=knobs.get("density", 0.2),
-                                       drop=knobs.get("drop", 0.9))
+            merged = merge_state_dicts(sds, base=None if method == "linear" else base,
+                                       spec=_spec(method, knobs, seed))
             rows.append(MethodRow(label, method, score(merged, targets)))
         fishers = [fisher_diagonal(net, sd, images[t].split(8)) for sd, t in zip(sds, targets)]
         rows.append(MethodRow("Fisher merging", "fisher", score(fisher_merge(sds, fishers), targets), True))
@@ -81,9 +87,7 @@ def methods_table(models: Mapping[str, Mapping[str, Tensor]], base: Mapping[str,
     for method, (knob, _, values) in SWEEPS.items():
         hs = []
         for v in values:
-            knobs = {"lam": 1.0, "density": 0.2, "drop": 0.9, knob: v}
-            merged = merge_state_dicts(sds, base=base, method=method, seed=seed, lam=knobs["lam"],
-                                       density=knobs["density"], drop=knobs["drop"])
+            merged = merge_state_dicts(sds, base=base, spec=_spec(method, {knob: v}, seed))
             hs.append(harmonic_mean(list(score(merged, groups[largest]).values())))
         result.sweeps[method] = {"values": list(values), "H": hs}
     return result

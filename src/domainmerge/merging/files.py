@@ -32,22 +32,12 @@ from domainmerge.checkpoint import (
 )
 from domainmerge.errors import MergeError, Option
 from domainmerge.fsutil import check_output_path
-from domainmerge.merging.engine import (
-    DictSource,
-    MergeOptions,
-    Source,
-    StrippedSource,
-    check_methods,
-    check_options,
-    iter_merged,
-    plan_merge,
-)
-from domainmerge.merging.parameters import normalise_weights
-from domainmerge.merging.roles import KeyRule
+from domainmerge.merging.plan import MergePlan, plan_merge
+from domainmerge.merging.sources import DictSource, Source, StrippedSource
+from domainmerge.merging.spec import DATA_METHODS, AdaMerging, Fisher, MergeSpec
+from domainmerge.merging.stream import iter_merged
 from domainmerge.version import __version__
 
-# The methods that read unlabeled target images (each output says so).
-DATA_METHODS = ("fisher", "adamerging")
 # Output dtypes a merge may be asked for.
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -67,7 +57,7 @@ class MergeReport:
     ``record``: what was written into the output's ``meta['domainmerge']``; ``alignment``:
     input file name -> :class:`~domainmerge.alignment.matching.AlignmentReport` (``align=True``);
     ``images``: target images read per domain (data-using methods); ``coefficients``: the JSON
-    file of AdaMerging's coefficients; ``seconds``: wall time.
+    file of AdaMerging's coefficients; ``rules``: each rule's pattern -> the keys it decided; ``seconds``: wall time.
     """
 
     inputs: list[Path]
@@ -83,6 +73,7 @@ class MergeReport:
     dtype_given: bool = False
     base: Path | None = None
     lam: float = 1.0
+    rules: dict[str, int] = field(default_factory=dict)
     alignment: dict[str, Any] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)
     coefficients: Path | None = None
@@ -118,17 +109,13 @@ def _dtype_names(dtypes: Any) -> list[str]:
     return sorted({str(d).replace("torch.", "") for d in dtypes if d.is_floating_point})
 
 
-def merge_files(paths: Sequence[PathLike], out: PathLike, *, weights: Sequence[float] | None = None,
-                buffers: str = "gaussian", counts: Sequence[float] | None = None, method: str = "linear",
-                base: PathLike | None = None, lam: float = 1.0, density: float = 0.2, drop: float = 0.9,
-                seed: int = 0, rules: Sequence[KeyRule] = (), keep_heads: str | None = None,
-                names: Sequence[str] | None = None, only: str | None = None, prefix: str | None = None,
-                dtype: torch.dtype | str | None = None, allow_missing: bool = False, align: bool = False,
-                domains: Sequence[DomainSpec] | Mapping[str, Any] | None = None, images: int = 64,
-                batch_size: int = 4, steps: int = 100, lr: float = 1e-3, granularity: str = "layer",
+def merge_files(paths: Sequence[PathLike], out: PathLike, spec: MergeSpec | None = None, *,
+                base: PathLike | None = None, domains: Sequence[DomainSpec] | Mapping[str, Any] | None = None,
+                prefix: str | None = None, dtype: torch.dtype | str | None = None,
                 device: str | torch.device | None = None, trust_pickle: bool = False, force: bool = False,
                 progress: bool = False, log: Callable[[str], None] | None = None) -> MergeReport:
-    """Merge checkpoint files into ``out``, streaming tensor by tensor (see the module doc).
+    """Merge checkpoint files into ``out`` as ``spec`` says, streaming tensor by tensor (see the
+    module doc).
 
     Every argument is checked, and every output path, before any tensor is read; outputs are
     written atomically (complete or absent) and never replace an input.
@@ -136,33 +123,21 @@ def merge_files(paths: Sequence[PathLike], out: PathLike, *, weights: Sequence[f
     Args:
         paths: two or more checkpoints (.pth/.pt/.bin/.ckpt/.safetensors) adapted from the same
             pretrained weights.
-        out: the output file; its suffix picks the format (``.safetensors`` or a pickle).
-        weights: one non-negative weight per input, normalised to sum 1 (default uniform).
-        buffers: BatchNorm statistics: ``'gaussian'`` (pooled Gaussians weighted by
-            num_batches_tracked, the paper's), ``'mean'`` or ``'first'``.
-        counts: samples behind each input's BN statistics (default: each layer's counter).
-        method: ``'linear'`` (the paper's weighted average), a task-vector method
-            (``'task_arithmetic'``, ``'ties'``, ``'dare_linear'``, ``'dare_ties'``; they need
-            ``base``) or one that reads unlabeled target images (``'fisher'``, ``'adamerging'``;
-            they need ``domains``).
-        base: the weights the models were adapted from (task vectors are taken against it).
-        lam, density, drop, seed: task-vector scaling, TIES density, DARE drop rate and seed.
-        rules: per-module overrides (:class:`~domainmerge.merging.roles.KeyRule`), first match wins.
-        keep_heads: merge everything outside this prefix and write one output per input with its
-            own tensors under it (the paper's dagger variant); ``names`` label those outputs
-            (``out.NAME.pth``; default 1, 2, ...).
-        only: merge only the keys under this prefix; copy the rest from the first input.
+        out: the output file; its suffix picks the format (``.safetensors`` or a pickle). With
+            ``spec.keep_heads`` (or a keep-own rule), one output per input, ``out.NAME.pth``
+            (``spec.names``; default 1, 2, ...).
+        spec: what the merge does (:class:`~domainmerge.merging.spec.MergeSpec`: the method and its
+            knobs, weights, buffer rule, rules ...); default: the paper's linear merge.
+        base: the weights the models were adapted from (the task-vector methods and AdaMerging
+            take task vectors against it).
+        domains: target images for :class:`~domainmerge.merging.spec.Fisher` /
+            :class:`~domainmerge.merging.spec.AdaMerging`: ``(name, kind, root, split)`` tuples or
+            a mapping name -> dataset (one per model, in order, for Fisher).
         prefix: merge only the network under this wrapper prefix, written without it
             (``'auto'``: ``model.`` when present, else ``module.``, else none).
         dtype: the output's floating dtype (default: the widest input's; accumulation is always
             float32 or wider).
-        allow_missing: merge the keys all inputs share; copy the others from the first holder.
-        align: permute every model onto the first (Git Re-Basin weight matching) first.
-        domains: target images for ``fisher``/``adamerging``: ``(name, kind, root, split)``
-            tuples or a mapping name -> dataset (one per model, in order, for ``fisher``);
-            ``images`` over all domains, read ``batch_size`` at a time; ``steps``, ``lr`` and
-            ``granularity`` (``'layer'`` or ``'model'``) drive AdaMerging; ``device`` runs them
-            (default: cuda when available).
+        device: where Fisher / AdaMerging run (default: cuda when available).
         trust_pickle: allow full unpickling (only for files you trust).
         force: replace existing outputs.
         progress: show a progress bar.
@@ -187,42 +162,37 @@ def merge_files(paths: Sequence[PathLike], out: PathLike, *, weights: Sequence[f
         >>> saved = torch.load(folder / "m.pth", weights_only=True)
         >>> saved["meta"]["iter"], saved["meta"]["domainmerge"]["inputs"]
         (10, ['a.pth', 'b.pth'])
+        >>> report = merge_files([folder / "a.pth", folder / "b.pth"], folder / "w.pth", MergeSpec(weights=[3, 1]))
+        >>> load_state_dict(folder / "w.pth")["conv.weight"]
+        tensor([1.5000, 1.5000])
     """
-    from domainmerge.merging.recipe import recipe_from_options
-
     start = time.perf_counter()
+    spec = spec if spec is not None else MergeSpec()
     inputs = [Path(p) for p in paths]
     if len(inputs) < 2:
         raise MergeError("give at least two checkpoints to merge")
     if len({p.resolve() for p in inputs}) != len(inputs):
         raise MergeError("the same checkpoint is given twice; use ", Option("weights"), " to weigh a model more")
-    rules = tuple(rules)
-    per_model = bool(keep_heads) or any(r.keep_own for r in rules)
-    if names and not per_model:
-        raise MergeError(Option("names"), " only applies with ", Option("keep_heads"),
-                         " (or a recipe rule with keep: own)")
-    options = MergeOptions(weights=weights, buffers=buffers, counts=counts, keep_heads=keep_heads, only=only,
-                           allow_missing=allow_missing, method=method, lam=lam, density=density, drop=drop,
-                           seed=seed, rules=rules, dtype=_torch_dtype(dtype))
-    check_options(options, len(inputs))
-    outputs = head_output_paths(out, len(inputs), names) if per_model else [Path(out)]
+    spec.check_inputs(len(inputs), has_base=base is not None)
+    out_dtype = _torch_dtype(dtype)
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise MergeError(Option("dtype", str(out_dtype).replace("torch.", "")), ": not a floating-point dtype")
+    outputs = head_output_paths(out, len(inputs), spec.names) if spec.per_model else [Path(out)]
     read = (*inputs, Path(base)) if base else tuple(inputs)
     for output in outputs:
         output_format(output)
         check_output_path(output, force=force, inputs=read)
-    if method in DATA_METHODS:
-        if keep_heads or align or only or rules:
-            raise MergeError(Option("method", method), " merges whole networks: it does not combine with ",
-                             Option("keep_heads"), ", ", Option("align"), ", ", Option("only"), " or rules")
-        return _merge_with_data(inputs, outputs[0], options, base=Path(base) if base else None, domains=domains,
-                                images=images, batch_size=batch_size, steps=steps, lr=lr,
-                                granularity=granularity, device=device, trust_pickle=trust_pickle, force=force,
-                                progress=progress, log=log, start=start)
+    if isinstance(spec.method, Fisher | AdaMerging):
+        if prefix is not None or dtype is not None:
+            raise MergeError(Option("method", spec.method.name), " writes the whole container as it is: ",
+                             Option("prefix"), " and ", Option("dtype"), " do not apply")
+        return _merge_with_data(inputs, outputs[0], spec, base=Path(base) if base else None, domains=domains,
+                                device=device, trust_pickle=trust_pickle, force=force, progress=progress, log=log,
+                                start=start)
     if domains:
         raise MergeError(Option("domains"), f": only read by the methods that use data ({', '.join(DATA_METHODS)})")
-    check_methods(options, has_base=bool(base))   # before opening (and aligning) anything
-    recipe = recipe_from_options([str(p) for p in inputs], options, base=str(base) if base else None,
-                                 align=align, names=names)
+    if device is not None:
+        raise MergeError(Option("device"), f": only used by the methods that use data ({', '.join(DATA_METHODS)})")
 
     with contextlib.ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) for p in inputs]
@@ -231,32 +201,45 @@ def merge_files(paths: Sequence[PathLike], out: PathLike, *, weights: Sequence[f
         if prefix is not None:
             sources = [StrippedSource(ck, prefix) for ck in checkpoints]
         alignment: dict[str, Any] = {}
-        if align:
+        if spec.align:
             sources, alignment = _aligned(sources, checkpoints)
-        plan = plan_merge(sources, options, base=base_ck)
+        plan = plan_merge(sources, spec, base=base_ck, dtype=out_dtype)
         record = {
             "tool": f"domainmerge {__version__}",
             "inputs": [p.name for p in inputs],
             "weights": plan.weights,
-            "buffers": buffers,
-            "counts": list(counts) if counts else "num_batches_tracked",
-            "keep_heads": keep_heads,
-            "only": only,
+            "buffers": spec.buffers,
+            "counts": list(spec.counts) if spec.counts else "num_batches_tracked",
+            "keep_heads": spec.keep_heads,
+            "only": spec.only,
             "prefix": prefix,
-            "dtype": _dtype_names([options.dtype])[0] if options.dtype is not None else "widest input",
-            "aligned": bool(align),
-            "method": method,
-            "recipe": recipe.record(),
+            "dtype": _dtype_names([out_dtype])[0] if out_dtype is not None else "widest input",
+            "aligned": spec.align,
+            "method": spec.method.name,
+            "recipe": spec.record([str(p) for p in inputs], str(base) if base else None),
         }
         _write_streamed(sources, plan, outputs, template=checkpoints[0], record=record, force=force,
                         progress=progress)
         input_dtypes = _dtype_names(i.dtype for ck in checkpoints for i in ck.infos.values())
     return MergeReport(
-        inputs=inputs, outputs=outputs, method=method, buffers=buffers, weights=plan.weights, record=record,
-        tensors={role: n for role, n in plan.stats.items() if role != "bn_layers"},
+        inputs=inputs, outputs=outputs, method=spec.method.name, buffers=spec.buffers, weights=plan.weights,
+        record=record, tensors={role: n for role, n in plan.stats.items() if role != "bn_layers"},
         bn_layers=plan.stats.get("bn_layers", 0), dtypes=_dtype_names(plan.dtypes.values()),
-        input_dtypes=input_dtypes, dtype_given=options.dtype is not None, base=Path(base) if base else None,
-        lam=lam, alignment=alignment, seconds=time.perf_counter() - start)
+        input_dtypes=input_dtypes, dtype_given=out_dtype is not None, base=Path(base) if base else None,
+        lam=getattr(spec.method, "lam", 1.0), rules=_rule_counts(plan), alignment=alignment,
+        seconds=time.perf_counter() - start)
+
+
+def _rule_counts(plan: MergePlan) -> dict[str, int]:
+    """Rule pattern -> how many keys it decided (first match), for the summary."""
+    from domainmerge.merging.roles import rule_for
+
+    counts: dict[str, int] = {r.pattern: 0 for r in plan.spec.rules}
+    for key in plan.keys:
+        rule = rule_for(key, plan.spec.rules)
+        if rule is not None:
+            counts[rule.pattern] += 1
+    return counts
 
 
 def _aligned(sources: list[Source], checkpoints: list[Checkpoint]) -> tuple[list[Source], dict[str, Any]]:
@@ -273,7 +256,7 @@ def _aligned(sources: list[Source], checkpoints: list[Checkpoint]) -> tuple[list
     return aligned, reports
 
 
-def _write_streamed(sources: Sequence[Source], plan: Any, outputs: Sequence[Path], *, template: Checkpoint,
+def _write_streamed(sources: Sequence[Source], plan: MergePlan, outputs: Sequence[Path], *, template: Checkpoint,
                     record: Mapping[str, Any], force: bool, progress: bool) -> None:
     """Write the plan's merged tensors to every output as they come."""
     from tqdm import tqdm
@@ -299,9 +282,8 @@ def _datasets(domains: Sequence[DomainSpec] | Mapping[str, Any]) -> dict[str, An
     return {name: image_dataset(kind, root, split) for name, kind, root, split in domains}
 
 
-def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *, base: Path | None,
-                     domains: Sequence[DomainSpec] | Mapping[str, Any] | None, images: int, batch_size: int,
-                     steps: int, lr: float, granularity: str, device: str | torch.device | None,
+def _merge_with_data(inputs: list[Path], output: Path, spec: MergeSpec, *, base: Path | None,
+                     domains: Sequence[DomainSpec] | Mapping[str, Any] | None, device: str | torch.device | None,
                      trust_pickle: bool, force: bool, progress: bool, log: Callable[[str], None] | None,
                      start: float) -> MergeReport:
     """fisher / adamerging: build the network, read unlabeled target images, merge, write."""
@@ -314,12 +296,9 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
     from domainmerge.models import model_from_state_dict
     from domainmerge.runtime.device import resolve_device
 
-    method = options.method
-    if method == "adamerging" and base is None:
-        raise MergeError(Option("method", method), " learns coefficients of task vectors; give the weights the "
-                         "models were adapted from with ", Option("base"))
-    if method == "fisher" and base is not None:
-        raise MergeError(Option("method", method), " needs no ", Option("base"))
+    m = spec.method
+    assert isinstance(m, Fisher | AdaMerging)
+    method = m.name
     if not domains:
         raise MergeError(Option("method", method), " reads unlabeled target images; give them with ",
                          Option("domains"))
@@ -327,22 +306,15 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
         raise MergeError(Option("method", method), " estimates each model's Fisher on its own target: give one ",
                          Option("domains"), f" per model, in the order of the models ({len(inputs)}), "
                          f"got {len(domains)}")
-    for name, value in (("images", images), ("batch_size", batch_size)):
-        if value < 1:
-            raise MergeError(Option(name, value), ": must be at least 1")
-    if steps < 0 or not lr > 0:
-        raise MergeError(Option("steps"), " must be >= 0 and ", Option("lr"), f" > 0, got {steps} and {lr}")
-    if granularity not in ("layer", "model"):
-        raise MergeError(Option("granularity", granularity), ": use 'layer' or 'model'")
     coef_path = output.with_name(output.stem + ".coefficients.json") if method == "adamerging" else None
     if coef_path is not None:
         check_output_path(coef_path, force=force, inputs=tuple(inputs))
     run_on = device or resolve_device(None)
     datasets = _datasets(domains)
-    indices = spread_indices({n: len(ds) for n, ds in datasets.items()}, images)
+    indices = spread_indices({n: len(ds) for n, ds in datasets.items()}, m.images)
 
     def batches(name: str) -> list[torch.Tensor]:
-        return list(image_batches(datasets, {name: indices[name]}, batch_size=batch_size))
+        return list(image_batches(datasets, {name: indices[name]}, batch_size=m.batch_size))
 
     with contextlib.ExitStack() as stack:
         cks = [stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) for p in inputs]
@@ -353,31 +325,31 @@ def _merge_with_data(inputs: list[Path], output: Path, options: MergeOptions, *,
         if log is not None:
             log(f"method {method} READS TARGET IMAGES: " + ", ".join(f"{d} {len(v)}" for d, v in indices.items()))
         extra: dict[str, Any] = {}
-        if method == "fisher":
+        if isinstance(m, Fisher):
             fishers = [fisher_diagonal(model, sd, batches(name), device=run_on) for sd, name in zip(nets, datasets)]
-            merged = fisher_merge(nets, fishers, options.weights, buffers=options.buffers, counts=options.counts)
+            merged = fisher_merge(nets, fishers, spec.weights, buffers=spec.buffers, counts=spec.counts)
         else:
             assert base is not None
             base_full = stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle)).state_dict()
             base_net = strip_model_prefix(base_full)
-            result = adamerging(model, nets, base_net, [batches(n) for n in datasets], weights=options.weights,
-                                granularity=granularity, steps=steps, lr=lr, buffers=options.buffers,
+            result = adamerging(model, nets, base_net, [batches(n) for n in datasets], weights=spec.weights,
+                                granularity=m.granularity, steps=m.steps, lr=m.lr, buffers=spec.buffers,
                                 device=run_on, progress=progress)
             merged = result.state_dict
-            extra = {"granularity": granularity, "steps": steps, "lr": lr, "base": base.name,
+            extra = {"granularity": m.granularity, "steps": m.steps, "lr": m.lr, "base": base.name,
                      "entropy": [result.entropy[0], result.entropy[-1]] if result.entropy else []}
         full = dict(fulls[0])
         full.update({prefix + k: v for k, v in merged.items()})
         record = {"tool": f"domainmerge {__version__}", "inputs": [p.name for p in inputs], "method": method,
-                  "buffers": options.buffers, "uses_target_data": True,
+                  "buffers": spec.buffers, "uses_target_data": True,
                   "images": {d: len(v) for d, v in indices.items()}, **extra}
         if coef_path is not None:
-            write_text_atomic(coef_path, json.dumps({"models": record["inputs"], "granularity": granularity,
+            write_text_atomic(coef_path, json.dumps({"models": record["inputs"], "granularity": extra["granularity"],
                                                      "coefficients": result.coefficients,
                                                      "entropy": result.entropy}, indent=1))
         save_checkpoint(output, full, template=cks[0], record=record, force=force, inputs=tuple(inputs))
-    return MergeReport(inputs=inputs, outputs=[output], method=method, buffers=options.buffers,
-                       weights=normalise_weights(options.weights, len(inputs)), record=record,
+    return MergeReport(inputs=inputs, outputs=[output], method=method, buffers=spec.buffers,
+                       weights=spec.check_inputs(len(inputs), base is not None), record=record,
                        base=base, images=record["images"], coefficients=coef_path,
                        seconds=time.perf_counter() - start)
 
@@ -386,14 +358,11 @@ def merge_recipe_files(recipe: Any, out: PathLike, *, prefix: str | None = None,
                        dtype: torch.dtype | str | None = None, trust_pickle: bool = False, force: bool = False,
                        progress: bool = False) -> MergeReport:
     """:func:`merge_files` as a recipe says: ``recipe`` is a
-    :class:`~domainmerge.merging.recipe.Recipe` or the path of a YAML file; the other arguments
-    are the file options a recipe does not hold (as in :func:`merge_files`). The output records
-    the same recipe as the equal call of :func:`merge_files`."""
-    from domainmerge.merging.recipe import Recipe, load_recipe
+    :class:`~domainmerge.merging.recipe.MergeRecipe` or the path of a YAML file; the other
+    arguments are the file options a recipe does not hold (as in :func:`merge_files`). The output
+    records the same recipe as the equal call of :func:`merge_files`."""
+    from domainmerge.merging.recipe import MergeRecipe, load_recipe
 
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return merge_files(r.models, out, weights=r.weights, buffers=r.buffers, counts=r.counts, method=r.method,
-                       base=r.base, lam=r.lam, density=r.density, drop=r.drop, seed=r.seed, rules=r.rules,
-                       keep_heads=r.keep_heads, names=r.names, only=r.only, allow_missing=r.allow_missing,
-                       align=r.align, prefix=prefix, dtype=dtype, trust_pickle=trust_pickle, force=force,
-                       progress=progress)
+    r = recipe if isinstance(recipe, MergeRecipe) else load_recipe(recipe)
+    return merge_files(r.models, out, r.spec, base=r.base, prefix=prefix, dtype=dtype, trust_pickle=trust_pickle,
+                       force=force, progress=progress)

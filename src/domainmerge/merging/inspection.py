@@ -13,7 +13,7 @@ from typing import Any
 
 from domainmerge.checkpoint import Checkpoint, detect_prefixes, open_checkpoint
 from domainmerge.errors import UserError
-from domainmerge.merging.engine import MergeOptions, plan_merge
+from domainmerge.merging.plan import plan_merge
 from domainmerge.merging.roles import COUNT_SUFFIX, Role, assign_roles, layer_of
 from domainmerge.tensors import all_finite
 
@@ -73,7 +73,7 @@ def compare(cks: Sequence[Checkpoint]) -> dict[str, Any]:
     (when they cannot: the reason, and the engine's error under 'error')."""
 
     try:
-        plan = plan_merge(cks, MergeOptions())
+        plan = plan_merge(cks)
         verdict: dict[str, Any] = {"mergeable": True, "reason": "same keys and shapes"}
     except UserError as exc:
         return {"mergeable": False, "reason": str(exc), "distances": {}, "error": exc}
@@ -109,6 +109,15 @@ def compare(cks: Sequence[Checkpoint]) -> dict[str, Any]:
     return verdict
 
 
+def check_base(model: Checkpoint, base: Checkpoint) -> None:
+    """Refuse a base the merge would refuse for ``model`` (another architecture: a shared tensor
+    name with another shape, or no shared parameter), with the merge's one-line reason, rather
+    than reporting a huge task vector."""
+    from domainmerge.merging.spec import MergeSpec, TaskArithmetic
+
+    plan_merge([model], MergeSpec(method=TaskArithmetic()), base=base)
+
+
 @dataclass
 class Inspection:
     """:func:`inspect_files`' result: one :func:`summarize` dict per file, the :func:`compare`
@@ -136,5 +145,6 @@ def inspect_files(paths: Sequence[str | os.PathLike[str]], *, base: str | os.Pat
             from domainmerge.alignment.diagnostics import task_vector_report
 
             with open_checkpoint(base, trust_pickle=trust_pickle) as b:
+                check_base(cks[0], b)
                 result.diagnostics = task_vector_report(b.state_dict(), {str(ck.path): ck.state_dict() for ck in cks})
     return result

@@ -16,66 +16,43 @@ rules:                        # per-module overrides, first match wins
 ```
 
 Relative paths are read from the recipe's folder. Every field is validated before any tensor is
-read; a wrong one is a one-line error naming the field and the file.
+read; a wrong one is a one-line error naming the field and the file. A knob (``lambda``,
+``density``, ``drop``, ``seed``, at the top or in a rule) is only accepted where its method reads
+it. A recipe is loaded as a :class:`MergeRecipe`: the models, the base and the
+:class:`~domainmerge.merging.spec.MergeSpec` the command line would build.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainmerge.errors import UserError
-from domainmerge.merging.engine import BUFFER_RULES, METHODS, MergeOptions
+from domainmerge.errors import MergeError, UserError
 from domainmerge.merging.roles import KeyRule
+from domainmerge.merging.spec import BUFFER_RULES, METHODS, MergeSpec, knobs_of
 
 _TOP = {"models", "base", "method", "lambda", "density", "drop", "seed", "buffers", "counts", "only",
         "allow_missing", "align", "keep_heads", "names", "rules"}
-_RULE = {"match", "method", "lambda", "density", "drop", "keep"}
+_RULE = {"match", "method", "lambda", "density", "drop", "seed", "keep"}
+# A recipe's knob fields and the spec's names for them.
+_KNOBS = (("lambda", "lam"), ("density", "density"), ("drop", "drop"), ("seed", "seed"))
 
 
-@dataclass
-class Recipe:
-    """A validated merge recipe; paths are absolute or relative to the working folder."""
+@dataclass(frozen=True)
+class MergeRecipe:
+    """A validated merge recipe: the models and base (paths absolute or relative to the working
+    folder) and the :class:`~domainmerge.merging.spec.MergeSpec` of the merge."""
 
     models: list[str]
-    weights: list[float] | None = None
+    spec: MergeSpec = field(default_factory=MergeSpec)
     base: str | None = None
-    method: str = "linear"
-    lam: float = 1.0
-    density: float = 0.2
-    drop: float = 0.9
-    seed: int = 0
-    buffers: str = "gaussian"
-    counts: list[float] | None = None
-    only: str | None = None
-    allow_missing: bool = False
-    align: bool = False
-    keep_heads: str | None = None
-    names: list[str] | None = None
-    rules: list[KeyRule] = field(default_factory=list)
-
-    def options(self) -> MergeOptions:
-        """The engine's options for this recipe."""
-        return MergeOptions(weights=self.weights, buffers=self.buffers, counts=self.counts,
-                            keep_heads=self.keep_heads, only=self.only, allow_missing=self.allow_missing,
-                            method=self.method, lam=self.lam, density=self.density, drop=self.drop,
-                            seed=self.seed, rules=tuple(self.rules))
 
     def record(self) -> dict[str, Any]:
         """The resolved recipe as written into a merged file (file names, not folders)."""
-        out: dict[str, Any] = {
-            "models": [Path(m).name for m in self.models], "weights": self.weights, "method": self.method,
-            "buffers": self.buffers, "counts": self.counts, "only": self.only, "keep_heads": self.keep_heads,
-            "allow_missing": self.allow_missing, "align": self.align}
-        if self.method != "linear" or self.base:
-            out.update({"base": Path(self.base).name if self.base else None, "lambda": self.lam,
-                        "density": self.density, "drop": self.drop, "seed": self.seed})
-        if self.rules:
-            out["rules"] = [{k: v for k, v in vars(r).items() if v not in (None, False)} for r in self.rules]
-        return out
+        return self.spec.record(self.models, self.base)
 
 
 def _number(value: Any, name: str, where: str, *, integer: bool = False) -> float:
@@ -128,6 +105,20 @@ def _models(value: Any, where: str, folder: Path) -> tuple[list[str], list[float
     return paths, (weights if given else None)
 
 
+def _knobs(data: Mapping[str, Any], method: str, where: str, at: str = "") -> dict[str, Any]:
+    """The knob fields given (spec names -> values), each refused when ``method`` does not read it."""
+    knobs: dict[str, Any] = {}
+    for key, name in _KNOBS:
+        if key in data:
+            value = _number(data[key], at + key, where, integer=name == "seed")
+            if name not in knobs_of(method):
+                readers = [m for m in METHODS if name in knobs_of(m)]
+                raise UserError(f"{where}: field {at + key!r} does nothing with method {method!r}; it is read by "
+                                f"{', '.join(readers)}")
+            knobs[name] = int(value) if name == "seed" else float(value)
+    return knobs
+
+
 def _rule(item: Any, i: int, where: str) -> KeyRule:
     at = f"rules[{i}]"
     if not isinstance(item, dict):
@@ -144,12 +135,11 @@ def _rule(item: Any, i: int, where: str) -> KeyRule:
         raise UserError(f"{where}: field {at!r} needs 'method' or 'keep: own'")
     if method is not None and keep is not None:
         raise UserError(f"{where}: field {at!r} gives both 'method' and 'keep'; choose one")
-    knobs = {k: float(_number(item[y], f"{at}.{y}", where)) for k, y in
-             (("lam", "lambda"), ("density", "density"), ("drop", "drop")) if y in item}
+    knobs = _knobs(item, method or "linear", where, f"{at}.")
     return KeyRule(pattern=pattern, method=method, keep_own=keep == "own", **knobs)
 
 
-def parse_recipe(data: Any, where: str = "<recipe>", folder: str | Path = ".") -> Recipe:
+def parse_recipe(data: Any, where: str = "<recipe>", folder: str | Path = ".") -> MergeRecipe:
     """Validate a recipe already loaded into Python objects (see the module docstring)."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: a recipe is a mapping of fields (models, method, ...), got {type(data).__name__}")
@@ -158,51 +148,54 @@ def parse_recipe(data: Any, where: str = "<recipe>", folder: str | Path = ".") -
     if "models" not in data:
         raise UserError(f"{where}: field 'models' is missing; list two or more checkpoints")
     models, weights = _models(data["models"], where, folder)
-    r = Recipe(models=models, weights=weights)
     if weights is not None and sum(weights) <= 0:
         raise UserError(f"{where}: the models' weights sum to zero; give at least one positive weight")
+    base = None
     if "base" in data:
         base = _text(data["base"], "base", where)
-        r.base = base if Path(base).is_absolute() else str(folder / base)
+        base = base if Path(base).is_absolute() else str(folder / base)
+    method = "linear"
     if "method" in data:
-        r.method = _text(data["method"], "method", where)
-        if r.method not in METHODS:
-            raise UserError(f"{where}: field 'method': unknown method {r.method!r}; use one of {', '.join(METHODS)}")
-    for key, attr in (("lambda", "lam"), ("density", "density"), ("drop", "drop")):
-        if key in data:
-            setattr(r, attr, float(_number(data[key], key, where)))
-    if "seed" in data:
-        r.seed = int(_number(data["seed"], "seed", where, integer=True))
+        method = _text(data["method"], "method", where)
+        if method not in METHODS:
+            raise UserError(f"{where}: field 'method': unknown method {method!r}; use one of {', '.join(METHODS)}")
+    knobs = _knobs(data, method, where)
+    fields: dict[str, Any] = {}
     if "buffers" in data:
-        r.buffers = _text(data["buffers"], "buffers", where)
-        if r.buffers not in BUFFER_RULES:
-            raise UserError(f"{where}: field 'buffers' must be one of {', '.join(BUFFER_RULES)}, got {r.buffers!r}")
+        fields["buffers"] = _text(data["buffers"], "buffers", where)
+        if fields["buffers"] not in BUFFER_RULES:
+            raise UserError(f"{where}: field 'buffers' must be one of {', '.join(BUFFER_RULES)}, "
+                            f"got {fields['buffers']!r}")
     if "counts" in data:
         counts = data["counts"]
         if not isinstance(counts, list) or len(counts) != len(models):
             raise UserError(f"{where}: field 'counts' must list one number per model ({len(models)})")
-        r.counts = [float(_number(c, f"counts[{i}]", where)) for i, c in enumerate(counts)]
-        if any(c < 0 for c in r.counts):
-            raise UserError(f"{where}: field 'counts' must be non-negative, got {r.counts}")
+        fields["counts"] = [float(_number(c, f"counts[{i}]", where)) for i, c in enumerate(counts)]
+        if any(c < 0 for c in fields["counts"]):
+            raise UserError(f"{where}: field 'counts' must be non-negative, got {fields['counts']}")
     for key in ("only", "keep_heads"):
         if key in data:
-            setattr(r, key, _text(data[key], key, where))
+            fields[key] = _text(data[key], key, where)
     for key in ("allow_missing", "align"):
         if key in data:
-            setattr(r, key, _flag(data[key], key, where))
+            fields[key] = _flag(data[key], key, where)
     if "names" in data:
         names = data["names"]
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise UserError(f"{where}: field 'names' must list one name per model")
-        r.names = list(names)
+        fields["names"] = list(names)
     rules = data.get("rules", [])
     if not isinstance(rules, list):
         raise UserError(f"{where}: field 'rules' must be a list of {{match: ..., method: ...}} mappings")
-    r.rules = [_rule(item, i, where) for i, item in enumerate(rules)]
-    return r
+    fields["rules"] = [_rule(item, i, where) for i, item in enumerate(rules)]
+    try:
+        spec = MergeSpec.build(method, weights=weights, **fields, **knobs)
+    except MergeError as exc:
+        raise exc.prefixed(f"{where}: ") from None
+    return MergeRecipe(models=models, spec=spec, base=base)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path) -> MergeRecipe:
     """Read and validate a YAML (or JSON) recipe; relative paths are taken from its folder."""
     import yaml
 
@@ -222,8 +215,8 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(data, str(p), p.parent)
 
 
-def merge_recipe(recipe: Recipe | str | Path, *, trust_pickle: bool = False) -> list[dict[str, Any]]:
-    """Merge in memory as a recipe says (a :class:`Recipe` or the path of a YAML file).
+def merge_recipe(recipe: MergeRecipe | str | Path, *, trust_pickle: bool = False) -> list[dict[str, Any]]:
+    """Merge in memory as a recipe says (a :class:`MergeRecipe` or the path of a YAML file).
 
     Returns one state dict, or one per model when a rule keeps each model's own tensors
     (``keep: own``) or ``keep_heads`` is set. ``align`` is not applied here (use
@@ -232,29 +225,20 @@ def merge_recipe(recipe: Recipe | str | Path, *, trust_pickle: bool = False) -> 
     Example:
         >>> import torch
         >>> r = parse_recipe({"models": ["a.pth", "b.pth"]})
-        >>> r.method, r.buffers
+        >>> r.spec.method.name, r.spec.buffers
         ('linear', 'gaussian')
     """
     from domainmerge.checkpoint import load_state_dict
-    from domainmerge.merging.engine import DictSource, iter_merged, plan_merge
+    from domainmerge.merging.plan import plan_merge
+    from domainmerge.merging.sources import DictSource
+    from domainmerge.merging.stream import iter_merged
 
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    r = recipe if isinstance(recipe, MergeRecipe) else load_recipe(recipe)
     sources = [DictSource(load_state_dict(m, trust_pickle=trust_pickle), m) for m in r.models]
     base = DictSource(load_state_dict(r.base, trust_pickle=trust_pickle), r.base) if r.base else None
-    plan = plan_merge(sources, r.options(), base=base)
+    plan = plan_merge(sources, r.spec, base=base)
     outs: list[dict[str, Any]] = [{} for _ in range(plan.n_outputs)]
     for key, tensors in iter_merged(sources, plan):
         for out, t in zip(outs, tensors):
             out[key] = t
     return outs
-
-
-def recipe_from_options(models: Sequence[str], options: MergeOptions, *, base: str | None = None,
-                        align: bool = False, names: Sequence[str] | None = None) -> Recipe:
-    """The recipe equal to a command line, so both write the same record."""
-    return Recipe(models=list(models), weights=list(options.weights) if options.weights else None, base=base,
-                  method=options.method, lam=options.lam, density=options.density, drop=options.drop,
-                  seed=options.seed, buffers=options.buffers,
-                  counts=list(options.counts) if options.counts else None, only=options.only,
-                  allow_missing=options.allow_missing, align=align, keep_heads=options.keep_heads,
-                  names=list(names) if names else None, rules=list(options.rules))

@@ -82,6 +82,11 @@ class KeyRule:
     density: float | None = None
     drop: float | None = None
     keep_own: bool = False
+    seed: int | None = None
+
+    def knobs(self) -> dict[str, float | int | None]:
+        """The method knobs the rule sets (None: taken from the merge's method, else the default)."""
+        return {"lam": self.lam, "density": self.density, "drop": self.drop, "seed": self.seed}
 
     def matches(self, key: str, wrappers: Iterable[str] = WRAPPER_PREFIXES) -> bool:
         if fnmatch.fnmatchcase(key, self.pattern):

@@ -6,8 +6,9 @@ rules below combine task vectors and add the result back to the base:
 - task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023):
   ``theta = base + lam * sum_k w_k tau_k``;
 - TIES (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023):
-  trim every tau_k to its ``density`` largest-magnitude entries, elect a sign per entry from the
-  total (weighted) mass, average only the entries that agree with it (a disjoint mean);
+  trim every tau_k to its ``density`` largest-magnitude entries (at least one), elect a sign per
+  entry from the total (weighted) mass, average only the entries that agree with it (a disjoint
+  mean);
 - DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry of tau_k with
   probability ``p`` and rescale the survivors by ``1 / (1 - p)`` (unbiased), then task arithmetic
   or TIES.
@@ -36,11 +37,19 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[to
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``int(density * n)`` entries of largest magnitude, zero the rest (TIES' trim)."""
+    """Keep the ``int(density * n)`` entries of largest magnitude, at least one for a positive
+    density, and zero the rest (TIES' trim).
+
+    Without the floor a tensor of fewer than ``1 / density`` entries (a small bias, a
+    normalisation weight) would lose its whole task vector. mergekit's magnitude trim takes the
+    same ``int(density * n)`` and refuses such a tensor (an assertion); the TIES paper trims all
+    parameters as one vector, where no tensor is singled out. Keeping one entry is the smallest
+    change that keeps every tensor's largest update.
+    """
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must lie in [0, 1], got {density}")
     n = tau.numel()
-    k = int(density * n)
+    k = max(1, int(density * n)) if density > 0 else 0
     if k >= n:
         return tau
     out = torch.zeros_like(tau)

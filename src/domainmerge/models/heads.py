@@ -3,7 +3,10 @@
 Module and attribute names mirror mmcv/mmseg (``conv``/``bn`` inside a ConvModule,
 ``depthwise_conv``/``pointwise_conv`` in a separable conv, ``embed_layers``, ``fuse_layer``,
 ``conv_seg``, ``aspp_modules``) so that ``state_dict()`` keys equal those in DAFormer, HRDA and
-MIC checkpoints.
+MIC checkpoints. Initialisation as mmcv/mmseg: every ConvModule's convolution Kaiming-normal
+(``kaiming_init``: fan_out, ReLU gain, bias 0; BatchNorm weight 1, bias 0) and ``conv_seg``
+Normal(0, 0.01) with bias 0 (``BaseDecodeHead``'s ``init_cfg``); the embedding Linear layers keep
+torch's default, as SegFormer's ``MLP`` does.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from torch import Tensor, nn
 class ConvModule(nn.Module):
     """Conv2d, then optional BatchNorm and ReLU (mmcv ConvModule: keys ``conv.*``, ``bn.*``).
 
-    As in mmcv, the convolution has a bias only when there is no norm layer.
+    As in mmcv, the convolution has a bias only when there is no norm layer, and it is
+    initialised by :meth:`init_weights` (mmcv's ``ConvModule.init_weights``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, padding: int = 0,
@@ -28,6 +32,17 @@ class ConvModule(nn.Module):
                               groups=groups, bias=not norm)
         self.bn = nn.BatchNorm2d(out_channels) if norm else None
         self.act = nn.ReLU(inplace=True) if act else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """mmcv ``kaiming_init(conv, a=0, mode='fan_out', nonlinearity='relu', bias=0)`` (also
+        without activation, as mmcv), BatchNorm weight 1 and bias 0."""
+        nn.init.kaiming_normal_(self.conv.weight, a=0, mode="fan_out", nonlinearity="relu")
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+        if self.bn is not None:
+            nn.init.ones_(self.bn.weight)
+            nn.init.zeros_(self.bn.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)
@@ -110,6 +125,14 @@ class DAFormerHead(nn.Module):
             raise ValueError(f"unknown DAFormer fusion {fusion!r}; use 'aspp' or 'conv'")
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """mmseg ``BaseDecodeHead``'s ``init_cfg``: ``conv_seg`` Normal(0, 0.01), bias 0 (the
+        ConvModules initialise themselves)."""
+        nn.init.normal_(self.conv_seg.weight, mean=0.0, std=0.01)
+        if self.conv_seg.bias is not None:
+            nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         size = feats[0].shape[2:]

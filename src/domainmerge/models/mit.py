@@ -1,12 +1,14 @@
 """Mix Transformer (MiT, SegFormer's encoder) with the key names DAFormer/HRDA checkpoints hold.
 
 Keys: ``patch_embed{1..4}.proj/norm``, ``block{1..4}.{j}.norm1/attn.{q,kv,proj,sr,norm}/norm2/
-mlp.{fc1,dwconv.dwconv,fc2}``, ``norm{1..4}``. Stochastic depth and dropout are training
-regularisers with no parameters; they are omitted (identity), which is exact at inference.
+mlp.{fc1,dwconv.dwconv,fc2}``, ``norm{1..4}``. Stochastic depth as the authors train
+(``drop_path_rate`` 0.1, rising linearly over the blocks, timm's ``DropPath`` on both residual
+branches); it acts only in training mode. Attention and MLP dropout are 0 in every MiT config.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,19 +71,45 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(n, t, c))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (LayerNorm eps 1e-6 as in mit_b0..b5)."""
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm ``DropPath``): in training mode a residual branch is
+    zeroed for a sample when ``floor(1 - p + u) == 0`` (u uniform), kept ones are scaled by
+    ``1 / (1 - p)``; identity in eval mode. ``u`` [N] may be given; else torch's generator draws it."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, sr_ratio: int, qkv_bias: bool) -> None:
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor, u: Tensor | None = None) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1.0 - self.p
+        if u is None:
+            u = torch.rand(x.shape[0], device=x.device)
+        # the 0/1 mask in float32: keep + u in bfloat16 would round the drop probability
+        mask = torch.floor(keep + u.float()).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return x.div(keep) * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.4g}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-6 as in mit_b0..b5) with stochastic depth."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, sr_ratio: int, qkv_bias: bool,
+                 drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        x = x + self.attn(self.norm1(x), h, w)
-        return x + self.mlp(self.norm2(x), h, w)
+    def forward(self, x: Tensor, h: int, w: int, noise: Tensor | None = None) -> Tensor:
+        """``noise``: [N, 2] uniforms of the two branches' stochastic depth (None: torch's generator)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w), None if noise is None else noise[:, 0])
+        return x + self.drop_path(self.mlp(self.norm2(x), h, w), None if noise is None else noise[:, 1])
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -108,6 +136,11 @@ class MiTConfig:
     mlp_ratios: tuple[int, ...] = (4, 4, 4, 4)
     sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
     qkv_bias: bool = True
+    drop_path_rate: float = 0.1     # mix_transformer.py's default, which every DAFormer/HRDA/MIC config keeps
+
+    def drop_path_rates(self) -> list[float]:
+        """Per block over all stages: ``linspace(0, drop_path_rate, sum(depths))`` as the authors."""
+        return torch.linspace(0, self.drop_path_rate, sum(self.depths), device="cpu").tolist()
 
 
 MIT_SIZES = {
@@ -121,29 +154,46 @@ MIT_SIZES = {
 
 
 class MixVisionTransformer(nn.Module):
-    """MiT encoder returning four feature maps at strides 4, 8, 16, 32."""
+    """MiT encoder returning four feature maps at strides 4, 8, 16, 32.
+
+    ``path_noise``: when set (the trainer sets it around a student forward), a function of the
+    batch size returning uniforms [N, blocks, 2] on the input's device for the stochastic depth of
+    every block, so that the draws follow the trainer's (seed, iteration, slot) streams; None:
+    torch's generator draws them. Unused in eval mode or with ``drop_path_rate`` 0.
+    """
 
     def __init__(self, cfg: MiTConfig = MIT_SIZES["b5"]) -> None:
         super().__init__()
         self.cfg = cfg
         dims = cfg.embed_dims
         self.out_channels = list(dims)
+        self.num_blocks = sum(cfg.depths)
+        self.path_noise: Callable[[int], Tensor] | None = None
+        rates = cfg.drop_path_rates()
+        first = 0
         for i in range(4):
             in_ch = 3 if i == 0 else dims[i - 1]
             patch, stride = (7, 4) if i == 0 else (3, 2)
             self.add_module(f"patch_embed{i + 1}", OverlapPatchEmbed(in_ch, dims[i], patch, stride))
             self.add_module(f"block{i + 1}", nn.ModuleList(
-                Block(dims[i], cfg.num_heads[i], cfg.mlp_ratios[i], cfg.sr_ratios[i], cfg.qkv_bias)
-                for _ in range(cfg.depths[i])))
+                Block(dims[i], cfg.num_heads[i], cfg.mlp_ratios[i], cfg.sr_ratios[i], cfg.qkv_bias,
+                      drop_path=rates[first + j])
+                for j in range(cfg.depths[i])))
+            first += cfg.depths[i]
             self.add_module(f"norm{i + 1}", nn.LayerNorm(dims[i], eps=1e-6))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         n = x.shape[0]
+        noise = None
+        if self.training and self.path_noise is not None and self.cfg.drop_path_rate > 0:
+            noise = self.path_noise(n)
         outs = []
+        k = 0
         for i in range(1, 5):
             x, h, w = getattr(self, f"patch_embed{i}")(x)
             for blk in getattr(self, f"block{i}"):
-                x = blk(x, h, w)
+                x = blk(x, h, w, None if noise is None else noise[:, k])
+                k += 1
             x = getattr(self, f"norm{i}")(x)
             x = x.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
             outs.append(x)

@@ -95,5 +95,8 @@ class ModelSpec:
         def strip(s: ModelSpec) -> ModelSpec:
             hrda = None if s.hrda is None else HRDAConfig(s.hrda.attention_embed_dims,
                                                           s.hrda.attention_classes or s.num_classes)
-            return dataclasses.replace(s, arch="", dropout=0.0, hrda=hrda)
+            backbone = s.backbone
+            if isinstance(backbone, MiTConfig):   # stochastic depth: a training option, no weights
+                backbone = dataclasses.replace(backbone, drop_path_rate=0.0)
+            return dataclasses.replace(s, arch="", dropout=0.0, hrda=hrda, backbone=backbone)
         return strip(self) == strip(other)

@@ -2,20 +2,23 @@
 
 One iteration (DAFormer's ``DACS.forward_train``, with HRDA and MIC when the recipe says so):
 
-1. source batch: cross-entropy (HRDA: fused + 0.1 x detail) plus, when lambda > 0, the thing-class
-   feature distance to the frozen ImageNet copy, one backward;
-2. target batch: the EMA teacher (BatchNorm in training mode, dropout off) predicts pseudo-labels
-   (HRDA: fused sliding-window prediction) weighted by the confident share of the global batch;
-3. ClassMix pastes half of each source image's classes onto the target image of the same slot;
-   colour jitter and blur; cross-entropy against the mixed labels and weights, one backward;
-4. MIC: the target image, jittered and blurred separately and block-masked, against the same
-   pseudo-labels and weights, one backward;
+1. source batch: cross-entropy (HRDA: 0.9 x fused + 0.1 x detail) plus, when lambda > 0, the
+   thing-class feature distance to the frozen ImageNet copy, one backward;
+2. target batch: the EMA teacher (BatchNorm in training mode, dropout and stochastic depth off)
+   predicts pseudo-labels (HRDA: fused sliding-window prediction) weighted by the confident share
+   of the global batch;
+3. ClassMix pastes, per slot, half of the global batch's source label values onto the target
+   image; colour jitter (80 % of iterations) and blur (50 %) of the mixed images
+   (:mod:`~domainmerge.training.augment`); cross-entropy against the mixed labels and weights,
+   one backward;
+4. MIC: the target batch, jittered and blurred separately, normalised and block-masked, against
+   the same pseudo-labels and weights, one backward;
 5. AdamW step with the schedule's rate; the teacher takes the EMA of the student with the rate of
    the next iteration (DAFormer updates it at the start of the next iteration).
 
 Determinism: every random draw is a pure function of (seed, iteration, global sample slot):
-data (:mod:`domainmerge.data.training`), ClassMix, jitter, blur, MIC masks and HRDA boxes
-(:func:`~domainmerge.training.augment.sample_generator`); dropout uses torch's global generator
+data (:mod:`domainmerge.data.training`), ClassMix, jitter, blur, MIC masks, HRDA boxes and MiT's
+stochastic depth (:func:`~domainmerge.training.augment.sample_generator`); dropout uses torch's global generator
 re-seeded from (seed, iteration, rank) every iteration. Resuming therefore needs only the
 weights and the optimiser state, and under torchrun the global batch (ranks x batch size) sees
 the samples a single process with that batch would; batch-level quantities (pseudo-label share,
@@ -37,13 +40,14 @@ from torch import Tensor, nn
 
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
 from domainmerge.errors import Option, UserError, loader_errors
+from domainmerge.models.mit import DropPath
 from domainmerge.runtime import distributed
 from domainmerge.runtime.precision import autocast
 from domainmerge.tensors import normalize
-from domainmerge.training.augment import classmix_mask, sample_generator, strong_transform
+from domainmerge.training.augment import SHARED, classmix_masks, drop_path_noise, mix, sample_generator, strong_augment
 from domainmerge.training.ema import ema_update, frozen_copy
-from domainmerge.training.hrda import crop_to, detail_box, train_forward
-from domainmerge.training.mic import block_mask
+from domainmerge.training.hrda import crop_to, detail_box, hrda_loss, train_forward
+from domainmerge.training.mic import block_masks, mask_image
 from domainmerge.training.recipe import Recipe
 from domainmerge.training.runfolder import LATEST, RunFolder
 from domainmerge.training.schedule import build_optimizer, set_lr
@@ -212,8 +216,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, path: Path) ->
 
 
 def _dropout_off(model: nn.Module) -> None:
+    """Dropout and stochastic depth off (DACS does so in the EMA teacher), BatchNorm untouched."""
     for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
+        if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)):
             m.eval()
 
 
@@ -420,11 +425,14 @@ class Trainer:
 
     def _forward(self, x: Tensor, labels: Tensor, weight: Tensor | None, it: int, slots: list[int],
                  stream: str) -> tuple[Tensor, list[Tensor]]:
-        """Segmentation loss of the student on uint8 images ``x`` (and its backbone features)."""
+        """Segmentation loss of the student (and its backbone features) on images ``x``: uint8
+        images are normalised here, float ones are already normalised (the strong augmentation's)."""
         boxes = _boxes(self.is_hrda, self.model, tuple(x.shape[-2:]), self.recipe, self.config.seed, it, slots,
                        stream)
-        with autocast(self.device, self.amp):
-            logits, detail, feats = self.student(normalize(x), boxes)
+        inputs = x if x.is_floating_point() else normalize(x)
+        with autocast(self.device, self.amp), drop_path_noise(self.model, self.config.seed, it, slots,
+                                                              "drop_" + stream.removeprefix("hrda_")):
+            logits, detail, feats = self.student(inputs, boxes)
         return _seg_loss(logits, detail, labels, weight, boxes, self.recipe), feats
 
     def step(self, it: int) -> dict[str, Any]:
@@ -467,31 +475,26 @@ class Trainer:
         if "valid" in tgt:   # HRDA's pseudo-label margins, cut from the stored image like the crop
             pweight = pweight * tgt["valid"].to(dev, non_blocking=True)
 
-        # 3. ClassMix of each slot's source image onto its target image, strong augmentation
-        mixed, mlabel, mweight = [], [], []
-        for j, slot in enumerate(slots):
-            mask = classmix_mask(ys[j:j + 1].cpu(), sample_generator(seed, it, slot, "classmix"))[0].to(dev)
-            img = torch.where(mask, xs[j].float(), xt[j].float())
-            mixed.append(strong_transform(img.cpu(), sample_generator(seed, it, slot, "jitter_mix"),
-                                          jitter_strength=r.jitter_strength, jitter_p=r.jitter_p,
-                                          blur=r.blur).to(dev))
-            mlabel.append(torch.where(mask, ys[j], plabel[j]))
-            mweight.append(torch.where(mask, torch.ones_like(pweight[j]), pweight[j]))
-        loss_mix, _ = self._forward(torch.stack(mixed), torch.stack(mlabel), torch.stack(mweight), it, slots,
-                                    "hrda_mix")
+        # 3. ClassMix: each slot's target image gets half of the global batch's source classes
+        #    (DACS get_class_masks); strong augmentation of the mixed batch, one kornia call per image
+        mask = classmix_masks(ys, [sample_generator(seed, it, slot, "classmix") for slot in slots])
+        mixed = strong_augment(mix(mask, xs, xt), seed=seed, iteration=it, slots=slots, stream="jitter_mix",
+                               strength=r.jitter_strength, jitter_skip=r.jitter_skip, blur=r.blur, per_image=True)
+        mlabel = mix(mask, ys, plabel)
+        mweight = mix(mask, torch.ones_like(pweight), pweight)
+        loss_mix, _ = self._forward(mixed, mlabel, mweight, it, slots, "hrda_mix")
         losses["pseudo"] = loss_mix.detach()
         self.scaler.scale(loss_mix).backward()
 
-        # 4. MIC: separately augmented, block-masked target images against the same pseudo-labels
+        # 4. MIC: the target batch, augmented as one kornia call and block-masked after normalisation,
+        #    against the same pseudo-labels and weights
         if r.mic:
-            masked = []
-            for slot, image in zip(slots, xt):
-                img = strong_transform(image.float().cpu(), sample_generator(seed, it, slot, "jitter_mic"),
-                                       jitter_strength=r.jitter_strength, jitter_p=r.jitter_p, blur=r.blur)
-                keep = block_mask(img.shape[-2], img.shape[-1], r.mask_block_size, r.mask_ratio,
-                                  sample_generator(seed, it, slot, "mic_mask"))
-                masked.append((img * keep).to(dev))
-            loss_mic, _ = self._forward(torch.stack(masked), plabel, pweight, it, slots, "hrda_mic")
+            augmented = strong_augment(xt, seed=seed, iteration=it, slots=slots, stream="jitter_mic",
+                                       strength=r.jitter_strength, jitter_skip=r.jitter_skip, blur=r.blur,
+                                       per_image=False)
+            keep = block_masks(augmented.shape[-2], augmented.shape[-1], r.mask_block_size, r.mask_ratio,
+                               [sample_generator(seed, it, slot, "mic_mask") for slot in slots], dev)
+            loss_mic, _ = self._forward(mask_image(augmented, keep), plabel, pweight, it, slots, "hrda_mic")
             loss_mic = r.mic_lambda * loss_mic
             losses["mic"] = loss_mic.detach()
             self.scaler.scale(loss_mic).backward()
@@ -653,6 +656,9 @@ def _boxes(is_hrda: bool, model: nn.Module, size: tuple[int, ...], r: Recipe, se
         return None
     hr_crop = cast(tuple[int, int], model.hr_crop_size)
     crop = (min(hr_crop[0], size[0]), min(hr_crop[1], size[1]))
+    if r.detail_boxes == "batch":   # HRDA: one box for the (global) batch, drawn from (seed, iteration)
+        box = detail_box(size[0], size[1], crop, r.crop_divisible, sample_generator(seed, it, SHARED, stream))
+        return [box] * len(slots)
     return [detail_box(size[0], size[1], crop, r.crop_divisible, sample_generator(seed, it, slot, stream))
             for slot in slots]
 
@@ -660,10 +666,10 @@ def _boxes(is_hrda: bool, model: nn.Module, size: tuple[int, ...], r: Recipe, se
 def _seg_loss(logits: Tensor, detail: Tensor | None, labels: Tensor, weight: Tensor | None,
               boxes: list[tuple[int, int, int, int]] | None, r: Recipe) -> Tensor:
     loss = weighted_ce(logits, labels, weight)
-    if detail is not None and boxes is not None and r.detail_loss_weight > 0:
-        loss = loss + r.detail_loss_weight * weighted_ce(detail, crop_to(labels, boxes),
-                                                         None if weight is None else crop_to(weight, boxes))
-    return loss
+    if detail is None or boxes is None or r.detail_loss_weight == 0:
+        return loss
+    detail_loss = weighted_ce(detail, crop_to(labels, boxes), None if weight is None else crop_to(weight, boxes))
+    return hrda_loss(loss, detail_loss, r.detail_loss_weight)
 
 
 def _validate(model: nn.Module, reader: Any, config: AdaptConfig, is_hrda: bool, n: int,

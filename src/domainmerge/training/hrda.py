@@ -7,9 +7,12 @@ The whole training crop is seen at ``lr_scale`` (0.5) as *context*; a *detail* c
 head's output stride 4 over the context scale 0.5) so that both grids align. The scale attention
 ``a = sigmoid(scale_attention(context features))`` is zeroed outside the detail box; the fused
 logits on the full-resolution grid are ``a * detail (inside the box, 0 elsewhere) + up((1 - a) *
-context)`` with ``a`` upsampled. The loss is CE(fused) + 0.1 * CE(detail, labels in the box).
-HRDA draws one box per batch; here each image draws its own (a pure function of seed, iteration
-and slot), so a batch split over ranks trains exactly as one process.
+context)`` with ``a`` upsampled. The loss is ``HRDAHead.losses``: ``(1 - lr_loss_weight -
+hr_loss_weight) x CE(fused) + hr_loss_weight x CE(detail, labels in the box)``, i.e. 0.9 x fused
++ 0.1 x detail with HRDA's weights (lr_loss_weight 0, hr_loss_weight 0.1); see :func:`hrda_loss`.
+HRDA draws one box per batch, and so does the trainer by default (``Recipe.detail_boxes``
+'batch', drawn from seed and iteration, so all ranks agree); 'image' draws one per image (from
+seed, iteration and slot).
 """
 
 from __future__ import annotations
@@ -65,6 +68,15 @@ def train_forward(model: HRDAEncoderDecoder, x: Tensor, boxes: list[Box]) -> tup
     detail = model.decode_head.head(model.backbone(crops))
     output_stride = round(crops.shape[-1] / detail.shape[-1])
     return fuse(context, attention, detail, boxes, output_stride, model.lr_scale), detail, feats
+
+
+def hrda_loss(fused: Tensor, detail: Tensor | None, detail_weight: float) -> Tensor:
+    """``HRDAHead.losses`` from the per-view losses with lr_loss_weight 0 (every HRDA/MIC/MTDA
+    config): ``(1 - detail_weight) x fused + detail_weight x detail``; the fused loss alone when
+    the weight is 0 or there is no detail loss."""
+    if detail is None or detail_weight == 0:
+        return fused
+    return (1.0 - detail_weight) * fused + detail_weight * detail
 
 
 def crop_to(t: Tensor, boxes: list[Box]) -> Tensor:

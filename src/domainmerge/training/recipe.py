@@ -10,7 +10,8 @@ AIR-DISCOVER/Model-Merging-MTDA; the merging paper trains with the HRDA recipe):
   warm-up 1500 iterations from ratio 1e-6); ``runner max_iters=40000``; batch 2
   (``samples_per_gpu=2`` in the dataset bases);
 - self-training: ``configs/_base_/uda/dacs.py`` (pseudo threshold 0.968, ClassMix, colour jitter
-  strength 0.2 with probability 0.2, Gaussian blur) and ``dacs_a999_fdthings.py`` (alpha 0.999,
+  strength 0.2 with ``color_jitter_probability`` 0.2, which DACS compares as ``uniform > p``, so
+  the jitter runs on 80 % of iterations; Gaussian blur on 50 %) and ``dacs_a999_fdthings.py`` (alpha 0.999,
   ImageNet feature distance lambda 0.005 on classes 6, 7, 11-18 with min ratio 0.75);
 - DAFormer: ``configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py``
   (pseudo-weight ignore top 15 / bottom 120 rows; RCS temperature 0.01, min pixels 3000, min crop
@@ -40,6 +41,7 @@ from typing import Any
 from domainmerge.errors import Option, UserError
 
 RECIPES = ("daformer", "hrda")
+DETAIL_BOXES = ("batch", "image")
 # Cityscapes train ids of the 'thing' classes: pole, traffic light, traffic sign, person, rider,
 # car, truck, bus, train, motorcycle, bicycle minus pole (dacs_a999_fdthings.py).
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
@@ -68,8 +70,8 @@ class Recipe:
     ignore_top: int = 15                   # pseudo-weight rows ignored at the top of the crop
     ignore_bottom: int = 120
     jitter_strength: float = 0.2
-    jitter_p: float = 0.2
-    blur: bool = True
+    jitter_skip: float = 0.2               # DACS color_jitter_probability: jitter when U(0, 1) > it (80 %)
+    blur: bool = True                      # blur when U(0, 1) > 0.5
     fd_lambda: float = 0.005
     fd_classes: tuple[int, ...] = THING_CLASSES
     fd_min_ratio: float = 0.75
@@ -84,11 +86,19 @@ class Recipe:
     detail_crop: tuple[int, int] = (512, 512)
     detail_loss_weight: float = 0.1
     crop_divisible: int = 8
+    detail_boxes: str = "batch"            # 'batch': one detail box per batch (HRDA); 'image': one per image
     # -- MIC
     mic: bool = False
     mask_ratio: float = 0.7
     mask_block_size: int = 64
     mic_lambda: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.detail_boxes not in DETAIL_BOXES:
+            raise UserError(f"recipe {self.name!r}: detail_boxes {self.detail_boxes!r}; choose one of "
+                            f"{', '.join(DETAIL_BOXES)}")
+        if not 0.0 <= self.jitter_skip <= 1.0:
+            raise UserError(f"recipe {self.name!r}: jitter_skip {self.jitter_skip} must lie in [0, 1]")
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with ``changes``; unknown names are a UserError."""
