@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -267,3 +268,15 @@ def test_recipe_values_from_the_command_line_and_crops_capped_to_the_images(tmp_
         assert main([*args, *bad, "--out", str(tmp_path / "x")]) == 2
         _one_line_error(capsys, *needles)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_resumed_run_logs_each_iteration_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*BASE, "--iters", "4", "--out", str(out)]
+    assert main([*args]) == 0
+    full = (out / "log.jsonl").read_text()
+    os.link(out / "iter_2.pth", out / "latest.tmp")
+    os.replace(out / "latest.tmp", out / "latest.pth")   # as if stopped after iteration 3's log line
+    assert main([*args, "--resume"]) == 0
+    iters = [json.loads(line)["iter"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert iters == [1, 2, 3, 4] and len(full.splitlines()) == 4

@@ -379,6 +379,7 @@ class Trainer:
                 first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
                 raise UserError(f"{path}: does not fit {self.config.arch} ({first[:160]})") from None
         self.start = int(ck.extras["meta"]["iter"])
+        self.run.trim_log(self.start)
         self.log(f"resuming {path} at iteration {self.start}")
         return ck.extras.get("optimizer")
 

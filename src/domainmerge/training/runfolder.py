@@ -39,6 +39,15 @@ def _check_state(out: Path, *, resume: bool, force: bool) -> None:
                                 " to continue it or ", Option("force", switch=True), " to start over")
 
 
+def _iteration(line: str) -> float:
+    """The 'iter' of a log line (lines that are not records count as iteration 0: kept)."""
+    try:
+        value = json.loads(line).get("iter", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int | float) else 0
+
+
 class RunFolder:
     """The output folder of one run, on the process that writes (rank 0); other ranks get one
     that writes nothing (``main=False``). Use :meth:`open`, then :meth:`log`, :meth:`save` and
@@ -90,6 +99,16 @@ class RunFolder:
             raise UserError(f"{self.out}: another adapt run is writing to this folder; wait for it to end "
                             "or choose another output folder") from None
         _check_state(self.out, resume=resume, force=force)   # a run may have ended here meanwhile
+
+    def trim_log(self, upto: int) -> None:
+        """Drop the log lines of iterations after ``upto`` (a resumed run repeats them)."""
+        path = self.out / LOG
+        if not (self.main and path.is_file()):
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [ln for ln in lines if _iteration(ln) <= upto]
+        if len(kept) != len(lines):
+            write_text_atomic(path, "".join(kept))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one line to ``log.jsonl`` (kept in memory until the first checkpoint of a new run)."""
