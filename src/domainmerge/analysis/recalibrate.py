@@ -129,6 +129,7 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.fsutil import check_output_path
     from domainmerge.models import StoredNetwork
+    from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
     if batch_size < 1:
         raise UserError(Option("batch_size", batch_size), ": must be at least 1")
@@ -138,6 +139,11 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
     indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, images)
     with StoredNetwork.open(checkpoint, prefix=prefix, trust_pickle=trust_pickle) as stored:
         net = stored.state_dict()
+        # Statistics are re-estimated, so NaN there is repaired; NaN in weights would only spread into them.
+        bad = [k for k in nonfinite_keys(net) if not k.endswith(("running_mean", "running_var"))]
+        if bad:
+            raise UserError(nonfinite_message(str(checkpoint), bad), "; recalibrating BatchNorm statistics cannot "
+                            "repair it")
         model = stored.build(arch, net)
         family = family_of(stored.spec(arch, net))
         scales = {name: resolve(family, kind, protocol, img_scale=img_scale).img_scale
@@ -150,6 +156,10 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
                                             for d, s in scales.items()))
         batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=batch_size, img_scale=scales),
                                  device=device, progress=progress, total=n_images)
+        bad = nonfinite_keys(model.state_dict())
+        if bad:
+            raise UserError(f"recalibration gave NaN or infinite statistics (e.g. {bad[0]!r}); {output} is not "
+                            "written: check the images and the network")
         record = stored.updated_record(recalibrated={"images": n_images, "batches": batches,
                                                      "domains": {d: len(v) for d, v in indices.items()}})
         written = stored.save(output, model.state_dict(), record=record, force=force)
