@@ -18,7 +18,8 @@ from domainmerge.data.synthetic import SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.errors import UserError
 from domainmerge.models import build_model
-from domainmerge.models.mit import Attention
+from domainmerge.models.mit import Attention, DropPath, path_divisors
+from domainmerge.tensors import normalize
 from domainmerge.training import AdaptConfig, adapt, get_recipe
 from domainmerge.training.adapt import LossLog, NonFiniteLoss, Trainer
 from domainmerge.training.ema import ema_update
@@ -60,6 +61,38 @@ def test_mit_attention_equals_the_explicit_softmax_attention():
         expected = F.linear((weights @ v).transpose(1, 2).reshape(n, h * w, c), attn.proj.weight, attn.proj.bias)
         # float32 sums of 64-term products in another order: a few ulps of values of order 1
         torch.testing.assert_close(attn(x, h, w), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stochastic_depth_by_divisors_equals_timms_mask_and_scale_bit_for_bit():
+    """One division by keep-or-infinity per branch (divisors of all blocks made at once) against
+    timm's ``x / keep * floor(keep + u)``, forward and backward, float32."""
+    torch.manual_seed(0)
+    rates = [0.0, 0.05, 0.1, 0.3]
+    u = torch.rand(6, len(rates), 2)
+    keep = (1.0 - torch.tensor(rates, dtype=torch.float64)).float()
+    divisors = path_divisors(keep, u)
+    assert divisors.shape == (6, len(rates), 2)
+    for k, p in enumerate(rates):
+        drop = DropPath(p).train()
+        for branch in range(2):
+            x = torch.randn(6, 5, 8, requires_grad=True)
+            grad = torch.randn(6, 5, 8)
+            mask = torch.floor((1.0 - p) + u[:, k, branch]).view(-1, 1, 1)
+            expected = x / (1.0 - p) * mask if p > 0 else x
+            (expected_grad,) = torch.autograd.grad(expected, x, grad)
+            got = drop(x, divisor=divisors[:, k, branch])
+            (got_grad,) = torch.autograd.grad(got, x, grad)
+            assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad), (p, branch)
+            assert torch.equal(drop(x, u[:, k, branch]), expected)   # the per-call form agrees
+
+
+def test_normalize_caches_its_constants_per_device_and_keeps_the_formula():
+    images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    assert torch.equal(normalize(images), (images.float() - mean) / std)
+    assert torch.equal(normalize(images), (images.float() - mean) / std)   # from the cache
+    assert normalize(images.to("meta")).device.type == "meta"
 
 
 def test_loss_log_names_the_first_bad_iteration_of_a_window():
