@@ -22,7 +22,7 @@ from domainmerge.models.mit import Attention, DropPath, path_divisors
 from domainmerge.tensors import normalize
 from domainmerge.training import AdaptConfig, adapt, get_recipe
 from domainmerge.training.adapt import LossLog, NonFiniteLoss, Trainer
-from domainmerge.training.ema import ema_update
+from domainmerge.training.ema import CastShadow, ema_update
 
 WHOLE = CropConfig(None, None)
 
@@ -84,6 +84,34 @@ def test_stochastic_depth_by_divisors_equals_timms_mask_and_scale_bit_for_bit():
             (got_grad,) = torch.autograd.grad(got, x, grad)
             assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad), (p, branch)
             assert torch.equal(drop(x, u[:, k, branch]), expected)   # the per-call form agrees
+
+
+@pytest.mark.parametrize("arch", ["tiny_daformer_r", "tiny_hrda_r", "tiny_daformer_mit"])
+def test_a_cast_shadow_gives_autocasts_outputs_to_the_bit_and_updates_the_nets_batchnorm(arch):
+    """The teacher's forward under bf16 autocast through its CastShadow equals the forward of the
+    teacher itself (autocast casting its float32 weights), also after the weights change and the
+    shadow is refreshed; BatchNorm in training mode updates the teacher's own statistics."""
+    torch.manual_seed(0)
+    net, twin = build_model(arch, dropout=0.0), build_model(arch, dropout=0.0)
+    twin.load_state_dict(net.state_dict())
+    net.train(), twin.train()
+    for m in [*net.modules(), *twin.modules()]:   # the teacher's stochastic depth is off
+        if isinstance(m, DropPath):
+            m.eval()
+    shadow = CastShadow(net, torch.bfloat16)
+    assert all(c.dtype == torch.bfloat16 for c in shadow.casts) and len(shadow.casts) > 0
+    x = torch.randn(2, 3, 64, 64)
+    for step in range(2):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = shadow.module(x), twin(x)
+        assert torch.equal(got, expected), step
+        for name, b in twin.named_buffers():
+            assert torch.equal(dict(net.named_buffers())[name], b), (step, name)
+        with torch.no_grad():   # an EMA-like change of every parameter
+            for p, q in zip(net.parameters(), twin.parameters()):
+                p.mul_(0.9).add_(0.01)
+                q.copy_(p)
+        shadow.refresh()
 
 
 def test_normalize_caches_its_constants_per_device_and_keeps_the_formula():
