@@ -207,11 +207,18 @@ class MixVisionTransformer(nn.Module):
             first += cfg.depths[i]
             self.add_module(f"norm{i + 1}", nn.LayerNorm(dims[i], eps=1e-6))
 
+    @torch.compiler.disable
+    def _path_divisors(self, n: int) -> Tensor | None:
+        """The stochastic depth divisors of a training forward of ``n`` images, or None. Never
+        compiled: ``path_noise`` is the trainer's Python (seeded generators per iteration), which
+        a compiled forward would trace, guard on and recompile at every iteration."""
+        if self.training and self.path_noise is not None and self.cfg.drop_path_rate > 0:
+            return path_divisors(self.path_keep, self.path_noise(n))
+        return None
+
     def forward(self, x: Tensor) -> list[Tensor]:
         n = x.shape[0]
-        noise = None
-        if self.training and self.path_noise is not None and self.cfg.drop_path_rate > 0:
-            noise = path_divisors(self.path_keep, self.path_noise(n))
+        noise = self._path_divisors(n)
         outs = []
         k = 0
         for i in range(1, 5):
