@@ -201,7 +201,7 @@ def make_trainer(spec: str, device: str, batch: int, iters: int, crop_scale: flo
 
 
 def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, profile_iters: int, crop_scale: float,
-               threads: int | None, png_workers: int = 8) -> dict[str, Any]:
+               threads: int | None, png_workers: int = 8, count_flops: bool = True) -> dict[str, Any]:
     """Time one configuration in this process (the benchmark runs it in a child)."""
     from domainmerge.training.adapt import LossLog
 
@@ -242,7 +242,7 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
     prof_summary = profile_summary(prof, profile_iters)
     top = top_ops(prof, profile_iters)
     flops = float("nan")
-    if not c["compile"]:   # the counter sees the eager operators; a compiled run does the same work
+    if not c["compile"] and count_flops:   # the counter sees the eager operators; a compiled run does the same work
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
@@ -323,7 +323,7 @@ def training_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
     print("|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|", flush=True)
     for spec in args.configs:
         r = run_child("train", [spec, args.device, args.batch_size, args.warmup, args.iters, args.profile_iters,
-                                args.crop_scale, args.threads, args.png_workers], args.timeout)
+                                args.crop_scale, args.threads, args.png_workers, not args.skip_flops], args.timeout)
         if isinstance(r, str):
             print(f"| {spec} | | failed: {r} | | | | | | | | | |", flush=True)
             results.append({"config": spec, "error": r})
@@ -435,6 +435,7 @@ def main() -> None:
     parser.add_argument("--png-workers", type=int, default=8, help="loader processes of the :png configurations")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-flops", action="store_true", help="no FLOP-counted iteration (TFLOP columns '-')")
     parser.add_argument("--evaluate", action="store_true", help="also time evaluate (HRDA slide)")
     parser.add_argument("--eval-images", type=int, default=4)
     parser.add_argument("--data", action="store_true", help="also time data loading from generated PNGs")
