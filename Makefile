@@ -2,8 +2,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of PyTorch; a plain `torch` requirement would pull a multi-GB CUDA build.
+# PyTorch first, from TORCH_INDEX: the CPU builds by default (on Linux `torch` from PyPI is the
+# multi-GB CUDA build). A GPU: TORCH_INDEX=https://download.pytorch.org/whl/cu126 (or empty: PyPI).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PRESET ?= quick
 
 .PHONY: venv demo test lint typecheck check bench clean
@@ -11,7 +13,7 @@ PRESET ?= quick
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

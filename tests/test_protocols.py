@@ -66,8 +66,8 @@ def test_mtda_without_a_multi_target_config_gives_the_single_target_row():
 
 
 def test_explicit_settings_mean_custom():
-    p = resolve("hrda", "cityscapes", mode="slide", crop=(64, 64))
-    assert p == Protocol("custom", "slide", (64, 64), (512, 512), None, "command-line options")
+    p = resolve("hrda", "cityscapes", mode="slide", crop=(64, 64))   # windows overlap by half, as 1024 / 512
+    assert p == Protocol("custom", "slide", (64, 64), (32, 32), None, "command-line options")
     p = resolve("hrda", "cityscapes", img_scale=(1024, 512))
     assert (p.name, p.mode, p.crop, p.img_scale) == ("custom", "whole", None, (1024, 512))
     assert resolve("hrda", "cityscapes", "custom") == Protocol("custom", "whole", None, None, None,

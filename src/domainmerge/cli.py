@@ -7,6 +7,7 @@ Each subcommand lives in its own module with ``add_parser(subparsers)`` (which s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -52,6 +53,18 @@ def command_flags(args: argparse.Namespace) -> dict[str, str]:
     return {"domains": "--domain", **getattr(module, "FLAGS", {})}
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars an exception left open: an open bar redraws itself when it is
+    closed or collected, after the error message, which must be the last line a user sees."""
+    std = sys.modules.get("tqdm.std")   # tqdm never imported: no bar to close
+    if std is None:
+        return
+    for bar in list(getattr(std.tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.leave = False   # cleared, not redrawn
+            bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status: 2 for user errors, 130 on Ctrl-C (SIGINT),
     143 on SIGTERM; in both cases temporary files of unfinished outputs are removed."""
@@ -64,12 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with handle_termination(), command_messages(flags):
             status = args.func(args)
     except UserError as exc:
+        close_progress_bars()
         print(f"domainmerge {args.command}: error: {exc.for_command(flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print("domainmerge: interrupted", file=sys.stderr)
         return 130
     except Terminated as exc:
+        close_progress_bars()
         print("domainmerge: terminated", file=sys.stderr)
         return 128 + exc.signum
     except RuntimeError as exc:
@@ -77,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = killed_worker_signal(exc)
         if signum is None:
             raise
+        close_progress_bars()
         print("domainmerge: " + ("interrupted" if signum == 2 else "terminated"), file=sys.stderr)
         return 128 + signum
     return int(status or 0)

@@ -121,6 +121,7 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.fsutil import check_output_path
     from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
     if batch_size < 1:
         raise UserError(Option("batch_size", batch_size), ": must be at least 1")
@@ -132,6 +133,11 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
         full = ck.state_dict()
         net_prefix = network_prefix(full) if prefix == "auto" else prefix
         net = strip_model_prefix(full, net_prefix)
+        # Statistics are re-estimated, so NaN there is repaired; NaN in weights would only spread into them.
+        bad = [k for k in nonfinite_keys(net) if not k.endswith(("running_mean", "running_var"))]
+        if bad:
+            raise UserError(nonfinite_message(str(checkpoint), bad), "; recalibrating BatchNorm statistics cannot "
+                            "repair it")
         model = model_from_state_dict(net, arch)
         family = family_of(resolve_spec(net, arch))
         scales = {name: resolve(family, kind, protocol, img_scale=img_scale).img_scale
@@ -144,6 +150,10 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
                                             for d, s in scales.items()))
         batches = recalibrate_bn(model, image_batches(datasets, indices, batch_size=batch_size, img_scale=scales),
                                  device=device, progress=progress, total=n_images)
+        bad = nonfinite_keys(model.state_dict())
+        if bad:
+            raise UserError(f"recalibration gave NaN or infinite statistics (e.g. {bad[0]!r}); {output} is not "
+                            "written: check the images and the network")
         out = dict(full)
         for key, value in model.state_dict().items():
             original = full[net_prefix + key]

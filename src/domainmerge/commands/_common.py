@@ -68,7 +68,7 @@ def add_protocol_options(p: argparse.ArgumentParser, *, windows: bool = True) ->
         p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"),
                        help="sliding window size (custom; default 1024 1024)")
         p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"),
-                       help="sliding window stride (custom; default 512 512)")
+                       help="sliding window stride, at most --crop (custom; default half of --crop: 512 512)")
         p.add_argument("--max-windows", type=int, metavar="N",
                        help="slide mode: at most N windows per forward pass (default: all windows of the batch in "
                             "one forward, as the authors' batched_slide; lower it if memory runs out)")

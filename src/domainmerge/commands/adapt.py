@@ -37,14 +37,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--recipe", choices=["daformer", "hrda"], default="daformer", help="the authors' recipe")
     p.add_argument("--mic", action="store_true", help="add MIC's masked image consistency")
+    p.add_argument("--recipe-file", metavar="YAML", help="recipe values to change, a mapping 'setting: value' "
+                                                         "(applied after --recipe/--mic)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                   help="change one recipe value (after --recipe-file), e.g. --set warmup_iters=50 --set rcs=false "
+                        "--set betas=[0.9,0.99]; repeatable; the names are the fields of "
+                        "domainmerge.training.Recipe")
+    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"),
+                   help="training crop of both domains (default: the recipe's, 512 or 1024; capped to the images)")
     p.add_argument("--iters", type=int, help="iterations (default 40000)")
     p.add_argument("--batch-size", type=int, help="source and target images per process and iteration (default 2)")
     p.add_argument("--val-every", type=int, default=4000, help="validate every N iterations (default 4000)")
     p.add_argument("--save-every", type=int, default=5000, help="write iter_N.pth every N iterations (default 5000)")
+    p.add_argument("--log-every", type=int, default=50, help="a log.jsonl line every N iterations (default 50)")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default="none",
                    help="mixed precision (CUDA; bf16 also on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data loading processes per rank (default 2)")
+    p.add_argument("--workers", type=int,
+                   help="data loading processes per rank (default 2; 0 for the in-memory synthetic world)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbones and heads (faster iterations on a GPU after a compile of minutes)")
@@ -53,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--resume", action="store_true", help="continue the run in --out from latest.pth")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     p.set_defaults(func=run)
+
+
+FLAGS = {"crop_size": "--crop"}
 
 
 def _dataset(values: list[str], option: str) -> tuple[str, str, str]:
@@ -64,21 +77,26 @@ def _dataset(values: list[str], option: str) -> tuple[str, str, str]:
 def run(args: argparse.Namespace) -> int:
     from domainmerge.runtime.device import resolve_device
     from domainmerge.training import AdaptConfig, adapt, get_recipe
+    from domainmerge.training.recipe import parse_settings, read_recipe_file
 
     overrides = {k: v for k, v in (("iters", args.iters), ("batch_size", args.batch_size)) if v is not None}
     for name, value in overrides.items():
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    for name in ("val_every", "save_every"):
+    for name in ("val_every", "save_every", "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.recipe_file:
+        overrides.update(read_recipe_file(args.recipe_file))
+    overrides.update(parse_settings(args.settings, where="--set"))
     config = AdaptConfig(
         source=_dataset(args.source, "--source"), target=_dataset(args.target, "--target"),
         val=tuple(args.val) if args.val else None, out=args.out, arch=args.arch, pretrained=args.pretrained,
         trust_pickle=args.trust_pickle, recipe=get_recipe(args.recipe, mic=args.mic, **overrides),
-        val_every=args.val_every, save_every=args.save_every, amp=args.amp, seed=args.seed,
-        workers=args.workers, device=resolve_device(args.device), resume=args.resume, force=args.force,
-        compile=args.compile, channels_last=args.channels_last)
+        crop_size=tuple(args.crop) if args.crop else None,
+        val_every=args.val_every, save_every=args.save_every, log_every=args.log_every, amp=args.amp,
+        seed=args.seed, workers=args.workers, device=resolve_device(args.device), resume=args.resume,
+        force=args.force, compile=args.compile, channels_last=args.channels_last)
     result = adapt(config)
     if result.checkpoint is not None:
         print(f"wrote {result.checkpoint} (iteration {result.iterations})")

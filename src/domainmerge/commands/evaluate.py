@@ -60,7 +60,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--resamples", type=int, help="bootstrap resamples for --ci (default 1000)")
     p.add_argument("--level", type=float, default=0.95, help="interval level for --ci (default 0.95)")
     p.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing --json file and predicted PNGs under --save-pred")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="evaluate a checkpoint even when some of its tensors hold NaN or infinite values")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             hr_crop=(args.hr_crop[0], args.hr_crop[1]) if args.hr_crop else None, **protocol_settings(args),
             device=resolve_device(args.device),
             batch_size=args.batch_size, num_classes=args.num_classes, amp=args.amp, workers=args.workers,
-            strict=not args.no_strict, save_pred=args.save_pred, per_image=args.ci, progress=not args.quiet,
+            strict=not args.no_strict, save_pred=args.save_pred, force=args.force, per_image=args.ci,
+            progress=not args.quiet,
             log=stderr if main and not args.quiet else None, warn=stderr if main else None)
     if not main:
         return 0

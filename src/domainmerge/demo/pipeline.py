@@ -563,10 +563,10 @@ def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = Fa
     demo.results.wall_time_s = round(time.perf_counter() - demo.t0, 1)
     write_json(out / "results.json", demo.results.to_dict())
     write_markdown(out / "results.md", render_markdown(demo.results))
-    plot(demo.results, out)
+    figures = plot(demo.results, out)
     for c in checks:
         log(format_check(c))
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, interpolation.png, merging.png "
+    log(f"wrote {', '.join(str(p) for p in [out / 'results.json', out / 'results.md', *figures])} "
         f"({demo.results.wall_time_s:.0f} s)")
     return demo.results
 

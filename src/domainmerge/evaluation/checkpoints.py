@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from domainmerge.errors import Option, UserError
+from domainmerge.errors import Option, OutputExistsError, UserError
 from domainmerge.evaluation.inference import evaluate_with
 from domainmerge.evaluation.metrics import SegScores
 
@@ -92,8 +92,9 @@ def load_network(path: PathLike, *, arch: str = "auto", prefix: str = "auto", tr
         raise exc.prefixed(f"{path}: ") from None
 
 
-def _prediction_writer(folder: Path, created: list[Path]) -> Callable[[str, Any], None]:
-    """A writer of predicted PNGs under ``folder``; files and folders it creates go to ``created``."""
+def _prediction_writer(folder: Path, created: list[Path], force: bool) -> Callable[[str, Any], None]:
+    """A writer of predicted PNGs under ``folder``; files and folders it creates go to ``created``.
+    An existing PNG is replaced only with ``force``."""
     import numpy as np
     from PIL import Image
 
@@ -106,9 +107,19 @@ def _prediction_writer(folder: Path, created: list[Path]) -> Callable[[str, Any]
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             created.append(target)
-        with atomic_path(target) as tmp:
+        with atomic_path(target, replace=force) as tmp:
             Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(tmp, format="PNG")
     return write
+
+
+def _check_prediction_folders(folders: Sequence[Path], force: bool) -> None:
+    """Refuse, before any work, prediction folders that already hold PNGs (unless ``force``)."""
+    if force:
+        return
+    for folder in folders:
+        if folder.is_dir() and any(folder.rglob("*.png")):
+            raise OutputExistsError(folder, ": holds predicted PNGs of an earlier run; pass ",
+                                    Option("force", switch=True), " to overwrite them, or choose another folder")
 
 
 @dataclass
@@ -155,8 +166,8 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
                          stride: tuple[int, int] | None = None, img_scale: tuple[int, int] | None = None,
                          max_windows: int | None = None, device: str = "cpu", batch_size: int | None = None,
                          num_classes: int = 19, amp: str | None = None, workers: int | None = None,
-                         strict: bool = True, save_pred: PathLike | None = None, per_image: bool = False,
-                         progress: bool = False, log: Callable[[str], None] | None = None,
+                         strict: bool = True, save_pred: PathLike | None = None, force: bool = False,
+                         per_image: bool = False, progress: bool = False, log: Callable[[str], None] | None = None,
                          warn: Callable[[str], None] | None = None) -> Evaluation:
     """Score every checkpoint on every domain (or, see :func:`plan_jobs`, each on its own).
 
@@ -171,7 +182,8 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
         device, batch_size, num_classes, amp, workers, strict: as
             :func:`domainmerge.evaluation.inference.evaluate_model` and the dataset readers take them.
         save_pred: write predicted train-id PNGs under ``save_pred/[ROW/]DOMAIN/`` (all removed
-            again if the evaluation fails).
+            again if the evaluation fails); folders that hold PNGs already are refused unless
+            ``force``.
         per_image: keep per-image counts (``scores.per_image``) for bootstrap intervals.
         progress: progress bars; ``log``: called with what runs next; ``warn``: with warnings.
         Under torchrun each rank scores a shard and the counts are summed.
@@ -180,13 +192,18 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
         An :class:`Evaluation`.
     """
     from domainmerge.data import build_dataset
-    from domainmerge.evaluation.protocols import resolve
+    from domainmerge.evaluation.protocols import check_protocol_settings, resolve
 
     jobs, note = plan_jobs([str(c) for c in ckpts], [d[0] for d in domains], per_domain)
     for c in ckpts:
         if not Path(c).is_file():
             raise UserError(f"{c}: checkpoint not found; check the path")
     check_run_settings(batch_size, workers, max_windows)
+    check_protocol_settings(protocol, mode=mode, crop=crop, stride=stride, img_scale=img_scale)
+    several_rows = len({j.row for j in jobs}) > 1
+    if save_pred is not None:
+        _check_prediction_folders([Path(save_pred) / (j.row if several_rows else "") / j.domain for j in jobs],
+                                  force)
     if note and warn is not None:
         warn(note)
     # Build every dataset first: a wrong path fails before any network is loaded.
@@ -195,7 +212,6 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
     kinds = {name: kind for name, kind, _, _ in domains}
     result = Evaluation(note=note)
     loaded: tuple[str, Any, str, str] | None = None
-    several_rows = len({j.row for j in jobs}) > 1
     try:
         for job in jobs:
             if loaded is None or loaded[0] != job.ckpt:
@@ -211,7 +227,7 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
             save = None
             if save_pred is not None:
                 sub = Path(save_pred) / (job.row if several_rows else "") / job.domain
-                save = _prediction_writer(sub, result.predictions)
+                save = _prediction_writer(sub, result.predictions, force)
             scores = evaluate_with(loaded[1], datasets[job.domain], proto, device=device, batch_size=batch_size,
                                    num_classes=num_classes, amp=amp, workers=workers, max_windows=max_windows,
                                    progress=progress, desc=f"{job.row} | {job.domain}", on_prediction=save,

@@ -167,7 +167,8 @@ def resolve(family: str | None, dataset: str, protocol: str | None = None, *, mo
         raise UserError(Option("protocol", protocol), " sets mode, windows and scale itself; drop ", *opts,
                         " or use ", Option("protocol", "custom"))
     if protocol == "custom" or (protocol is None and given):
-        s = {**CUSTOM_DEFAULTS, **given}
+        check_protocol_settings(protocol, mode=mode, crop=crop, stride=stride, img_scale=img_scale)
+        s = {**CUSTOM_DEFAULTS, **_default_stride(given)}
         slide = s["mode"] == "slide"
         return Protocol("custom", s["mode"], tuple(s["crop"]) if slide else None,
                         tuple(s["stride"]) if slide else None,
@@ -182,6 +183,36 @@ def resolve(family: str | None, dataset: str, protocol: str | None = None, *, mo
                         Option("mode"), "/", Option("crop"), "/", Option("stride"), "/", Option("img_scale"))
     return Protocol("native", "whole", None, None, None,
                     f"no authors' protocol for a {family or 'unknown'} network on dataset kind {dataset}")
+
+
+def _default_stride(given: dict[str, Any]) -> dict[str, Any]:
+    """Windows given without a stride overlap by half, as the default 1024 / 512 do."""
+    if given.get("crop") is not None and given.get("stride") is None:
+        return {**given, "stride": (max(1, given["crop"][0] // 2), max(1, given["crop"][1] // 2))}
+    return given
+
+
+def check_protocol_settings(protocol: str | None = None, *, mode: str | None = None,
+                            crop: tuple[int, int] | None = None, stride: tuple[int, int] | None = None,
+                            img_scale: tuple[int, int] | None = None) -> None:
+    """Explicit test settings that cannot work, refused before any work: sizes that are not two
+    positive numbers, and (slide mode) a stride larger than the windows, which would leave the
+    pixels between windows without a prediction."""
+    given = {k: v for k, v in (("crop", crop), ("stride", stride), ("img_scale", img_scale)) if v is not None}
+    for name in ("crop", "stride", "img_scale"):
+        value = given.get(name)
+        if value is None:
+            continue
+        pair = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+            raise UserError(Option(name), f" {' '.join(map(str, pair))}: must be two positive sizes")
+    if protocol in VARIANTS:
+        return
+    s = {**CUSTOM_DEFAULTS, **_default_stride(given), **({"mode": mode} if mode else {})}
+    if s["mode"] == "slide" and (s["stride"][0] > s["crop"][0] or s["stride"][1] > s["crop"][1]):
+        raise UserError(Option("stride"), f" ({s['stride'][0]}, {s['stride'][1]}) is larger than the windows ",
+                        Option("crop"), f" ({s['crop'][0]}, {s['crop'][1]}): the pixels between windows would "
+                        "get no prediction; give a stride of at most the crop")
 
 
 def markdown_table() -> str:

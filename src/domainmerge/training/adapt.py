@@ -28,8 +28,6 @@ feature-distance mask size, BatchNorm statistics) are summed over ranks.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError, loader_errors
 from domainmerge.models.mit import DropPath
 from domainmerge.runtime import distributed
 from domainmerge.runtime.precision import AMP_DTYPES, autocast
@@ -51,11 +49,10 @@ from domainmerge.training.ema import CastShadow, ema_update, frozen_copy
 from domainmerge.training.hrda import crop_to, detail_box, hrda_loss, train_forward
 from domainmerge.training.mic import block_masks, mask_image
 from domainmerge.training.recipe import Recipe
+from domainmerge.training.runfolder import LATEST, RunFolder
 from domainmerge.training.schedule import build_optimizer, set_lr
 from domainmerge.training.selftrain import feature_distance, pseudo_labels, pseudo_weight, resized_logits, weighted_ce
 
-LATEST = "latest.pth"
-LOG = "log.jsonl"
 LOSSES = ("source", "fd", "pseudo", "mic")
 
 
@@ -65,8 +62,9 @@ class AdaptConfig:
     already-built reader. ``target=None`` trains on the labelled source only (no teacher).
     ``pretrained``: backbone weights (SegFormer/HF MiT, mmseg ResNetV1c); ``init_state``: a
     full state dict to start from instead. The frozen ImageNet copy of the feature distance is
-    the network as initialised. ``source_crop``/``target_crop`` default to the recipe's.
-    ``batch_size``/``iters`` live in the recipe (batch per process)."""
+    the network as initialised. ``source_crop``/``target_crop`` default to the recipe's
+    (``crop_size`` replaces its crop size); a crop larger than the (resized) images is capped
+    to them, and the log says so. ``batch_size``/``iters`` live in the recipe (batch per process)."""
 
     source: Any
     target: Any | None = None
@@ -79,6 +77,7 @@ class AdaptConfig:
     recipe: Recipe = field(default_factory=Recipe)
     source_crop: Any | None = None          # domainmerge.data.training.CropConfig
     target_crop: Any | None = None
+    crop_size: tuple[int, int] | None = None   # (h, w) for both domains instead of the recipe's crop
     val: Any | None = None
     val_every: int = 4000                   # DAFormer: evaluation interval 4000
     val_mode: str | None = None             # None: 'slide' (1024, stride 512) for HRDA, else 'whole'
@@ -86,7 +85,7 @@ class AdaptConfig:
     log_every: int = 50                     # mmcv's default logger interval
     amp: str | None = None                  # None, 'bf16' or 'fp16'
     seed: int = 0
-    workers: int = 0
+    workers: int | None = 0                 # None: 0 for in-memory datasets (synthetic), else 2
     device: str = "cpu"
     compile: bool = False                   # torch.compile the backbones and heads (first iterations slower)
     channels_last: bool = False             # NHWC convolutions on CUDA (cuDNN's faster layout for ResNets)
@@ -142,44 +141,78 @@ def compile_parts(model: nn.Module) -> None:
         part.compile(dynamic=False)
 
 
-def _reader(spec: Any, what: str) -> Any:
+def _reader(spec: Any, option: str, *, images_only: bool = False) -> Any:
     if isinstance(spec, (tuple, list)):
-        from domainmerge.data.readers import build_dataset
+        from domainmerge.data.readers import build_dataset, image_dataset
 
         if len(spec) != 3:
-            raise UserError(f"{what}: give KIND ROOT SPLIT, got {' '.join(map(str, spec))}")
-        return build_dataset(str(spec[0]), spec[1], str(spec[2]))
+            raise UserError(Option(option, " ".join(map(str, spec))), ": give KIND ROOT SPLIT")
+        return (image_dataset if images_only else build_dataset)(str(spec[0]), spec[1], str(spec[2]))
     return spec
 
 
-def _check_out(config: AdaptConfig) -> Path | None:
-    """The output folder: refused when it holds a run unless resuming (needs latest.pth) or forced."""
-    if config.out is None:
-        if config.resume:
-            raise UserError("--resume needs --out, the folder of the run to continue")
-        return None
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    has_run = (out / LATEST).exists() or (out / LOG).exists()
-    if config.resume:
-        if not (out / LATEST).exists():
-            raise UserError(f"{out}: holds no {LATEST} to resume; drop --resume to start a new run")
-    elif has_run and not config.force:
-        raise UserError(f"{out}: holds a training run; pass --resume to continue it or --force to start over")
-    if distributed.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        if has_run and config.force and not config.resume:
-            for old in [out / LATEST, out / LOG, *out.glob("iter_*.pth")]:
-                old.unlink(missing_ok=True)
-    return out
+def _fit_crop(reader: Any, crop: Any, what: str, log: Callable[[str], None]) -> Any:
+    """``crop`` (a CropConfig) with its crop size capped to the reader's (resized) images, judged
+    by the first image: a crop larger than the image would only add padding."""
+    from domainmerge.data.training import TrainSet
+    from domainmerge.data.transforms import rescale_size
+
+    if crop.crop is None:
+        return crop
+    height, width = TrainSet(reader, crop, seed=0, labeled=False).load(0)[0].shape[-2:]
+    if crop.scale is not None:
+        width, height = rescale_size(int(width), int(height), crop.scale)
+    h, w = int(height), int(width)
+    if crop.crop[0] <= h and crop.crop[1] <= w:
+        return crop
+    capped = (min(crop.crop[0], h), min(crop.crop[1], w))
+    log(f"{what} crop {crop.crop[0]}x{crop.crop[1]} is larger than its images ({h}x{w}): "
+        f"cropping {capped[0]}x{capped[1]}")
+    return dataclasses.replace(crop, crop=capped)
 
 
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    from domainmerge.fsutil import atomic_path
+def _check_val(reader: Any) -> None:
+    """Read one sample of the validation set now, not at the first validation hours later."""
+    if len(reader) == 0:
+        raise UserError(Option("val"), ": the validation set is empty")
+    reader[0]
 
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+
+def _read_checkpoint(path: Path, arch: str, iters: int) -> Any:
+    """``latest.pth`` of the run to resume, opened (domainmerge.checkpoint's reader: damaged files
+    are one-line errors) with its meta checked."""
+    from domainmerge.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(path)
+    meta = ck.extras.get("meta")
+    fix = ("; the checkpoint is not one adapt wrote, or is damaged: drop ", Option("resume", switch=True),
+           " to start over")
+    if not isinstance(meta, dict) or not isinstance(meta.get("domainmerge"), dict):
+        raise UserError(f"{path}: no meta.domainmerge record", *fix)
+    it = meta.get("iter")
+    if not isinstance(it, int) or isinstance(it, bool) or not 0 <= it <= iters:
+        raise UserError(f"{path}: meta.iter is {it!r}, not an iteration of this run (0..{iters})", *fix)
+    if meta["domainmerge"].get("arch") != arch:
+        raise UserError(f"{path}: a run of {meta['domainmerge'].get('arch')!r}, not ", Option("arch", arch))
+    if not isinstance(ck.extras.get("optimizer"), dict):
+        raise UserError(f"{path}: holds no optimizer state", *fix)
+    return ck
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, path: Path) -> None:
+    """Load a resumed optimiser state; one that does not fit the parameters is a UserError."""
+    fix = ("; the checkpoint is damaged or of another run: drop ", Option("resume", switch=True), " to start over")
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        raise UserError(f"{path}: optimizer state does not fit ({type(exc).__name__}: {str(exc)[:100]})",
+                        *fix) from None
+    for group in optimizer.param_groups:   # load_state_dict checks counts, not shapes
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if name != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                    raise UserError(f"{path}: optimizer state {name!r} has shape {tuple(value.shape)} for a "
+                                    f"parameter of shape {tuple(p.shape)}", *fix)
 
 
 def _dropout_off(model: nn.Module) -> None:
@@ -197,78 +230,177 @@ class Trainer:
     """
 
     def __init__(self, config: AdaptConfig, log: Callable[[str], None] = print) -> None:
-        from domainmerge.data.rcs import RareClassSampler
-        from domainmerge.data.training import TrainSet, batches, recipe_crops
-        from domainmerge.models import build_model
-
         self.config, self.log = config, log
-        r = self.recipe = config.recipe
+        self.recipe = config.recipe
+        self.run: RunFolder | None = None
+        self.start = 0
+        self.crop_hw: tuple[int, ...] | None = None
+        self._check_settings()
+        self._distribution()
+        try:
+            self._output()
+            resume = self._read_resume()
+            self._data()
+            self._networks()
+            opt_state = self._resume(resume) if resume is not None else None
+            self._parallel(opt_state)
+            self._loaders()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def out(self) -> Path | None:
+        """The output folder (None: nothing is written)."""
+        return None if self.run is None else self.run.out
+
+    def close(self) -> None:
+        """Release the output folder (its lock; a folder made for a run that saved nothing goes)."""
+        if self.run is not None:
+            self.run.close()
+
+    def _check_settings(self) -> None:
+        """Values that need no file: checked before anything is read or created."""
+        c, r = self.config, self.recipe
         if r.iters < 1 or r.batch_size < 1:
             raise UserError(f"iterations ({r.iters}) and batch size ({r.batch_size}) must be at least 1")
-        self.uda = r.uda and config.target is not None
-        self.out = _check_out(config)
-        device = torch.device(config.device)
-        self.amp = None if config.amp in (None, "none") else config.amp
-        autocast(device, self.amp)   # validates the combination before any work
-        dist_on = distributed.init_from_env()
-        if device.type == "cuda" and dist_on:   # init_from_env bound this rank to GPU LOCAL_RANK
+        if r.warmup_iters < 0 or r.lr <= 0:
+            raise UserError(f"recipe: warmup_iters ({r.warmup_iters}) must be 0 or more and lr ({r.lr}) positive")
+        if c.workers is not None and c.workers < 0:
+            raise UserError(Option("workers", c.workers), ": must be 0 or more")
+        for name in ("save_every", "log_every"):
+            if getattr(c, name) < 1:
+                raise UserError(Option(name, getattr(c, name)), ": must be at least 1")
+        if c.crop_size is not None and (len(c.crop_size) != 2 or min(c.crop_size) < 1):
+            raise UserError(Option("crop_size", tuple(c.crop_size)), ": must be two positive sizes (h, w)")
+        if c.resume and c.out is None:
+            raise UserError(Option("resume", switch=True), " needs ", Option("out"),
+                            ", the folder of the run to continue")
+        self.amp = None if c.amp in (None, "none") else c.amp
+        autocast(torch.device(c.device), self.amp)   # validates the combination before any work
+        self.uda = r.uda and c.target is not None
+
+    def _distribution(self) -> None:
+        """Join torchrun's process group (if any) and pick this rank's device."""
+        device = torch.device(self.config.device)
+        self.dist_on = distributed.init_from_env()
+        if device.type == "cuda" and self.dist_on:   # init_from_env bound this rank to GPU LOCAL_RANK
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
 
-        # -- data
-        source_reader = _reader(config.source, "--source")
-        kinds = [str(s[0]) if isinstance(s, (tuple, list)) else "" for s in (config.source, config.target)]
+    def _output(self) -> None:
+        """Check (and on rank 0 create and lock) the output folder before any work."""
+        c = self.config
+        if c.out is not None:
+            self.run = RunFolder.open(c.out, resume=c.resume, force=c.force, main=distributed.is_main_process())
+
+    def _read_resume(self) -> Any:
+        """The checkpoint to resume, read and checked before the data and networks are built."""
+        if not (self.config.resume and self.run is not None):
+            return None
+        return _read_checkpoint(self.run.out / LATEST, self.config.arch, self.recipe.iters)
+
+    def _data(self) -> None:
+        """Readers, crops (capped to the images), rare-class sampling, the validation set."""
+        from domainmerge.data.rcs import RareClassSampler
+        from domainmerge.data.training import TrainSet, recipe_crops
+
+        c, r = self.config, self.recipe
+        source_reader = _reader(c.source, "source")
+        target_reader = _reader(c.target, "target", images_only=True) if self.uda else None
+        self.val_reader = _reader(c.val, "val") if c.val is not None else None
+        if self.val_reader is not None:
+            _check_val(self.val_reader)
+        kinds = [str(s[0]) if isinstance(s, (tuple, list)) else "" for s in (c.source, c.target)]
         source_crop, target_crop = recipe_crops("hrda" if r.hrda else "daformer", kinds[0], kinds[1])
-        source_crop = config.source_crop or source_crop
-        target_crop = config.target_crop or target_crop
+        if c.crop_size is not None:
+            size = (int(c.crop_size[0]), int(c.crop_size[1]))
+            source_crop = dataclasses.replace(source_crop, crop=size)
+            target_crop = dataclasses.replace(target_crop, crop=size)
+        source_crop = _fit_crop(source_reader, c.source_crop or source_crop, "source", self.log)
+        target_crop = c.target_crop or target_crop
         if r.pseudo_margins is not None:
             target_crop = dataclasses.replace(target_crop, pseudo_margins=r.pseudo_margins)
+        self.target_set = None
+        if target_reader is not None:
+            target_crop = _fit_crop(target_reader, target_crop, "target", self.log)
+            self.target_set = TrainSet(target_reader, target_crop, seed=c.seed + 1, labeled=False)
+        # last: counting classes reads every label of the source
         rcs = RareClassSampler.from_dataset(source_reader, temperature=r.rcs_temperature,
                                             min_pixels=r.rcs_min_pixels,
                                             min_crop_ratio=r.rcs_min_crop_ratio) if r.rcs else None
-        source_set = TrainSet(source_reader, source_crop, seed=config.seed, labeled=True, rcs=rcs)
-        target_set = TrainSet(_reader(config.target, "--target"), target_crop, seed=config.seed + 1,
-                              labeled=False) if self.uda else None
-        self.val_reader = _reader(config.val, "--val") if config.val is not None else None
+        self.source_set = TrainSet(source_reader, source_crop, seed=c.seed, labeled=True, rcs=rcs)
 
-        # -- networks
-        torch.manual_seed(config.seed)
-        model = build_model(config.arch, num_classes=NUM_CLASSES, **config.arch_options)
+    def _networks(self) -> None:
+        """The student (initialised, pretrained weights checked), its teacher and ImageNet copy."""
+        from domainmerge.models import build_model
+        from domainmerge.tensors import nonfinite_keys, nonfinite_message
+
+        c, r = self.config, self.recipe
+        torch.manual_seed(c.seed)
+        model = build_model(c.arch, num_classes=NUM_CLASSES, **c.arch_options)
         self.is_hrda = hasattr(model, "hr_crop_size")
         if r.hrda and not self.is_hrda:
-            raise UserError(f"--recipe hrda needs an HRDA architecture (hrda_*), got {config.arch}")
-        if config.init_state is not None:
-            model.load_state_dict(config.init_state)
-        elif config.pretrained is not None:
+            raise UserError(Option("recipe", "hrda"), f" needs an HRDA architecture (hrda_*), got {c.arch}")
+        if c.init_state is not None:
+            model.load_state_dict(c.init_state)
+        elif c.pretrained is not None:
             from domainmerge.models.pretrained import load_pretrained
 
-            log(load_pretrained(model, config.pretrained, trust_pickle=config.trust_pickle))
-        model.to(device)
-        if config.channels_last and device.type == "cuda":   # teacher and ImageNet copy inherit it
+            self.log(load_pretrained(model, c.pretrained, trust_pickle=c.trust_pickle))
+        bad = nonfinite_keys(model.state_dict())
+        if bad:   # as evaluate and merge refuse them: training from NaN only fails later, less clearly
+            raise UserError(nonfinite_message(str(c.pretrained or "the initial weights"), bad))
+        model.to(self.device)
+        if c.channels_last and self.device.type == "cuda":   # teacher and ImageNet copy inherit it
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.use_fd = self.uda and r.fd_lambda > 0
         self.imnet = frozen_copy(model).eval() if self.use_fd else None
         self.teacher = frozen_copy(model) if self.uda else None
+        self.model = model
 
-        self.start = 0
-        opt_state = None
-        if config.resume and self.out is not None:
-            opt_state = self._load(self.out / LATEST, model)
-        if dist_on and self.world > 1:
+    def _resume(self, ck: Any) -> Any:
+        """Load the networks of a checked checkpoint; returns its optimiser state."""
+        assert self.run is not None
+        path = self.run.out / LATEST
+        sd = ck.state_dict()
+        for prefix, net in (("model.", self.model), ("ema_model.", self.teacher), ("imnet_model.", self.imnet)):
+            if net is None:
+                continue
+            part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            missing = sorted(set(net.state_dict()) - set(part))
+            if missing:
+                raise UserError(f"{path}: key {prefix + missing[0]!r} is missing; the checkpoint is incomplete or "
+                                f"of another run; drop ", Option("resume", switch=True), " to start over")
+            try:
+                net.load_state_dict(part)
+            except RuntimeError as exc:
+                first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+                raise UserError(f"{path}: does not fit {self.config.arch} ({first[:160]})") from None
+        self.start = int(ck.extras["meta"]["iter"])
+        self.run.trim_log(self.start)
+        self.log(f"resuming {path} at iteration {self.start}")
+        return ck.extras.get("optimizer")
+
+    def _parallel(self, opt_state: Any) -> None:
+        """Global BatchNorm and DDP across ranks, the optimiser (resumed state), training modes."""
+        model = self.model
+        if self.dist_on and self.world > 1:
             from domainmerge.training.syncbn import sync_batchnorm
 
-            model = sync_batchnorm(model, device)
-            self.teacher = sync_batchnorm(self.teacher, device) if self.teacher is not None else None
+            model = sync_batchnorm(model, self.device)
+            self.teacher = sync_batchnorm(self.teacher, self.device) if self.teacher is not None else None
         self.model = model
-        self.student: nn.Module = Student(model, channels_last=config.channels_last and device.type == "cuda")
-        self.optimizer = build_optimizer(model, r)
+        self.student: nn.Module = Student(model, channels_last=self.config.channels_last
+                                          and self.device.type == "cuda")
+        self.optimizer = build_optimizer(model, self.recipe)
         if opt_state is not None:
-            self.optimizer.load_state_dict(opt_state)
-        if dist_on and self.world > 1:
+            _load_optimizer(self.optimizer, opt_state, self.run.out / LATEST if self.run else Path(LATEST))
+        if self.dist_on and self.world > 1:
             self.student = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[device.index] if device.type == "cuda" else None)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16" and device.type == "cuda")
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16" and self.device.type == "cuda")
         model.train()
         if self.teacher is not None:
             self.teacher.train()
@@ -280,30 +412,24 @@ class Trainer:
         imnet_shadow = CastShadow(self.imnet, low) if low is not None and self.imnet is not None else None
         self.teacher_fwd = self.teacher_shadow.module if self.teacher_shadow is not None else self.teacher
         self.imnet_fwd = imnet_shadow.module if imnet_shadow is not None else self.imnet
-        b = r.batch_size
-        pin = device.type == "cuda"   # page-locked batches: their copies to the GPU do not block
-        self.src_iter = batches(source_set, b, start_iter=self.start, rank=self.rank, world_size=self.world,
-                                workers=config.workers, pin_memory=pin)
-        self.tgt_iter = batches(target_set, b, start_iter=self.start, rank=self.rank, world_size=self.world,
-                                workers=config.workers, pin_memory=pin) if target_set is not None else None
-        if config.compile:
+        if self.config.compile:
             for net in (model, self.teacher_fwd, self.imnet_fwd):
                 if net is not None:
                     compile_parts(net)
-        self.crop_hw: tuple[int, ...] | None = None
 
-    def _load(self, path: Path, model: nn.Module) -> Any:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        meta = ck.get("meta", {}).get("domainmerge", {})
-        if meta.get("arch") != self.config.arch:
-            raise UserError(f"{path}: a run of {meta.get('arch')!r}, not --arch {self.config.arch}")
-        sd = ck["state_dict"]
-        for prefix, net in (("model.", model), ("ema_model.", self.teacher), ("imnet_model.", self.imnet)):
-            if net is not None:
-                net.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-        self.start = int(ck["meta"]["iter"])
-        self.log(f"resuming {path} at iteration {self.start}")
-        return ck.get("optimizer")
+    def _loaders(self) -> None:
+        """Endless iterators of this rank's batches from the start iteration (worker errors: one line)."""
+        from domainmerge.data.training import batches
+
+        b, w = self.recipe.batch_size, self.config.workers
+        if w is None:   # worker processes only pay off for datasets read from files
+            w = 0 if getattr(self.source_set.reader, "in_memory", False) else 2
+        pin = self.device.type == "cuda"   # page-locked batches: their copies to the GPU do not block
+        self.src_iter = loader_errors(batches(self.source_set, b, start_iter=self.start, rank=self.rank,
+                                              world_size=self.world, workers=w, pin_memory=pin))
+        self.tgt_iter = loader_errors(batches(self.target_set, b, start_iter=self.start, rank=self.rank,
+                                              world_size=self.world, workers=w, pin_memory=pin)) \
+            if self.target_set is not None else None
 
     def _forward(self, x: Tensor, labels: Tensor, weight: Tensor | None, it: int, slots: list[int],
                  stream: str) -> tuple[Tensor, list[Tensor]]:
@@ -495,7 +621,6 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
     bar = tqdm(total=end, initial=tr.start, desc=config.desc, disable=not (config.progress and main),
                dynamic_ncols=True, mininterval=1.0, leave=False)
     last_saved: Path | None = (out / LATEST) if (out is not None and tr.start > 0) else None
-    log_fh = open(out / LOG, "a", encoding="utf-8") if (out is not None and main) else None
     losslog = LossLog(world, (2 if tr.uda else 1) * r.batch_size * world)
     try:
         for it in range(tr.start, end):
@@ -505,7 +630,7 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
             n = it + 1
             log_now = n % config.log_every == 0 or n == end
             validate = tr.val_reader is not None and config.val_every > 0 and (n % config.val_every == 0 or n == end)
-            save = out is not None and (n % config.save_every == 0 or n == end)
+            save = tr.run is not None and (n % config.save_every == 0 or n == end)
             if not (log_now or validate or save):
                 continue
             # The values are read here, before a checkpoint or a validation can see a broken state.
@@ -516,20 +641,19 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
                 raise UserError(f"{e}; training stopped{kept} (lower the learning rate or check the data)") from None
             records.extend(window)
             record = window[-1]
-            if log_fh is not None and log_now:
-                log_fh.write(json.dumps(record) + "\n")
-                log_fh.flush()
             if log_now:
+                if tr.run is not None:
+                    tr.run.log(record)
                 bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss_")})
-            if validate:
-                validation.append(_validate(tr.model, tr.val_reader, config, tr.is_hrda, n, log, log_fh))
+            # the checkpoint first: a validation that fails must not cost the iteration's weights
             if save:
-                assert out is not None
-                last_saved = _checkpoint(out, n, tr, config) or last_saved
+                assert tr.run is not None
+                last_saved = _checkpoint(tr.run, n, tr, config) or last_saved
+            if validate:
+                validation.append(_validate(tr.model, tr.val_reader, config, tr.is_hrda, n, log, tr.run))
     finally:
         bar.close()
-        if log_fh is not None:
-            log_fh.close()
+        tr.close()
     return AdaptResult(student={k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()},
                        teacher=None if tr.teacher is None else {k: v.detach().cpu().clone()
                                                                for k, v in tr.teacher.state_dict().items()},
@@ -559,7 +683,7 @@ def _seg_loss(logits: Tensor, detail: Tensor | None, labels: Tensor, weight: Ten
 
 
 def _validate(model: nn.Module, reader: Any, config: AdaptConfig, is_hrda: bool, n: int,
-              log: Callable[[str], None], log_fh: Any) -> dict[str, Any]:
+              log: Callable[[str], None], run: RunFolder | None) -> dict[str, Any]:
     from domainmerge.evaluation import evaluate_model
 
     mode = config.val_mode or ("slide" if is_hrda else "whole")
@@ -571,14 +695,14 @@ def _validate(model: nn.Module, reader: Any, config: AdaptConfig, is_hrda: bool,
         from domainmerge.reporting import class_table
 
         log(f"iteration {n}: validation mIoU {scores.miou:.2f}\n{class_table({'val': scores})}")
-        if log_fh is not None:
-            log_fh.write(json.dumps({"iter": n, "val_miou": scores.miou}) + "\n")
+        if run is not None:
+            run.log({"iter": n, "val_miou": scores.miou})
     return entry
 
 
-def _checkpoint(out: Path, n: int, tr: Trainer, config: AdaptConfig) -> Path | None:
-    """Rank 0 writes ``latest.pth`` atomically and hard-links it as ``iter_N.pth``."""
-    if not distributed.is_main_process():
+def _checkpoint(run: RunFolder, n: int, tr: Trainer, config: AdaptConfig) -> Path | None:
+    """Rank 0 writes ``latest.pth`` atomically and links it as ``iter_N.pth`` (RunFolder.save)."""
+    if not run.main:
         return None
     sd: dict[str, Tensor] = {}
     for prefix, net in (("model.", tr.model), ("ema_model.", tr.teacher), ("imnet_model.", tr.imnet)):
@@ -590,16 +714,7 @@ def _checkpoint(out: Path, n: int, tr: Trainer, config: AdaptConfig) -> Path | N
     payload = {"meta": {"iter": n, "CLASSES": list(CLASSES), "PALETTE": [list(p) for p in PALETTE],
                         "domainmerge": record},
                "state_dict": sd, "optimizer": tr.optimizer.state_dict()}
-    latest = out / LATEST
-    _save(latest, payload)
-    tmp = out / f".iter_{n}.pth.link"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(latest, tmp)
-        os.replace(tmp, out / f"iter_{n}.pth")
-    except OSError:   # a file system without hard links: a second copy
-        _save(out / f"iter_{n}.pth", payload)
-    return latest
+    return run.save(n, payload)
 
 
 def _describe(spec: Any) -> str | None:

@@ -30,10 +30,15 @@ AIR-DISCOVER/Model-Merging-MTDA; the merging paper trains with the HRDA recipe):
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 
 RECIPES = ("daformer", "hrda")
 DETAIL_BOXES = ("batch", "image")
@@ -106,7 +111,7 @@ class Recipe:
 def get_recipe(name: str = "daformer", *, mic: bool = False, **overrides: Any) -> Recipe:
     """The authors' settings for ``name`` ('daformer' or 'hrda'), with MIC when ``mic``."""
     if name not in RECIPES:
-        raise UserError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
+        raise UserError(Option("recipe", name), f": unknown; choose one of {', '.join(RECIPES)}")
     recipe = Recipe()
     if name == "hrda":
         # HRDA masks the pseudo-label margins of the stored image (before resize and crop)
@@ -116,3 +121,103 @@ def get_recipe(name: str = "daformer", *, mic: bool = False, **overrides: Any) -
     if mic:
         recipe = recipe.replace(mic=True)
     return recipe.replace(**overrides)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe_type(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe_type(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe_type(args[0]).split(' ', 1)[-1]}s"
+        return f"a list of {len(args)} {_describe_type(args[0]).split(' ', 1)[-1]}s"
+    return _TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _convert(value: Any, kind: Any) -> tuple[bool, Any]:
+    """(True, ``value`` as type ``kind``) or (False, None)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if (value is None) if a is type(None) else value is not None:
+                ok, out = _convert(value, a)
+                if ok:
+                    return True, out
+        return False, None
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False, None
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(items) != len(value):
+            return False, None
+        converted = [_convert(v, t) for v, t in zip(value, items)]
+        return (True, tuple(c[1] for c in converted)) if all(c[0] for c in converted) else (False, None)
+    if kind is bool or kind is str:
+        return (True, value) if isinstance(value, kind) else (False, None)
+    if isinstance(value, bool):
+        return False, None
+    if kind is int:
+        return (True, value) if isinstance(value, int) else (False, None)
+    if kind is float:
+        try:   # YAML 1.1 reads 1e-4 (no dot) as a string
+            return (True, float(value)) if isinstance(value, int | float | str) else (False, None)
+        except ValueError:
+            return False, None
+    return False, None
+
+
+def recipe_settings(settings: Mapping[str, Any], *, where: str = "recipe") -> dict[str, Any]:
+    """Recipe values (e.g. read from YAML or ``name=value`` strings parsed as YAML) checked
+    against the fields of :class:`Recipe` and converted to their types (lists become tuples).
+    ``where`` names the source in errors (a file, or the option that gave them)."""
+    hints = typing.get_type_hints(Recipe)
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name not in hints or name == "name":
+            known = ", ".join(f.name for f in dataclasses.fields(Recipe) if f.name != "name")
+            raise UserError(f"{where}: {name!r} is not a recipe setting; known: {known}")
+        ok, typed = _convert(value, hints[name])
+        if not ok:
+            raise UserError(f"{where}: recipe setting {name}={value!r}: expected {_describe_type(hints[name])}")
+        out[name] = typed
+    return out
+
+
+def parse_settings(items: list[str] | tuple[str, ...], *, where: str = "recipe") -> dict[str, Any]:
+    """``['warmup_iters=50', 'rcs=false', 'betas=[0.9, 0.99]']`` -> typed recipe values (each
+    value is read as YAML, then checked as :func:`recipe_settings` does)."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"{where}: {item!r}: give NAME=VALUE, e.g. warmup_iters=50")
+        try:
+            raw[name.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raw[name.strip()] = text
+    return recipe_settings(raw, where=where)
+
+
+def read_recipe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The typed recipe values of a YAML file holding a mapping ``setting: value``."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read the recipe file ({exc.strerror or type(exc).__name__})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{p}: not a YAML recipe file ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: a recipe file holds a mapping of settings (e.g. 'warmup_iters: 50'), "
+                        f"not a {type(data).__name__}")
+    return recipe_settings({str(k): v for k, v in data.items()}, where=str(p))

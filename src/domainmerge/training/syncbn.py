@@ -1,10 +1,11 @@
 """BatchNorm over the global batch of a multi-process run.
 
 On CUDA torch's ``nn.SyncBatchNorm`` does it; it refuses CPU tensors, so CPU (gloo) runs use
-:class:`GlobalBatchNorm2d`: per-channel sums of x and x^2 and the pixel count are summed over
-ranks with the autograd-aware ``torch.distributed.nn.functional.all_reduce`` (whose backward sums
-the gradients over ranks), which gives the statistics, and their gradients, of one process that
-holds the whole batch. Without it, 2 ranks x batch 1 would normalise each image by itself.
+:class:`GlobalBatchNorm2d`: per-channel sums of x and the pixel count, then of the squared
+deviations from the global mean, are summed over ranks with the autograd-aware
+``torch.distributed.nn.functional.all_reduce`` (whose backward sums the gradients over ranks),
+which gives the statistics, and their gradients, of one process that holds the whole batch.
+Without it, 2 ranks x batch 1 would normalise each image by itself.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
         c = x.shape[1]
         xf = x.float()
-        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_tensor([x.numel() / c])])
-        total = all_reduce(local)
+        # Two passes (mean, then the squared deviations from it), as one process's BatchNorm does:
+        # E[x^2] - E[x]^2 in float32 cancels catastrophically for channels whose mean dwarfs their
+        # spread, which made 2 ranks' gradients differ from one process's by 1 % on some CPUs.
+        total = all_reduce(torch.cat([xf.sum((0, 2, 3)), xf.new_tensor([x.numel() / c])]))
         n = total[-1]
         mean = total[:c] / n
-        var = total[c:2 * c] / n - mean * mean
+        var = all_reduce(((xf - mean.view(1, c, 1, 1)) ** 2).sum((0, 2, 3))) / n
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
