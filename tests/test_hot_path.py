@@ -206,8 +206,9 @@ def test_cuda_iterations_equal_the_cpu_ones_to_float_rounding(arch, recipe, chan
 
 
 @cuda
-@pytest.mark.parametrize("arch,recipe", [("tiny_daformer_r", "daformer"), ("tiny_hrda_r", "hrda")])
-def test_a_cuda_iteration_does_not_wait_for_the_gpu(arch, recipe):
+@pytest.mark.parametrize("arch,recipe,amp", [("tiny_daformer_r", "daformer", None), ("tiny_hrda_r", "hrda", None),
+                                             ("tiny_daformer_mit", "daformer", "bf16")])
+def test_a_cuda_iteration_does_not_wait_for_the_gpu(arch, recipe, amp):
     """Between two log points an iteration (step and update) makes no host-device synchronisation:
     torch's sync debug mode warns on any (a .item(), a boolean index, a blocking copy); the
     warnings name the lines that synchronised."""
@@ -215,7 +216,7 @@ def test_a_cuda_iteration_does_not_wait_for_the_gpu(arch, recipe):
     r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
                    rcs_min_pixels=20)
     tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, device="cuda",
-                             progress=False))
+                             progress=False, amp=amp))   # bf16: the cast shadows, MiT: stochastic depth
     log = LossLog(1, 4)
     log.add(0, tr.step(0))   # the first iteration builds caches (cuDNN plans) and may synchronise
     tr.update(0)
