@@ -259,3 +259,12 @@ def test_convert_labels_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("domainmerge convert-labels: error:") for line in err)
     assert "gtFine" in err[2]
+
+
+def test_every_reader_is_a_seg_dataset() -> None:
+    from domainmerge.data import SegDataset, build_dataset
+    from domainmerge.data.readers import PairedFolderDataset
+
+    assert isinstance(build_dataset("synthetic", "city", "val", length=1, size=(8, 16)), SegDataset)
+    assert issubclass(PairedFolderDataset, SegDataset)
+    assert not isinstance(3, SegDataset)

@@ -19,10 +19,20 @@ MODULES = [
     "domainmerge.merging.spec",
     "domainmerge.models.registry",
     "domainmerge.models.detect",
+    "domainmerge.models.stored",
     "domainmerge.alignment.matching",
     "domainmerge.data.readers",
     "domainmerge.evaluation.inference",
     "domainmerge.tensors",
+    # every command's back end (the public API)
+    "domainmerge.training.adapt",
+    "domainmerge.training.recipe",
+    "domainmerge.evaluation.checkpoints",
+    "domainmerge.analysis.interpolation",
+    "domainmerge.analysis.recalibrate",
+    "domainmerge.merging.inspection",
+    "domainmerge.data.convert",
+    "domainmerge.demo.pipeline",
 ]
 
 

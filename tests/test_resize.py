@@ -77,3 +77,24 @@ def test_rescale_size_and_resize_to_scale():
     img = torch.zeros(3, 1080, 1920, dtype=torch.uint8)
     assert resize_to_scale(img, (2048, 1024)).shape == (3, 1024, 1820)
     assert resize_to_scale(img, None) is img
+
+
+# mmcv's rule is symmetric in the two edges: sizes given (w, h) come back (w, h).
+@pytest.mark.parametrize(("size", "scale", "expected"), [
+    # GTA 1914x1052 into (1280, 720): factor min(1280/1914, 720/1052) = 0.668757; 1052 * 0.668757 = 703.53 -> 704
+    ((1914, 1052), (1280, 720), (1280, 704)),
+    # GTA into HRDA's (2560, 1440): factor 2560/1914 = 1.337513; 1052 * 1.337513 = 1407.06 -> 1407
+    ((1914, 1052), (2560, 1440), (2560, 1407)),
+    # Cityscapes 2048x1024 into (1024, 512): exactly half
+    ((2048, 1024), (1024, 512), (1024, 512)),
+    ((2048, 1024), (2048, 1024), (2048, 1024)),
+    # IDD/ACDC 1920x1080 into (960, 540)
+    ((1920, 1080), (960, 540), (960, 540)),
+    # a portrait image: long side 200 -> 1280 limits (factor 6.4; the short side would allow 7.2)
+    ((100, 200), (1280, 720), (640, 1280)),
+    # scale given (H, W)-ordered gives the same (mmcv takes max/min of the pair)
+    ((1914, 1052), (720, 1280), (1280, 704)),
+])
+def test_rescale_size_follows_mmcv(size: tuple[int, int], scale: tuple[int, int],
+                                   expected: tuple[int, int]) -> None:
+    assert rescale_size(*size, scale) == expected

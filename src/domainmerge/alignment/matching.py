@@ -192,10 +192,33 @@ def align_files(reference: str | os.PathLike[str], other: str | os.PathLike[str]
                 output: str | os.PathLike[str], *, prefix: str | None = None, seed: int = 0,
                 trust_pickle: bool = False, force: bool = False) -> AlignedFile:
     """Permute ``other``'s backbone units onto ``reference``'s (weight matching) and write the
-    permuted checkpoint to ``output`` in ``other``'s container, recording the alignment.
+    permuted checkpoint to ``output`` in ``other``'s container, recording the alignment (the
+    library behind ``domainmerge align``). The output path is checked before any work.
 
-    ``prefix``: the backbone's key prefix (default: detected); ``seed``: the visiting order;
-    ``force``: replace an existing output. The output path is checked before any work.
+    Args:
+        reference: the checkpoint whose units stay in place.
+        other: the checkpoint to permute (the function computed is unchanged).
+        output: the permuted copy of ``other``.
+        prefix: the backbone's key prefix (default: detected).
+        seed: the order in which layers are visited.
+        trust_pickle: full unpickling (only for files you trust); force: replace an existing output.
+
+    Returns:
+        An :class:`AlignedFile`: the output, the :class:`AlignmentReport` (``overall``: the share
+        of units left in place) and the wrapper prefixes whose copies were not permuted.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge import align_files, build_model, save_checkpoint
+        >>> folder = tempfile.mkdtemp()
+        >>> paths = []
+        >>> for seed in (0, 1):
+        ...     _ = torch.manual_seed(seed)
+        ...     paths.append(save_checkpoint(os.path.join(folder, f"m{seed}.pth"),
+        ...                                  build_model("tiny_daformer_r").state_dict()))
+        >>> done = align_files(paths[0], paths[0], os.path.join(folder, "same.pth"))
+        >>> done.output.name, done.report.overall   # a model aligned to itself stays as it is
+        ('same.pth', 1.0)
     """
     from domainmerge.checkpoint import detect_prefixes, open_checkpoint, save_checkpoint, updated_record
     from domainmerge.fsutil import check_output_path

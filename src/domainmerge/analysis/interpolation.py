@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domainmerge.analysis.lmc import CurveSummary, ScanRow
 from domainmerge.errors import Option, UserError
 from domainmerge.evaluation.checkpoints import check_run_settings
 from domainmerge.evaluation.inference import evaluate_with
+from domainmerge.evaluation.protocols import Protocol
 
 PathLike = str | os.PathLike[str]
 
@@ -19,14 +21,27 @@ PathLike = str | os.PathLike[str]
 @dataclass
 class Interpolation:
     """:func:`interpolate_checkpoints`' result: the models' ``names``, one row per point
-    (``{'weights', 'scores': {domain: mIoU}, 'H'}``, :func:`domainmerge.analysis.lmc.scan`),
-    the ``barriers`` per domain and for H (:func:`domainmerge.analysis.lmc.barriers`) and the
-    test protocol used per domain."""
+    (:class:`~domainmerge.analysis.lmc.ScanRow`: weights, mIoU per domain, H), the ``barriers``
+    per domain and for H (:class:`~domainmerge.analysis.lmc.CurveSummary`) and the test protocol
+    used per domain; what was scanned (``checkpoints``, ``buffers``, ``aligned``, ``domains``).
+    :meth:`to_dict` is ``domainmerge lmc``'s lmc.json."""
 
     names: list[str]
-    rows: list[dict[str, Any]]
-    barriers: dict[str, dict[str, Any]]
-    protocols: dict[str, Any]
+    rows: list[ScanRow]
+    barriers: dict[str, CurveSummary]
+    protocols: dict[str, Protocol]
+    checkpoints: list[str] = field(default_factory=list)
+    buffers: str = "gaussian"
+    aligned: bool = False
+    domains: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the inputs and settings, every point and the barriers."""
+        return {"checkpoints": list(self.checkpoints), "names": self.names, "buffers": self.buffers,
+                "aligned": self.aligned,
+                "domains": {d[0]: {"dataset": d[1], "root": d[2], "split": d[3]} for d in self.domains},
+                "protocol": {name: proto.to_dict() for name, proto in self.protocols.items()},
+                "points": self.rows, "barriers": self.barriers}
 
 
 def checkpoint_names(ckpts: Sequence[PathLike]) -> list[str]:
@@ -50,21 +65,50 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     statistics), so the mid-point is the model :func:`domainmerge.merging.files.merge_files`
     writes; ``align`` first permutes every model onto the first (weight matching).
 
-    The other arguments are :func:`domainmerge.evaluation.checkpoints.evaluate_checkpoints`'; ``log``
-    is told the protocol per domain and the alignment. Under torchrun each rank scores a shard.
+    Under torchrun each rank scores a shard.
+
+    Args:
+        ckpts: two or more checkpoint files of one architecture.
+        domains: ``(name, dataset kind, root, split)`` of the labelled splits to score on.
+        steps: lambdas from 0 to 1 (two models); grid: points per edge of the simplex (three or more).
+        buffers: the BatchNorm statistics rule of the merge (``gaussian``, ``mean``, ``first``).
+        align: permute every model onto the first (Git Re-Basin weight matching) first.
+        arch, prefix, trust_pickle, protocol, mode, crop, stride, img_scale, max_windows, device,
+            batch_size, num_classes, amp, workers, strict: as
+            :func:`domainmerge.evaluation.checkpoints.evaluate_checkpoints` takes them.
+        progress: a progress bar over the points; log: told the protocol per domain and the alignment.
 
     Returns:
-        An :class:`Interpolation` (rows, barriers).
+        An :class:`Interpolation`: one row per point, the barriers, :meth:`Interpolation.to_dict`
+        the lmc.json of ``domainmerge lmc``.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge import build_model, interpolate_checkpoints, save_checkpoint
+        >>> folder = tempfile.mkdtemp()
+        >>> paths = []
+        >>> for seed in (0, 1):
+        ...     _ = torch.manual_seed(seed)
+        ...     paths.append(save_checkpoint(os.path.join(folder, f"m{seed}.pth"),
+        ...                                  build_model("tiny_daformer_r").state_dict()))
+        >>> from domainmerge.data import register_dataset
+        >>> from domainmerge.data.synthetic import SyntheticDataset
+        >>> register_dataset("small", lambda root, split, strict=True: SyntheticDataset(root, split, 4, size=(32, 64)),
+        ...                  overwrite=True)   # a dataset kind for the example: 4 synthetic scenes of 32x64
+        >>> found = interpolate_checkpoints(paths, [("city", "small", "city", "val")], steps=3)
+        >>> [row["weights"] for row in found.rows]
+        [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+        >>> sorted(found.barriers["city"])[:3]
+        ['argmax', 'argmin', 'barrier']
     """
     import torch
     from tqdm import tqdm
 
     from domainmerge.analysis import lmc
-    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.data import build_dataset
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.merging import DictSource, MergeSpec, plan_merge
-    from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.models import StoredNetwork
     from domainmerge.runtime import distributed
     from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
@@ -77,7 +121,11 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
     check_run_settings(batch_size, workers, max_windows)
     names = checkpoint_names(paths)
     datasets = {name: build_dataset(kind, root, split, strict=strict) for name, kind, root, split in domains}
-    state_dicts = [strip_model_prefix(load_state_dict(c, trust_pickle=trust_pickle), prefix) for c in paths]
+    stored = [StoredNetwork.open(c, prefix=prefix, trust_pickle=trust_pickle) for c in paths]
+    state_dicts: list[dict[str, torch.Tensor]] = []
+    for s in stored:
+        with s:   # the state dicts read stay valid after closing
+            state_dicts.append(s.state_dict())
     for c, sd in zip(paths, state_dicts):
         bad = nonfinite_keys(sd)
         if bad:
@@ -94,11 +142,8 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
             state_dicts[i], report = align_state_dicts(state_dicts[0], state_dicts[i])
             if log is not None:
                 log(f"aligned {names[i]} to {names[0]}: {100 * report.overall:.1f}% of units in place")
-    try:
-        model = model_from_state_dict(state_dicts[0], arch)
-        family = family_of(resolve_spec(state_dicts[0], arch))
-    except UserError as exc:
-        raise exc.prefixed(f"{paths[0]}: ") from None
+    model = stored[0].build(arch, state_dicts[0])
+    family = family_of(stored[0].spec(arch, state_dicts[0]))
     protos = {name: resolve(family, kind, protocol, mode=mode, crop=crop, stride=stride, img_scale=img_scale)
               for name, kind, _, _ in domains}
     if log is not None:
@@ -114,4 +159,5 @@ def interpolate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[s
 
     bar = tqdm(points, desc="lmc", unit="point", disable=not progress or not distributed.is_main_process())
     rows = lmc.scan(state_dicts, bar, score, buffers=buffers)
-    return Interpolation(names, rows, lmc.barriers(rows), protos)
+    return Interpolation(names, rows, lmc.barriers(rows), protos, paths, buffers, align,
+                         [(n, k, str(r), sp) for n, k, r, sp in domains])

@@ -27,11 +27,31 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from torch import Tensor
 
 from domainmerge.errors import Option, UserError
+
+
+class ScanRow(TypedDict):
+    """One point of a scan (:func:`scan`): its weights over the models, mIoU per domain and their H."""
+
+    weights: list[float]
+    scores: dict[str, float]
+    H: float
+
+
+class CurveSummary(TypedDict):
+    """One domain's (or H's) numbers over a scan (:func:`barriers`)."""
+
+    barrier: float
+    endpoint_mean: float
+    dip_below_line: float
+    min: float
+    argmin: list[float]
+    max: float
+    argmax: list[float]
 
 
 def barrier(values: Sequence[float], endpoints: Sequence[float] | None = None, *,
@@ -92,41 +112,41 @@ def interpolated(state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[
 
 def scan(state_dicts: Sequence[Mapping[str, Tensor]], points: Iterable[Sequence[float]],
          score: Callable[[dict[str, Tensor]], Mapping[str, float]], buffers: str = "gaussian",
-         ) -> list[dict[str, Any]]:
+         ) -> list[ScanRow]:
     """Score each interpolated model: one row per point with 'weights', per-domain scores and H."""
     from domainmerge.evaluation.metrics import harmonic_mean
 
-    rows = []
+    rows: list[ScanRow] = []
     for w in points:
         per_domain = dict(score(interpolated(state_dicts, w, buffers)))
-        rows.append({"weights": list(w), "scores": per_domain, "H": harmonic_mean(per_domain.values())})
+        rows.append(ScanRow(weights=list(w), scores=per_domain, H=harmonic_mean(per_domain.values())))
     return rows
 
 
-def barriers(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def barriers(rows: Sequence[ScanRow]) -> dict[str, CurveSummary]:
     """Per domain and for H: the barrier, the mean of the end points (the simplex's vertices),
     the curve's minimum and where it lies, and the best point."""
     k = len(rows[0]["weights"])
     vertices = sorted((r for r in rows if max(r["weights"]) == 1.0), key=lambda r: list(r["weights"]).index(1.0))
     if len(vertices) != k:
         raise ValueError("the grid must contain every model itself (its vertices)")
-    out = {}
+    out: dict[str, CurveSummary] = {}
     for metric in [*rows[0]["scores"], "H"]:
-        def value(r: Mapping[str, Any], m: str = metric) -> float:
+        def value(r: ScanRow, m: str = metric) -> float:
             return float(r["H"] if m == "H" else r["scores"][m])
         values = [value(r) for r in rows]
         ends = [value(r) for r in vertices]
         finite = [r for r in rows if not math.isnan(value(r))]
         worst = min(finite, key=value) if finite else rows[0]
         best = max(finite, key=value) if finite else rows[0]
-        out[metric] = {"barrier": barrier(values, ends), "endpoint_mean": sum(ends) / k,
-                       "dip_below_line": dip_below_line(values, [r["weights"] for r in rows], ends),
-                       "min": value(worst),
-                       "argmin": worst["weights"], "max": value(best), "argmax": best["weights"]}
+        out[metric] = CurveSummary(barrier=barrier(values, ends), endpoint_mean=sum(ends) / k,
+                                   dip_below_line=dip_below_line(values, [r["weights"] for r in rows], ends),
+                                   min=value(worst), argmin=worst["weights"], max=value(best),
+                                   argmax=best["weights"])
     return out
 
 
-def render(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, Any]],
+def render(rows: Sequence[ScanRow], summary: Mapping[str, CurveSummary],
            names: Sequence[str]) -> str:
     """Markdown of a scan and its barriers (:func:`domainmerge.reporting.lmc_markdown`)."""
     from domainmerge.reporting import lmc_markdown
@@ -134,14 +154,14 @@ def render(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str,
     return lmc_markdown(rows, summary, names)
 
 
-def plot_curve(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
+def plot_curve(rows: Sequence[ScanRow], names: Sequence[str], path: str | Path) -> None:
     """PNG of a two-model scan (:func:`domainmerge.reporting.plot_lmc_curve`)."""
     from domainmerge.reporting import plot_lmc_curve
 
     plot_lmc_curve(rows, names, path)
 
 
-def plot_ternary(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: str | Path) -> None:
+def plot_ternary(rows: Sequence[ScanRow], names: Sequence[str], path: str | Path) -> None:
     """PNG of a three-model scan (:func:`domainmerge.reporting.plot_lmc_simplex`)."""
     from domainmerge.reporting import plot_lmc_simplex
 

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -108,38 +107,45 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
 
     Returns:
         A :class:`RecalibrationReport`.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge import build_model, load_state_dict, recalibrate_file, save_checkpoint
+        >>> folder = tempfile.mkdtemp()
+        >>> path = save_checkpoint(os.path.join(folder, "merged.pth"), build_model("tiny_daformer_r").state_dict())
+        >>> from domainmerge.data import register_dataset
+        >>> from domainmerge.data.synthetic import SyntheticDataset
+        >>> register_dataset("small", lambda root, split, strict=True: SyntheticDataset(root, split, 4, size=(32, 64)),
+        ...                  overwrite=True)   # a dataset kind for the example: 4 synthetic scenes of 32x64
+        >>> report = recalibrate_file(path, os.path.join(folder, "recal.pth"), images=4, batch_size=2,
+        ...                           domains=[("city", "small", "city", "train")])
+        >>> report.images, report.batches
+        ({'city': 4}, 2)
+        >>> float(load_state_dict(report.output)["backbone.stem.1.num_batches_tracked"])
+        2.0
     """
-    from domainmerge.checkpoint import (
-        network_prefix,
-        open_checkpoint,
-        save_checkpoint,
-        strip_model_prefix,
-        updated_record,
-    )
-    from domainmerge.data import image_dataset
+    from domainmerge.data import SegDataset, image_dataset
     from domainmerge.data.sampling import image_batches, spread_indices
     from domainmerge.evaluation.protocols import family_of, resolve
     from domainmerge.fsutil import check_output_path
-    from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.models import StoredNetwork
     from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
     if batch_size < 1:
         raise UserError(Option("batch_size", batch_size), ": must be at least 1")
     check_output_path(output, force=force, inputs=(checkpoint,))
-    datasets: dict[str, Any] = {name: image_dataset(kind, root, split, strict=strict)
+    datasets: dict[str, SegDataset] = {name: image_dataset(kind, root, split, strict=strict)
                                 for name, kind, root, split in domains}
     indices = spread_indices({name: len(ds) for name, ds in datasets.items()}, images)
-    with open_checkpoint(checkpoint, trust_pickle=trust_pickle) as ck:
-        full = ck.state_dict()
-        net_prefix = network_prefix(full) if prefix == "auto" else prefix
-        net = strip_model_prefix(full, net_prefix)
+    with StoredNetwork.open(checkpoint, prefix=prefix, trust_pickle=trust_pickle) as stored:
+        net = stored.state_dict()
         # Statistics are re-estimated, so NaN there is repaired; NaN in weights would only spread into them.
         bad = [k for k in nonfinite_keys(net) if not k.endswith(("running_mean", "running_var"))]
         if bad:
             raise UserError(nonfinite_message(str(checkpoint), bad), "; recalibrating BatchNorm statistics cannot "
                             "repair it")
-        model = model_from_state_dict(net, arch)
-        family = family_of(resolve_spec(net, arch))
+        model = stored.build(arch, net)
+        family = family_of(stored.spec(arch, net))
         scales = {name: resolve(family, kind, protocol, img_scale=img_scale).img_scale
                   for name, kind, _, _ in domains}
         n_images = sum(len(v) for v in indices.values())
@@ -154,11 +160,7 @@ def recalibrate_file(checkpoint: str | os.PathLike[str], output: str | os.PathLi
         if bad:
             raise UserError(f"recalibration gave NaN or infinite statistics (e.g. {bad[0]!r}); {output} is not "
                             "written: check the images and the network")
-        out = dict(full)
-        for key, value in model.state_dict().items():
-            original = full[net_prefix + key]
-            out[net_prefix + key] = value.detach().to("cpu", original.dtype)
-        record = updated_record(ck, recalibrated={"images": n_images, "batches": batches,
-                                                  "domains": {d: len(v) for d, v in indices.items()}})
-        written = save_checkpoint(output, out, template=ck, record=record, force=force, inputs=(checkpoint,))
+        record = stored.updated_record(recalibrated={"images": n_images, "batches": batches,
+                                                     "domains": {d: len(v) for d, v in indices.items()}})
+        written = stored.save(output, model.state_dict(), record=record, force=force)
     return RecalibrationReport(written, {d: len(v) for d, v in indices.items()}, batches, scales)

@@ -26,7 +26,14 @@ from domainmerge.checkpoint.core import (
     TensorInfo,
 )
 from domainmerge.checkpoint.pickles import write_pickle
-from domainmerge.checkpoint.prefixes import WRAPPER_PREFIXES, detect_prefixes, network_prefix, strip_model_prefix
+from domainmerge.checkpoint.prefixes import (
+    DA_TRAINING,
+    WRAPPER_PREFIXES,
+    Layout,
+    detect_prefixes,
+    network_prefix,
+    strip_model_prefix,
+)
 from domainmerge.checkpoint.reading import load_state_dict, open_checkpoint
 from domainmerge.checkpoint.safetensors_io import SafetensorsWriter
 from domainmerge.checkpoint.writing import (
@@ -40,8 +47,9 @@ from domainmerge.checkpoint.writing import (
 )
 
 __all__ = [
-    "CONTAINERS", "DROPPED_ENTRIES", "PICKLE_SUFFIXES", "STATE_DICT_KEYS", "WRAPPER_PREFIXES", "Checkpoint",
-    "CheckpointWriter", "SafetensorsWriter", "TensorInfo", "build_container", "checkpoint_writer",
+    "CONTAINERS", "DA_TRAINING", "DROPPED_ENTRIES", "PICKLE_SUFFIXES", "STATE_DICT_KEYS", "WRAPPER_PREFIXES",
+    "Checkpoint",
+    "CheckpointWriter", "Layout", "SafetensorsWriter", "TensorInfo", "build_container", "checkpoint_writer",
     "detect_prefixes", "load_state_dict", "network_prefix", "open_checkpoint", "output_format",
     "safetensors_metadata", "save_checkpoint", "strip_model_prefix", "updated_record", "write_pickle",
 ]

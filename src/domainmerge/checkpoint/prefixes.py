@@ -1,16 +1,61 @@
-"""The wrapper prefixes of DA training checkpoints and DataParallel, and the rule that picks the
-student network's (``prefix='auto'``)."""
+"""The wrapper prefixes of DA training checkpoints and DataParallel, the named layout of a DA
+training container (:data:`DA_TRAINING`) and the rule that picks the student network's
+(``prefix='auto'``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from domainmerge.errors import Option, UserError
 
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the networks of a container sit in its state dict: one wrapper prefix per role.
+
+    ``wrap`` puts networks under their prefixes (roles in the layout's order), ``network`` takes
+    one back out (keys without the prefix).
+    """
+
+    name: str
+    prefixes: tuple[tuple[str, str], ...]    # (role, prefix), in the order they are written
+
+    def prefix(self, role: str) -> str:
+        """The wrapper prefix of ``role`` (``'student'`` -> ``'model.'`` in :data:`DA_TRAINING`)."""
+        for r, p in self.prefixes:
+            if r == role:
+                return p
+        raise KeyError(f"{self.name}: no role {role!r}; roles: {', '.join(r for r, _ in self.prefixes)}")
+
+    def wrap(self, **networks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One state dict holding each network under its role's prefix (roles in layout order;
+        a role not given is left out)."""
+        unknown = set(networks) - {r for r, _ in self.prefixes}
+        if unknown:
+            raise KeyError(f"{self.name}: no role {sorted(unknown)[0]!r}")
+        return {p + k: v for r, p in self.prefixes if r in networks for k, v in networks[r].items()}
+
+    def network(self, state_dict: Mapping[str, torch.Tensor], role: str) -> dict[str, torch.Tensor]:
+        """The tensors of ``role``'s network, keys without its prefix (:func:`strip_model_prefix`:
+        a UserError when no key has it)."""
+        return strip_model_prefix(state_dict, self.prefix(role))
+
+    def networks(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Every role's tensors, keys without its prefix (empty for a role the state dict lacks);
+        keys under no role's prefix are left out."""
+        return {role: {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)} for role, p in self.prefixes}
+
+
+# The container DAFormer / HRDA / MIC training (and domainmerge adapt) writes: the student, its EMA
+# teacher and the frozen ImageNet copy for the feature distance, in one mmseg state dict.
+DA_TRAINING = Layout("DA training checkpoint", (("student", "model."), ("teacher", "ema_model."),
+                                                 ("imnet", "imnet_model.")))
+
 # Prefixes that wrap the network inside DA training checkpoints and DataParallel.
-WRAPPER_PREFIXES = ("model.", "ema_model.", "imnet_model.", "module.")
+WRAPPER_PREFIXES = (*(p for _, p in DA_TRAINING.prefixes), "module.")
 
 
 def detect_prefixes(keys: Iterable[str]) -> list[str]:
@@ -24,7 +69,8 @@ def network_prefix(keys: Iterable[str]) -> str:
     checkpoints also hold ``ema_model.`` and ``imnet_model.``), else ``module.`` (DataParallel),
     else ``""`` (a bare network). The rule behind every ``prefix='auto'``."""
     found = detect_prefixes(keys)
-    return "model." if "model." in found else ("module." if "module." in found else "")
+    student = DA_TRAINING.prefix("student")
+    return student if student in found else ("module." if "module." in found else "")
 
 
 def strip_model_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "auto") -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domainmerge.commands._common import (
     add_domain_argument,
@@ -13,6 +13,9 @@ from domainmerge.commands._common import (
     parse_domains,
     protocol_settings,
 )
+
+if TYPE_CHECKING:
+    from domainmerge.evaluation.checkpoints import Intervals
 
 DESCRIPTION = """\
 Evaluate segmentation checkpoints (DAFormer, HRDA, MIC or domainmerge's own; architecture
@@ -68,21 +71,17 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _intervals(scores_of: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """Bootstrap intervals of every row's scores (and differences against the first row); prints them."""
+def _print_intervals(ci: Intervals) -> None:
+    """The bootstrap intervals (:meth:`Evaluation.intervals`) as tables."""
     from domainmerge import reporting
-    from domainmerge.evaluation.bootstrap import compare
 
-    stats = {r: {d: s.per_image for d, s in per.items()} for r, per in scores_of.items()}
-    ci = compare(stats, resamples=args.resamples, level=args.level, seed=args.ci_seed)
-    pct = f"{args.level * 100:g}%"
-    print(f"\n{pct} bootstrap intervals over images ({args.resamples} resamples, percentile):")
-    print(reporting.interval_table(ci["intervals"]))
-    if ci["differences"]:
-        print(f"\nPaired difference against {ci['reference']} (the same resampled images for both), "
+    pct = f"{ci.level * 100:g}%"
+    print(f"\n{pct} bootstrap intervals over images ({ci.resamples} resamples, percentile):")
+    print(reporting.interval_table(ci.intervals))
+    if ci.differences:
+        print(f"\nPaired difference against {ci.reference} (the same resampled images for both), "
               f"{pct} interval:")
-        print(reporting.interval_table(ci["differences"], name=f"Model - {ci['reference']}", signed=True))
-    return ci
+        print(reporting.interval_table(ci.differences, name=f"Model - {ci.reference}", signed=True))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,24 +131,11 @@ def run(args: argparse.Namespace) -> int:
         print(reporting.class_table(next(iter(scores_of.values()))))
         print()
     print(reporting.domain_table(mious, domains=[d[0] for d in domains]))
-    ci = _intervals(scores_of, args) if args.ci else None
+    ci = result.intervals(resamples=args.resamples, level=args.level, seed=args.ci_seed) if args.ci else None
+    if ci is not None:
+        _print_intervals(ci)
     if args.json:
-        out = {
-            "settings": {"protocol": args.protocol, "mode": args.mode, "crop": args.crop, "stride": args.stride,
-                         "img_scale": args.img_scale,
-                         "num_classes": args.num_classes, "arch": args.arch, "prefix": args.prefix,
-                         "domains": {n: {"dataset": k, "root": r, "split": s} for n, k, r, s in domains}},
-            "results": {r: {**res,
-                            **(reporting.summarize(mious[r]) if len(mious[r]) > 1 else {})}
-                        for r, res in result.results.items()},
-        }
-        if ci is not None:
-            out["settings"]["ci"] = {"resamples": args.resamples, "level": args.level, "seed": args.ci_seed,
-                                     "method": "percentile bootstrap over images", "reference": ci["reference"]}
-            for r, per in ci["intervals"].items():
-                out["results"][r]["ci"] = {k: v.to_dict() for k, v in per.items()}
-            for r, per in ci["differences"].items():
-                out["results"][r]["difference_vs_reference"] = {k: v.to_dict() for k, v in per.items()}
+        out = result.to_dict(ci)
         try:
             reporting.write_json(args.json, out, replace=args.force)
         except BaseException:

@@ -79,12 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(text, end="")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        record = {"checkpoints": list(args.ckpts), "names": found.names, "buffers": args.buffers,
-                  "aligned": args.align,
-                  "domains": {d[0]: {"dataset": d[1], "root": d[2], "split": d[3]} for d in domains},
-                  "protocol": {name: proto.to_dict() for name, proto in found.protocols.items()},
-                  "points": found.rows, "barriers": found.barriers}
-        reporting.write_json(outputs["lmc.json"], record, replace=args.force)
+        reporting.write_json(outputs["lmc.json"], found.to_dict(), replace=args.force)
         reporting.write_markdown(outputs["lmc.md"], text, replace=args.force)
         if k == 2:
             lmc.plot_curve(found.rows, found.names, outputs["lmc.png"])

@@ -4,6 +4,7 @@ from domainmerge.data.classes import CLASSES, IGNORE_INDEX, MEAN, NUM_CLASSES, P
 from domainmerge.data.readers import (
     LAYOUTS,
     PairedFolderDataset,
+    SegDataset,
     build_dataset,
     dataset_kinds,
     folder_dataset,
@@ -17,6 +18,6 @@ from domainmerge.data.readers import (
 
 __all__ = [
     "CLASSES", "IGNORE_INDEX", "LAYOUTS", "MEAN", "NUM_CLASSES", "PALETTE", "STD",
-    "PairedFolderDataset", "build_dataset", "dataset_kinds", "folder_dataset", "image_dataset", "load_image",
-    "load_label", "pair_files", "read_label_map", "register_dataset",
+    "PairedFolderDataset", "SegDataset", "build_dataset", "dataset_kinds", "folder_dataset", "image_dataset",
+    "load_image", "load_label", "pair_files", "read_label_map", "register_dataset",
 ]

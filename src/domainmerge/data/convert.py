@@ -109,11 +109,34 @@ class Conversion:
 
 def convert_labels(dataset: str, root: str | os.PathLike[str], *, workers: int = 1,
                    rcs_splits: Sequence[str] = (), progress: bool = False) -> Conversion:
-    """Write the train-id label files of ``dataset`` (gta, cityscapes, idd, acdc, darkzurich)
-    under ``root``, in ``workers`` processes; files newer than their source are skipped. Then
-    cache the rare-class sampling statistics of every split in ``rcs_splits``
-    (:func:`domainmerge.data.rcs.cached_class_counts`). Every split and output folder is checked
-    before anything is converted."""
+    """Write the train-id label files of ``dataset`` under ``root`` (the library behind
+    ``domainmerge convert-labels``); files newer than their source are skipped. Every split and
+    output folder is checked before anything is converted.
+
+    Args:
+        dataset: gta, cityscapes, idd, acdc or darkzurich (the layout and label ids to convert).
+        root: the dataset's folder, in its authors' layout.
+        workers: conversion processes.
+        rcs_splits: splits whose rare-class sampling statistics are then cached
+            (:func:`domainmerge.data.rcs.cached_class_counts`).
+        progress: progress bars.
+
+    Returns:
+        A :class:`Conversion`: files written, files already up to date, the RCS caches.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from PIL import Image
+        >>> from domainmerge import convert_labels
+        >>> root = Path(tempfile.mkdtemp())
+        >>> folder = root / "gtFine" / "val" / "bremen"
+        >>> folder.mkdir(parents=True)
+        >>> Image.fromarray(np.array([[7, 26]], np.uint8)).save(folder / "a_gtFine_labelIds.png")
+        >>> convert_labels("cityscapes", root)   # Cityscapes id 7 is road (train id 0), 26 car (13)
+        Conversion(written=1, up_to_date=0, rcs={})
+        >>> np.array(Image.open(folder / "a_gtFine_labelTrainIds.png")).tolist()
+        [[0, 13]]
+    """
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,6 +32,18 @@ from domainmerge.data.labels import (
 from domainmerge.errors import CONVERT_LABELS, Option, UserError
 
 Sample = tuple[torch.Tensor, torch.Tensor, str]
+
+
+@runtime_checkable
+class SegDataset(Protocol):
+    """A segmentation dataset as every part of domainmerge reads it: ``len()`` and items
+    ``(image uint8 [3, H, W], label int64 [H, W] train ids, name)`` (:func:`build_dataset`'s
+    readers, the synthetic world, any ``torch.utils.data.Dataset`` of such items). An image-only
+    reader (:func:`image_dataset`) fills the label with the ignore index."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
 
 
 @dataclass(frozen=True)
@@ -209,7 +221,7 @@ class PairedFolderDataset(torch.utils.data.Dataset[Sample]):
         return image, label, name
 
 
-DatasetFactory = Callable[..., torch.utils.data.Dataset]
+DatasetFactory = Callable[..., SegDataset]
 _FACTORIES: dict[str, DatasetFactory] = {}
 # Kinds registered by their own module on import; imported on first use (avoids import cycles).
 _PROVIDERS: dict[str, str] = {"synthetic": "domainmerge.data.synthetic"}
@@ -270,7 +282,7 @@ def dataset_kinds() -> tuple[str, ...]:
 
 
 def build_dataset(kind: str, root: str | Path, split: str, strict: bool = True,
-                  **options: Any) -> torch.utils.data.Dataset:
+                  **options: Any) -> SegDataset:
     """The dataset ``kind`` under ``root``: items ``(image uint8 [3,H,W], label int64 [H,W], name)``.
 
     Args:
@@ -283,7 +295,8 @@ def build_dataset(kind: str, root: str | Path, split: str, strict: bool = True,
         options: options of the kind's reader (``length``, ``seed``, ``size`` for synthetic).
 
     Returns:
-        A ``torch.utils.data.Dataset``; a missing folder or file raises a UserError naming it.
+        A :class:`SegDataset` (a ``torch.utils.data.Dataset``); a missing folder or file raises a
+        UserError naming it.
 
     Example:
         >>> from domainmerge import build_dataset
@@ -302,7 +315,7 @@ def build_dataset(kind: str, root: str | Path, split: str, strict: bool = True,
     return factory(root, split, strict=strict, **options)
 
 
-def image_dataset(kind: str, root: str | Path, split: str, *, strict: bool = True) -> torch.utils.data.Dataset:
+def image_dataset(kind: str, root: str | Path, split: str, *, strict: bool = True) -> SegDataset:
     """:func:`build_dataset` for reading images only (items still ``(image, label, name)``): the
     readers that can skip labels do, so unlabeled splits (a target's training images) work."""
     images_only = {"labels": False} if kind in LAYOUTS or kind == "folder" else {}

@@ -27,7 +27,8 @@ COEF_SCALE = 1 << COEF_BITS
 def rescale_size(height: int, width: int, img_scale: tuple[int, int] | None) -> tuple[int, int]:
     """mmcv's ``imrescale`` size for ``Resize(img_scale=(long, short), keep_ratio=True)``: the
     scale ``min(long / max(h, w), short / min(h, w))`` applied to each edge, rounded half up
-    (``int(x * scale + 0.5)``). ``None`` keeps the size."""
+    (``int(x * scale + 0.5)``). ``None`` keeps the size. The one copy of the rule: evaluation's
+    resize and training's (``data.transforms.resize_keep_ratio``) both call it."""
     if img_scale is None:
         return height, width
     long_edge, short_edge = max(img_scale), min(img_scale)

@@ -5,12 +5,12 @@ rescales them). Shared by BN recalibration, the learned merges and the demo."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from domainmerge.data.readers import SegDataset
 from domainmerge.data.resize import resize_to_scale
 from domainmerge.errors import Option, UserError
 from domainmerge.tensors import equal_size_batches, normalize
@@ -29,7 +29,7 @@ def spread_indices(lengths: Mapping[str, int], n: int) -> dict[str, list[int]]:
     return out
 
 
-def image_batches(datasets: Mapping[str, Any], indices: Mapping[str, Sequence[int]], *, batch_size: int = 1,
+def image_batches(datasets: Mapping[str, SegDataset], indices: Mapping[str, Sequence[int]], *, batch_size: int = 1,
                   img_scale: tuple[int, int] | None | Mapping[str, tuple[int, int] | None] = None
                   ) -> Iterable[Tensor]:
     """Normalised batches [B, 3, H, W] of ``datasets[d][i]`` (items whose first element is a uint8

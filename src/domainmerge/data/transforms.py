@@ -14,19 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from domainmerge.data.classes import IGNORE_INDEX, MEAN
+from domainmerge.data.resize import rescale_size
 
 Box = tuple[int, int, int, int]   # (y1, y2, x1, x2), end-exclusive
-
-
-def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """(new_width, new_height) of mmcv.imrescale: fit inside ``scale`` keeping the aspect ratio.
-
-    As mmcv's ``rescale_size``: the factor is min(long / long_side, short / short_side) with
-    ``long``/``short`` the larger/smaller entry of ``scale``; sizes are ``int(x * factor + 0.5)``.
-    """
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(width, height), short_edge / min(width, height))
-    return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
 def resize(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]
@@ -71,8 +61,7 @@ def resize_keep_ratio(image: torch.Tensor, label: torch.Tensor | None, scale: tu
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """mmseg ``Resize(img_scale=scale, keep_ratio=True)``: ``scale`` is (W, H) as in mmseg configs."""
     height, width = image.shape[-2:]
-    new_w, new_h = rescale_size(width, height, scale)
-    return resize(image, label, (new_h, new_w))
+    return resize(image, label, rescale_size(int(height), int(width), scale))
 
 
 def random_crop_box(height: int, width: int, crop: tuple[int, int], rng: np.random.Generator) -> Box:

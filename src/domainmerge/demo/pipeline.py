@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from domainmerge.analysis.lmc import barrier, dip_below_line, lambda_grid
+from domainmerge.analysis.lmc import barriers, lambda_grid, scan
+from domainmerge.checkpoint import DA_TRAINING
+from domainmerge.data.readers import SegDataset
 from domainmerge.data.synthetic import SOURCE, TARGETS, SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.demo.claims import ALL_CHECKS, Judge, Stat, format_check, judged, not_tested
@@ -39,15 +41,16 @@ from domainmerge.demo.records import (
     Check,
     Curve,
     DemoResults,
-    Interpolation,
+    InterpolationCurves,
     MethodsResult,
     combined,
     group,
     merged,
     stda,
 )
-from domainmerge.errors import UserError
-from domainmerge.evaluation.metrics import ImageStats, SegMetric, harmonic_mean
+from domainmerge.errors import Option, UserError
+from domainmerge.evaluation.inference import evaluate_model
+from domainmerge.evaluation.metrics import ImageStats
 from domainmerge.reporting import jsonable
 from domainmerge.tensors import normalize
 from domainmerge.training import AdaptConfig, Recipe, adapt
@@ -126,9 +129,9 @@ def parse_targets(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in names if t not in TARGETS]
     if unknown:
-        raise UserError(f"--targets: unknown target {unknown[0]!r}; choose from {','.join(TARGETS)}")
+        raise UserError(Option("targets", text), f": unknown target {unknown[0]!r}; choose from {','.join(TARGETS)}")
     if len(set(names)) != len(names) or len(names) < 2:
-        raise UserError(f"--targets {text!r}: give at least two different targets, e.g. city,idd")
+        raise UserError(Option("targets", text), ": give at least two different targets, e.g. city,idd")
     return names
 
 
@@ -142,7 +145,7 @@ class TrainRun:
     seconds: float
 
 
-def train_run(arch: str, recipe: Recipe, init: StateDict, seed: int, source: Any, target: Any | None,
+def train_run(arch: str, recipe: Recipe, init: StateDict, seed: int, source: SegDataset, target: SegDataset | None,
               desc: str, progress: bool = True) -> TrainRun:
     """One run of the shared trainer in memory (no checkpoint files) from ``init``: whole 64x128
     images (no resize or crop), flipped half of the time. Module-level, so worker processes run it."""
@@ -173,25 +176,19 @@ def methods_run(arch: str, seed: int, models: Mapping[str, StateDict], groups: M
 
 
 def to_checkpoint_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """The mmseg DA-training layout: the student's keys under 'model.'."""
-    return {f"model.{k}": v.detach().clone() for k, v in state_dict.items()}
+    """The DA-training layout (:data:`domainmerge.checkpoint.DA_TRAINING`): the student's keys under 'model.'."""
+    return DA_TRAINING.wrap(student={k: v.detach() for k, v in state_dict.items()})
 
 
-@torch.no_grad()
 def image_stats(model: nn.Module, state_dict: Mapping[str, torch.Tensor], dataset: SyntheticDataset,
                 batch_size: int = 50) -> ImageStats:
     """Per-image counts of the network with ``state_dict`` on a labeled split (whole-image
-    inference), in the split's order: the split's mIoU and its bootstrap resamples."""
-    from domainmerge.evaluation.inference import predict
-
+    inference, :func:`domainmerge.evaluation.inference.evaluate_model`), in the split's order:
+    the split's mIoU and its bootstrap resamples."""
     model.load_state_dict(state_dict)
-    model.eval()
-    metric = SegMetric(num_classes=19)
-    confs = []
-    for i in range(0, len(dataset), batch_size):
-        images, labels = dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
-        confs.append(metric.update_per_image(predict(model, images).argmax(1), labels))
-    return ImageStats.from_confusions(torch.cat(confs))
+    stats = evaluate_model(model, dataset, batch_size=batch_size, workers=0, progress=False, per_image=True).per_image
+    assert stats is not None   # per_image=True fills it
+    return stats
 
 
 def evaluate(model: nn.Module, state_dict: Mapping[str, torch.Tensor], dataset: SyntheticDataset,
@@ -259,7 +256,7 @@ class Demo:
         reset_head(model, seed + 1)
         return model.state_dict()
 
-    def _launch(self, pool: Pool, name: str, recipe: Recipe, init: StateDict, seed: int, source: Any,
+    def _launch(self, pool: Pool, name: str, recipe: Recipe, init: StateDict, seed: int, source: SegDataset,
                 targets: Sequence[str] = ()) -> Future[TrainRun]:
         """Start one run of the shared trainer on ``pool`` (``targets``: self-training on them)."""
         target = None if not targets else self.train[targets[0]] if len(targets) == 1 else \
@@ -328,16 +325,15 @@ class Demo:
         """``state_dict`` with BN statistics re-estimated (cumulative average) on ``recal_images``
         unlabeled training images spread evenly over ``targets``, in batches of 8."""
         from domainmerge.analysis.recalibrate import recalibrate_bn
-        from domainmerge.data.sampling import spread_indices
+        from domainmerge.data.sampling import image_batches, spread_indices
 
         idx = spread_indices({t: len(self.train[t]) for t in targets}, self.p.recal_images)
-        images = torch.cat([self.train[t].images[idx[t]] for t in targets])
         net.load_state_dict(state_dict)
-        recalibrate_bn(net, (normalize(images[i:i + 8]) for i in range(0, len(images), 8)))
+        recalibrate_bn(net, image_batches(self.train, {t: idx[t] for t in targets}, batch_size=8))
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     def evaluate_stage(self) -> None:
-        from domainmerge.merging import interpolate, merge_state_dicts, merge_state_dicts_per_head
+        from domainmerge.merging import merge_state_dicts, merge_state_dicts_per_head
 
         p, targets = self.p, self.p.targets
         a, b = targets[:2]
@@ -393,16 +389,22 @@ class Demo:
         curves: dict[str, Curve] = {}
         self.curve_stats: dict[str, list[dict[str, ImageStats]]] = {}
         for label, end_b in [("shared_init", stda(b)), ("different_init", stda(b, DIFFINIT))]:
-            points = [interpolate(self.models[stda(a)], self.models[end_b], lam) for lam in lams]
-            self.curve_stats[label] = [{d: image_stats(net, sd, self.val[d]) for d in (a, b)} for sd in points]
-            rows = [{d: st.miou() for d, st in point.items()} for point in self.curve_stats[label]]
-            values = {d: [r[d] for r in rows] for d in (a, b)}
-            values["H"] = [harmonic_mean([r[a], r[b]]) for r in rows]
-            # The paper's barrier (mean of the ends - minimum) and the dip below the line between the ends.
-            curves[label] = Curve(
-                {d: values[d] for d in (a, b)}, values["H"], {k: barrier(v) for k, v in values.items()},
-                {k: dip_below_line(v, [(1 - lam, lam) for lam in lams], [v[0], v[-1]]) for k, v in values.items()})
-        self.results.interpolation = Interpolation(lams, curves)
+            point_stats: list[dict[str, ImageStats]] = []
+
+            def point_scores(sd: StateDict, point_stats: list[dict[str, ImageStats]] = point_stats
+                             ) -> dict[str, float]:
+                point_stats.append({d: image_stats(net, sd, self.val[d]) for d in (a, b)})
+                return {d: st.miou() for d, st in point_stats[-1].items()}
+
+            # analysis.lmc builds each point with the merge rules and gives H per point, the paper's
+            # barrier (mean of the ends - minimum) and the dip below the line between the ends.
+            rows = scan([self.models[stda(a)], self.models[end_b]], [(1 - lam, lam) for lam in lams], point_scores)
+            summary = barriers(rows)
+            self.curve_stats[label] = point_stats
+            curves[label] = Curve({d: [r["scores"][d] for r in rows] for d in (a, b)}, [r["H"] for r in rows],
+                                  {k: v["barrier"] for k, v in summary.items()},
+                                  {k: v["dip_below_line"] for k, v in summary.items()})
+        self.results.interpolation = InterpolationCurves(lams, curves)
         self._done("interpolation", start)
 
     def _method_groups(self) -> dict[str, list[str]]:
@@ -540,16 +542,42 @@ class Demo:
 
 def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = False, jobs: int = 1,
              log: Callable[[str], None] = print) -> DemoResults:
-    """Run every stage, write results.json, results.md and the plots to ``out``; return the results.
+    """Run every stage, write results.json, results.md and the plots to ``out``; return the results
+    (the library behind ``domainmerge demo``).
 
-    ``jobs`` worker processes run the independent training runs side by side, and the methods
-    table beside the evaluation; the numbers do not depend on ``jobs`` (see ``demo.jobs``)."""
+    Args:
+        preset: sizes and iteration counts (:data:`PRESETS`, or :func:`preset_with` for other
+            targets or networks).
+        out: the output folder (created).
+        seed: seed of the world, the initialisations and the sampling.
+        force: overwrite an existing results.json in ``out``.
+        jobs: worker processes that run the independent training runs side by side, and the
+            methods table beside the evaluation; the numbers do not depend on it (``demo.jobs``).
+        log: called with each progress line and, at the end, each check's verdict.
+
+    Returns:
+        The :class:`DemoResults` (``to_dict()`` is results.json): scores per model and target,
+        interpolation curves, methods table, the paper's checks.
+
+    Example:
+        >>> import contextlib, io, os, tempfile
+        >>> from domainmerge import run_demo
+        >>> from domainmerge.demo import PRESETS
+        >>> folder = tempfile.mkdtemp()
+        >>> with contextlib.redirect_stdout(io.StringIO()):   # the stages' progress lines
+        ...     results = run_demo(PRESETS["tiny"], folder, log=lambda line: None)
+        >>> results.targets, [c.id for c in results.checks][:3]
+        (['city', 'night'], ['1', '2', '3'])
+        >>> sorted(f for f in os.listdir(folder) if f.startswith("results"))
+        ['results.json', 'results.md']
+    """
     from domainmerge.demo.report import plot, render_markdown
     from domainmerge.reporting import write_json, write_markdown
 
     out = Path(out)
     if (out / "results.json").exists() and not force:
-        raise UserError(f"{out}/results.json exists; pass --force to overwrite the demo's outputs")
+        raise UserError(f"{out}/results.json exists; pass ", Option("force", switch=True),
+                        " to overwrite the demo's outputs")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     demo = Demo(preset, out, seed, log)
     demo.build_world()
@@ -572,9 +600,9 @@ def run_demo(preset: Preset, out: str | Path, *, seed: int = 0, force: bool = Fa
 
 
 def preset_with(name: str, targets: str | None = None, arch: str | None = None) -> Preset:
-    """A named preset, with ``--targets`` and ``--arch`` applied."""
+    """A named preset, with ``targets`` ('city,idd') and ``arch`` applied."""
     if name not in PRESETS:
-        raise UserError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
+        raise UserError(Option("preset", name), f": unknown; choose one of {', '.join(PRESETS)}")
     p = PRESETS[name]
     return replace(p, targets=parse_targets(targets, p.targets), arch=arch or p.arch)
 

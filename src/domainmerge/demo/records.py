@@ -147,7 +147,7 @@ class Curve:
 
 
 @dataclass
-class Interpolation:
+class InterpolationCurves:
     """The two curves between the first two targets' STDA models: 'shared_init' and 'different_init'."""
 
     lambdas: list[float]
@@ -157,7 +157,7 @@ class Interpolation:
         return {"lambda": self.lambdas, **{k: c.to_dict() for k, c in self.curves.items()}}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Interpolation:
+    def from_dict(cls, data: Mapping[str, Any]) -> InterpolationCurves:
         return cls(list(data["lambda"]), {k: Curve.from_dict(v) for k, v in data.items() if k != "lambda"})
 
 
@@ -175,7 +175,7 @@ class DemoResults:
     pretrain_loss: dict[str, float] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)     # model name -> domain -> mIoU
     subsets: dict[str, list[str]] = field(default_factory=dict)           # group label -> targets
-    interpolation: Interpolation | None = None
+    interpolation: InterpolationCurves | None = None
     methods: MethodsResult | None = None
     checks: list[Check] = field(default_factory=list)
     wall_time_s: float = 0.0
@@ -197,7 +197,7 @@ class DemoResults:
         """A results.json read back."""
         kw = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
         if data.get("interpolation") is not None:
-            kw["interpolation"] = Interpolation.from_dict(data["interpolation"])
+            kw["interpolation"] = InterpolationCurves.from_dict(data["interpolation"])
         if data.get("methods") is not None:
             kw["methods"] = MethodsResult.from_dict(data["methods"])
         kw["checks"] = [Check.from_dict(c) for c in data.get("checks", [])]
@@ -205,4 +205,4 @@ class DemoResults:
 
 
 __all__ = ["BUFFER_RULES", "COMBINED_ALL", "DIFFINIT", "SOURCE_ONLY", "Check", "Condition", "Curve", "DemoResults",
-           "Interpolation", "MethodRow", "MethodsResult", "combined", "group", "merged", "stda"]
+           "InterpolationCurves", "MethodRow", "MethodsResult", "combined", "group", "merged", "stda"]

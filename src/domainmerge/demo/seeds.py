@@ -15,7 +15,7 @@ from typing import Any
 
 from domainmerge.demo.pipeline import Preset, run_demo
 from domainmerge.demo.records import DemoResults, combined, group, merged, stda
-from domainmerge.errors import UserError
+from domainmerge.errors import Option, UserError
 from domainmerge.reporting import fmt, markdown_table
 from domainmerge.tensors import harmonic_mean
 
@@ -25,9 +25,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+        raise UserError(Option("seeds", text), ": give comma-separated integers, e.g. 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {text!r}: give one or more different integers, e.g. 0,1,2")
+        raise UserError(Option("seeds", text), ": give one or more different integers, e.g. 0,1,2")
     return seeds
 
 
@@ -123,7 +123,7 @@ def run_seeds(preset: Preset, out: str | Path, seeds: Sequence[int], *, force: b
     # Every output is checked before the first run starts, not after an hour of training.
     for target in [out / "results.json", *(out / f"seed{s}" / "results.json" for s in seeds)]:
         if target.exists() and not force:
-            raise UserError(f"{target} exists; pass --force to overwrite the demo's outputs")
+            raise UserError(f"{target} exists; pass ", Option("force", switch=True), " to overwrite the demo's outputs")
     runs = {}
     for s in seeds:
         log(f"=== seed {s} ===")

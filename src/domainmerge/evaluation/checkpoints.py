@@ -14,8 +14,10 @@ from typing import Any
 from torch import nn
 
 from domainmerge.errors import Option, OutputExistsError, UserError
+from domainmerge.evaluation.bootstrap import Interval
 from domainmerge.evaluation.inference import evaluate_with
 from domainmerge.evaluation.metrics import SegScores
+from domainmerge.evaluation.protocols import Protocol
 
 PathLike = str | os.PathLike[str]
 
@@ -71,25 +73,22 @@ def load_network(path: PathLike, *, arch: str = "auto", prefix: str = "auto", tr
     """The network in a checkpoint file (wrapper ``prefix`` stripped, ``arch`` detected or
     named, HRDA's detail crop ``hr_crop``), its description and its family (for the test
     protocol). Non-finite tensors are refused unless ``allow_nonfinite`` (then ``warn`` is told)."""
-    from domainmerge.checkpoint import load_state_dict, strip_model_prefix
     from domainmerge.evaluation.protocols import family_of
-    from domainmerge.models import model_from_state_dict, resolve_spec
+    from domainmerge.models import StoredNetwork
     from domainmerge.tensors import nonfinite_keys, nonfinite_message
 
-    sd = strip_model_prefix(load_state_dict(path, trust_pickle=trust_pickle), prefix)
-    bad = nonfinite_keys(sd)
-    if bad:
-        message = nonfinite_message(str(path), bad)
-        if not allow_nonfinite:
-            raise UserError(f"{message}; pass ", Option("allow_nonfinite", switch=True), " to evaluate it anyway")
-        if warn is not None:
-            warn(f"warning: {message}")
-    overrides = {"hr_crop_size": tuple(hr_crop)} if hr_crop else {}
-    try:
-        spec = resolve_spec(sd, arch, **overrides)
-        return model_from_state_dict(sd, arch, **overrides), spec.describe(), family_of(spec)
-    except UserError as exc:
-        raise exc.prefixed(f"{path}: ") from None
+    with StoredNetwork.open(path, prefix=prefix, trust_pickle=trust_pickle) as stored:
+        sd = stored.state_dict()
+        bad = nonfinite_keys(sd)
+        if bad:
+            message = nonfinite_message(str(path), bad)
+            if not allow_nonfinite:
+                raise UserError(f"{message}; pass ", Option("allow_nonfinite", switch=True), " to evaluate it anyway")
+            if warn is not None:
+                warn(f"warning: {message}")
+        overrides = {"hr_crop_size": tuple(hr_crop)} if hr_crop else {}
+        spec = stored.spec(arch, sd, **overrides)
+        return stored.build(arch, sd, **overrides), spec.describe(), family_of(spec)
 
 
 def _prediction_writer(folder: Path, created: list[Path], force: bool) -> Callable[[str, Any], None]:
@@ -123,19 +122,118 @@ def _check_prediction_folders(folders: Sequence[Path], force: bool) -> None:
 
 
 @dataclass
+class RowScores:
+    """One table row (a checkpoint, or separate-head checkpoints each on its own domain), per
+    domain: the file scored, the network found, the test protocol, the images and the scores."""
+
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    arch: dict[str, str] = field(default_factory=dict)
+    protocol: dict[str, Protocol] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, SegScores] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"checkpoints", "arch", "protocol", "domains": {domain: {"images", **scores}}}`` and,
+        over two or more domains, ``"H"`` and ``"mean"`` of the mIoUs."""
+        from domainmerge.reporting import summarize
+
+        out: dict[str, Any] = {
+            "checkpoints": dict(self.checkpoints), "arch": dict(self.arch),
+            "protocol": {d: p.to_dict() for d, p in self.protocol.items()},
+            "domains": {d: {"images": self.images[d], **s.to_dict()} for d, s in self.scores.items()}}
+        if len(self.scores) > 1:
+            out.update(summarize({d: s.miou for d, s in self.scores.items()}))
+        return out
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What :func:`evaluate_checkpoints` was asked for: the test settings as given (None: the
+    protocol's), the network options and the domains ``(name, dataset kind, root, split)``."""
+
+    protocol: str | None = None
+    mode: str | None = None
+    crop: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    img_scale: tuple[int, int] | None = None
+    num_classes: int = 19
+    arch: str = "auto"
+    prefix: str = "auto"
+    domains: tuple[tuple[str, str, str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "mode": self.mode, "crop": _listed(self.crop),
+                "stride": _listed(self.stride), "img_scale": _listed(self.img_scale),
+                "num_classes": self.num_classes, "arch": self.arch, "prefix": self.prefix,
+                "domains": {n: {"dataset": k, "root": r, "split": s} for n, k, r, s in self.domains}}
+
+
+def _listed(pair: tuple[int, int] | None) -> list[int] | None:
+    return None if pair is None else list(pair)
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """Bootstrap intervals over images of an :class:`Evaluation` (:meth:`Evaluation.intervals`):
+    per row, every mIoU and H (``intervals``) and, after the first row (``reference``), its
+    paired difference against it (``differences``)."""
+
+    resamples: int
+    level: float
+    seed: int
+    reference: str
+    intervals: dict[str, dict[str, Interval]]
+    differences: dict[str, dict[str, Interval]]
+
+    def settings(self) -> dict[str, Any]:
+        return {"resamples": self.resamples, "level": self.level, "seed": self.seed,
+                "method": "percentile bootstrap over images", "reference": self.reference}
+
+
+@dataclass
 class Evaluation:
     """:func:`evaluate_checkpoints`' result.
 
-    ``scores[row][domain]``: :class:`SegScores` (with ``per_image`` when asked for);
-    ``results[row]``: JSON-ready ``{"checkpoints", "arch", "protocol", "domains"}`` per domain;
-    ``note``: how checkpoints were paired with domains; ``predictions``: the files and folders
-    written under ``save_pred`` (:meth:`remove_predictions` undoes them).
+    ``rows[row]``: :class:`RowScores` (``scores[row][domain]``: its :class:`SegScores`, with
+    ``per_image`` when asked for); ``settings``: what was asked for; ``note``: how checkpoints
+    were paired with domains; ``predictions``: the files and folders written under ``save_pred``
+    (:meth:`remove_predictions` undoes them). :meth:`to_dict` is ``domainmerge evaluate --json``.
     """
 
-    scores: dict[str, dict[str, SegScores]] = field(default_factory=dict)
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: dict[str, RowScores] = field(default_factory=dict)
+    settings: EvaluationSettings = field(default_factory=EvaluationSettings)
     note: str = ""
     predictions: list[Path] = field(default_factory=list)
+
+    @property
+    def scores(self) -> dict[str, dict[str, SegScores]]:
+        """``scores[row][domain]``."""
+        return {r: dict(row.scores) for r, row in self.rows.items()}
+
+    def intervals(self, *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Intervals:
+        """Percentile bootstrap intervals over images (the evaluation must have kept ``per_image``
+        counts), one set of resamples for every number
+        (:func:`domainmerge.evaluation.bootstrap.compare`)."""
+        from domainmerge.evaluation.bootstrap import compare
+
+        stats = {r: {d: s.per_image for d, s in row.scores.items()} for r, row in self.rows.items()}
+        if any(st is None for per in stats.values() for st in per.values()):
+            raise ValueError("intervals need per-image counts: evaluate with per_image=True")
+        ci = compare(stats, resamples=resamples, level=level, seed=seed)  # type: ignore[arg-type]
+        return Intervals(resamples, level, seed, ci["reference"], ci["intervals"], ci["differences"])
+
+    def to_dict(self, intervals: Intervals | None = None) -> dict[str, Any]:
+        """JSON-ready ``{"settings", "results": {row: RowScores.to_dict()}}``, with the bootstrap
+        ``intervals`` when given (``settings.ci``; per row ``ci`` and ``difference_vs_reference``)."""
+        out: dict[str, Any] = {"settings": self.settings.to_dict(),
+                               "results": {r: row.to_dict() for r, row in self.rows.items()}}
+        if intervals is not None:
+            out["settings"]["ci"] = intervals.settings()
+            for r, per in intervals.intervals.items():
+                out["results"][r]["ci"] = {k: v.to_dict() for k, v in per.items()}
+            for r, per in intervals.differences.items():
+                out["results"][r]["difference_vs_reference"] = {k: v.to_dict() for k, v in per.items()}
+        return out
 
     def remove_predictions(self) -> None:
         """Remove the predictions written (files, then the folders made, deepest first)."""
@@ -146,6 +244,10 @@ def _remove_created(created: list[Path]) -> None:
     for path in reversed(created):
         with contextlib.suppress(OSError):
             path.rmdir() if path.is_dir() else path.unlink()
+
+
+def _pair(value: Sequence[int] | None) -> tuple[int, int] | None:
+    return None if value is None else (int(value[0]), int(value[1]))
 
 
 def check_run_settings(batch_size: int | None, workers: int | None, max_windows: int | None) -> None:
@@ -189,9 +291,26 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
         Under torchrun each rank scores a shard and the counts are summed.
 
     Returns:
-        An :class:`Evaluation`.
+        An :class:`Evaluation`: ``rows[row]`` (:class:`RowScores`), ``scores[row][domain]``,
+        :meth:`Evaluation.to_dict` the JSON of ``domainmerge evaluate --json``.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge import build_model, evaluate_checkpoints, save_checkpoint
+        >>> _ = torch.manual_seed(0)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pth")
+        >>> _ = save_checkpoint(path, build_model("tiny_daformer_r").state_dict())
+        >>> from domainmerge.data import register_dataset
+        >>> from domainmerge.data.synthetic import SyntheticDataset
+        >>> register_dataset("small", lambda root, split, strict=True: SyntheticDataset(root, split, 4, size=(32, 64)),
+        ...                  overwrite=True)   # a dataset kind for the example: 4 synthetic scenes of 32x64
+        >>> result = evaluate_checkpoints([path], [("city", "small", "city", "val")])
+        >>> list(result.scores), 0 <= result.scores["model"]["city"].miou <= 100
+        (['model'], True)
+        >>> result.to_dict()["results"]["model"]["domains"]["city"]["images"]
+        4
     """
-    from domainmerge.data import build_dataset
+    from domainmerge.data import SegDataset, build_dataset
     from domainmerge.evaluation.protocols import check_protocol_settings, resolve
 
     jobs, note = plan_jobs([str(c) for c in ckpts], [d[0] for d in domains], per_domain)
@@ -207,10 +326,12 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
     if note and warn is not None:
         warn(note)
     # Build every dataset first: a wrong path fails before any network is loaded.
-    datasets: dict[str, Any] = {name: build_dataset(kind, root, split, strict=strict)
+    datasets: dict[str, SegDataset] = {name: build_dataset(kind, root, split, strict=strict)
                                 for name, kind, root, split in domains}
     kinds = {name: kind for name, kind, _, _ in domains}
-    result = Evaluation(note=note)
+    settings = EvaluationSettings(protocol, mode, _pair(crop), _pair(stride), _pair(img_scale), num_classes, arch,
+                                  prefix, tuple((n, k, str(r), sp) for n, k, r, sp in domains))
+    result = Evaluation(settings=settings, note=note)
     loaded: tuple[str, Any, str, str] | None = None
     try:
         for job in jobs:
@@ -232,12 +353,12 @@ def evaluate_checkpoints(ckpts: Sequence[PathLike], domains: Sequence[tuple[str,
                                    num_classes=num_classes, amp=amp, workers=workers, max_windows=max_windows,
                                    progress=progress, desc=f"{job.row} | {job.domain}", on_prediction=save,
                                    per_image=per_image)
-            row = result.results.setdefault(job.row, {"checkpoints": {}, "arch": {}, "protocol": {}, "domains": {}})
-            row["checkpoints"][job.domain] = job.ckpt
-            row["arch"][job.domain] = loaded[2]
-            row["protocol"][job.domain] = proto.to_dict()
-            row["domains"][job.domain] = {"images": len(datasets[job.domain]), **scores.to_dict()}
-            result.scores.setdefault(job.row, {})[job.domain] = scores
+            row = result.rows.setdefault(job.row, RowScores())
+            row.checkpoints[job.domain] = job.ckpt
+            row.arch[job.domain] = loaded[2]
+            row.protocol[job.domain] = proto
+            row.images[job.domain] = len(datasets[job.domain])
+            row.scores[job.domain] = scores
     except BaseException:
         result.remove_predictions()  # no partial folder left
         raise

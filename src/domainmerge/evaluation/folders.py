@@ -96,8 +96,33 @@ def score_folder(pred_dir: PathLike, gt_dir: PathLike, *, pred_suffix: str = ".p
 def score_folders(domains: Sequence[tuple[str, PathLike, PathLike]], *, pred_suffix: str = ".png",
                   gt_suffix: str = "_labelTrainIds.png", num_classes: int = 19, ignore_index: int = 255,
                   workers: int = 4, progress: bool = False) -> dict[str, FolderScores]:
-    """:func:`score_folder` for every ``(name, pred_dir, gt_dir)``; names must differ. The
-    harmonic mean over domains: ``metrics.harmonic_mean([s.scores.miou for s in result.values()])``."""
+    """:func:`score_folder` for every ``(name, pred_dir, gt_dir)`` (the library behind
+    ``domainmerge score``); names must differ.
+
+    Args:
+        domains: ``(name, folder of predicted train-id PNGs, folder of ground-truth label maps)``.
+        pred_suffix, gt_suffix: the file name endings that pair a prediction with its label.
+        num_classes, ignore_index: the classes scored and the label value that is not.
+        workers: reading threads; progress: progress bars.
+
+    Returns:
+        ``{name: FolderScores}`` (images paired, :class:`SegScores`). The harmonic mean over
+        domains: ``harmonic_mean([s.scores.miou for s in result.values()])``.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from PIL import Image
+        >>> from domainmerge import harmonic_mean, score_folders
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for domain, pred in (("city", [[0, 1]]), ("night", [[1, 1]])):
+        ...     for sub, ids in (("pred", pred), ("gt", [[0, 1]])):
+        ...         (root / domain / sub).mkdir(parents=True)
+        ...         Image.fromarray(np.array(ids, np.uint8)).save(root / domain / sub / "a.png")
+        >>> result = score_folders([(d, root / d / "pred", root / d / "gt") for d in ("city", "night")],
+        ...                        gt_suffix=".png", num_classes=2)
+        >>> {d: s.scores.miou for d, s in result.items()}, harmonic_mean([s.scores.miou for s in result.values()])
+        ({'city': 100.0, 'night': 25.0}, 40.0)
+    """
     names = [d[0] for d in domains]
     if len(set(names)) != len(names):
         raise UserError(f"domain names must differ, got {names}")

@@ -15,18 +15,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from domainmerge.data.readers import Sample, SegDataset
 from domainmerge.data.resize import rescale_size, resize_to_scale
 from domainmerge.errors import Option, UserError, loader_errors
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
 from domainmerge.runtime import distributed
 from domainmerge.runtime.precision import autocast
 from domainmerge.tensors import crop_boxes, equal_size_batches, harmonic_mean, normalize
+
+if TYPE_CHECKING:
+    from domainmerge.evaluation.protocols import Protocol
 
 MODES = ("whole", "slide")
 def _forward(model: nn.Module, x: Tensor, size: Sequence[int], amp: str | None) -> Tensor:
@@ -100,13 +104,13 @@ PIXELS_PER_BATCH = {"cpu": 1 << 20, "cuda": 4 << 20}
 MAX_AUTO_BATCH = 64
 
 
-def default_workers(dataset: Any) -> int:
+def default_workers(dataset: SegDataset) -> int:
     """Data loading processes: none for a dataset held in memory (``in_memory = True``, e.g.
     synthetic), where worker start-up and transfer cost more than indexing; else 2."""
     return 0 if getattr(dataset, "in_memory", False) else min(2, os.cpu_count() or 1)
 
 
-def default_batch_size(dataset: Any, device: torch.device, *, mode: str = "whole",
+def default_batch_size(dataset: SegDataset, device: torch.device, *, mode: str = "whole",
                        crop: tuple[int, int] = (1024, 1024), img_scale: tuple[int, int] | None = None) -> int:
     """Images (slide: windows) per forward pass: about PIXELS_PER_BATCH of the device, from the
     first image's size as the network sees it (rescaled, or the window in slide mode)."""
@@ -120,7 +124,7 @@ def default_batch_size(dataset: Any, device: torch.device, *, mode: str = "whole
     return max(1, min(MAX_AUTO_BATCH, budget // max(1, height * width)))
 
 
-def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop: tuple[int, int] = (1024, 1024),
+def evaluate_model(model: nn.Module, dataset: SegDataset, *, mode: str = "whole", crop: tuple[int, int] = (1024, 1024),
                    stride: tuple[int, int] = (512, 512), device: str | torch.device = "cpu",
                    batch_size: int | None = None, num_classes: int = 19, ignore_index: int = 255,
                    img_scale: tuple[int, int] | None = None, amp: str | None = None, workers: int | None = None,
@@ -183,8 +187,10 @@ def evaluate_model(model: nn.Module, dataset: Any, *, mode: str = "whole", crop:
     model = model.to(dev).eval()
     metric = SegMetric(num_classes, ignore_index)
     shard = distributed.shard_indices(len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(shard)), batch_size=None,
-                                         num_workers=workers)
+    # A SegDataset is a map-style dataset by shape; torch's types want the class.
+    items = cast("torch.utils.data.Dataset[Sample]", dataset)
+    subset: torch.utils.data.Dataset[Sample] = torch.utils.data.Subset(items, list(shard))
+    loader = torch.utils.data.DataLoader(subset, batch_size=None, num_workers=workers)
     from tqdm import tqdm
 
     bar = tqdm(total=len(shard), desc=desc, unit="img", disable=not progress or not distributed.is_main_process())
@@ -249,7 +255,8 @@ class DomainScores:
         return {"domains": {d: s.to_dict() for d, s in self.scores.items()}, "H": self.h}
 
 
-def evaluate_with(model: nn.Module, dataset: Any, protocol: Any, *, device: str | torch.device = "cpu",
+def evaluate_with(model: nn.Module, dataset: SegDataset, protocol: Protocol | None, *,
+                  device: str | torch.device = "cpu",
                   batch_size: int | None = None, num_classes: int = 19, amp: str | None = None,
                   workers: int | None = None, max_windows: int | None = None, progress: bool = False,
                   desc: str = "evaluate", on_prediction: Callable[[str, Any], None] | None = None,
@@ -265,8 +272,8 @@ def evaluate_with(model: nn.Module, dataset: Any, protocol: Any, *, device: str 
                           max_windows=max_windows)
 
 
-def evaluate_domains(model: nn.Module, datasets: Mapping[str, Any], *,
-                     protocols: Mapping[str, Any] | None = None, device: str | torch.device = "cpu",
+def evaluate_domains(model: nn.Module, datasets: Mapping[str, SegDataset], *,
+                     protocols: Mapping[str, Protocol] | None = None, device: str | torch.device = "cpu",
                      batch_size: int | None = None, num_classes: int = 19, amp: str | None = None,
                      workers: int | None = None, progress: bool = False, per_image: bool = False,
                      max_windows: int | None = None) -> DomainScores:

@@ -14,9 +14,12 @@ kept); the logits are resized back to the label size before the argmax.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domainmerge.errors import Option, UserError
+
+if TYPE_CHECKING:   # protocols stay importable without torch (the command line's help, tables)
+    from domainmerge.models.spec import ModelSpec
 
 FAMILIES = ("hrda", "daformer", "deeplabv2")
 DATASETS = ("cityscapes", "idd", "acdc", "darkzurich", "gta")
@@ -125,7 +128,7 @@ TABLE: dict[tuple[str, str, str], Protocol] = {
 }
 
 
-def family_of(spec: Any) -> str:
+def family_of(spec: ModelSpec) -> str:
     """Network family of a :class:`~domainmerge.models.spec.ModelSpec`: hrda (HRDA wrapper,
     any head), else daformer or deeplabv2 by decode head."""
     if spec.hrda is not None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,10 +25,8 @@ from domainmerge.checkpoint import (
     Checkpoint,
     TensorInfo,
     checkpoint_writer,
-    network_prefix,
     open_checkpoint,
     output_format,
-    strip_model_prefix,
 )
 from domainmerge.errors import MergeError, Option
 from domainmerge.fsutil import check_output_path
@@ -37,6 +35,9 @@ from domainmerge.merging.sources import DictSource, Source, StrippedSource
 from domainmerge.merging.spec import DATA_METHODS, AdaMerging, Fisher, MergeSpec
 from domainmerge.merging.stream import iter_merged
 from domainmerge.version import __version__
+
+if TYPE_CHECKING:
+    from domainmerge.data.readers import SegDataset
 
 # Output dtypes a merge may be asked for.
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -110,7 +111,7 @@ def _dtype_names(dtypes: Any) -> list[str]:
 
 
 def merge_files(paths: Sequence[PathLike], out: PathLike, spec: MergeSpec | None = None, *,
-                base: PathLike | None = None, domains: Sequence[DomainSpec] | Mapping[str, Any] | None = None,
+                base: PathLike | None = None, domains: Sequence[DomainSpec] | Mapping[str, SegDataset] | None = None,
                 prefix: str | None = None, dtype: torch.dtype | str | None = None,
                 device: str | torch.device | None = None, trust_pickle: bool = False, force: bool = False,
                 progress: bool = False, log: Callable[[str], None] | None = None) -> MergeReport:
@@ -273,7 +274,7 @@ def _write_streamed(sources: Sequence[Source], plan: MergePlan, outputs: Sequenc
     bar.close()
 
 
-def _datasets(domains: Sequence[DomainSpec] | Mapping[str, Any]) -> dict[str, Any]:
+def _datasets(domains: Sequence[DomainSpec] | Mapping[str, SegDataset]) -> dict[str, SegDataset]:
     """name -> dataset (images only) of the data-using methods' ``domains``."""
     from domainmerge.data import image_dataset
 
@@ -283,17 +284,16 @@ def _datasets(domains: Sequence[DomainSpec] | Mapping[str, Any]) -> dict[str, An
 
 
 def _merge_with_data(inputs: list[Path], output: Path, spec: MergeSpec, *, base: Path | None,
-                     domains: Sequence[DomainSpec] | Mapping[str, Any] | None, device: str | torch.device | None,
+                     domains: Sequence[DomainSpec] | Mapping[str, SegDataset] | None, device: str | torch.device | None,
                      trust_pickle: bool, force: bool, progress: bool, log: Callable[[str], None] | None,
                      start: float) -> MergeReport:
     """fisher / adamerging: build the network, read unlabeled target images, merge, write."""
     import json
 
-    from domainmerge.checkpoint import save_checkpoint
     from domainmerge.data.sampling import image_batches, spread_indices
     from domainmerge.fsutil import write_text_atomic
     from domainmerge.merging.learned import adamerging, fisher_diagonal, fisher_merge
-    from domainmerge.models import model_from_state_dict
+    from domainmerge.models import StoredNetwork
     from domainmerge.runtime.device import resolve_device
 
     m = spec.method
@@ -317,11 +317,13 @@ def _merge_with_data(inputs: list[Path], output: Path, spec: MergeSpec, *, base:
         return list(image_batches(datasets, {name: indices[name]}, batch_size=m.batch_size))
 
     with contextlib.ExitStack() as stack:
-        cks = [stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) for p in inputs]
-        fulls = [ck.state_dict() for ck in cks]
-        prefix = network_prefix(fulls[0])
-        nets = [strip_model_prefix(sd, prefix) for sd in fulls]
-        model = model_from_state_dict(nets[0])
+        # Every input's network under the first input's wrapper prefix; the output is the first
+        # input's container with its network replaced.
+        first = stack.enter_context(StoredNetwork.open(inputs[0], trust_pickle=trust_pickle))
+        stored = [first, *(stack.enter_context(StoredNetwork.open(p, prefix=first.prefix, trust_pickle=trust_pickle))
+                           for p in inputs[1:])]
+        nets = [s.state_dict() for s in stored]
+        model = first.build(state_dict=nets[0])
         if log is not None:
             log(f"method {method} READS TARGET IMAGES: " + ", ".join(f"{d} {len(v)}" for d, v in indices.items()))
         extra: dict[str, Any] = {}
@@ -330,16 +332,13 @@ def _merge_with_data(inputs: list[Path], output: Path, spec: MergeSpec, *, base:
             merged = fisher_merge(nets, fishers, spec.weights, buffers=spec.buffers, counts=spec.counts)
         else:
             assert base is not None
-            base_full = stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle)).state_dict()
-            base_net = strip_model_prefix(base_full)
+            base_net = stack.enter_context(StoredNetwork.open(base, trust_pickle=trust_pickle)).state_dict()
             result = adamerging(model, nets, base_net, [batches(n) for n in datasets], weights=spec.weights,
                                 granularity=m.granularity, steps=m.steps, lr=m.lr, buffers=spec.buffers,
                                 device=run_on, progress=progress)
             merged = result.state_dict
             extra = {"granularity": m.granularity, "steps": m.steps, "lr": m.lr, "base": base.name,
                      "entropy": [result.entropy[0], result.entropy[-1]] if result.entropy else []}
-        full = dict(fulls[0])
-        full.update({prefix + k: v for k, v in merged.items()})
         record = {"tool": f"domainmerge {__version__}", "inputs": [p.name for p in inputs], "method": method,
                   "buffers": spec.buffers, "uses_target_data": True,
                   "images": {d: len(v) for d, v in indices.items()}, **extra}
@@ -347,7 +346,7 @@ def _merge_with_data(inputs: list[Path], output: Path, spec: MergeSpec, *, base:
             write_text_atomic(coef_path, json.dumps({"models": record["inputs"], "granularity": extra["granularity"],
                                                      "coefficients": result.coefficients,
                                                      "entropy": result.entropy}, indent=1))
-        save_checkpoint(output, full, template=cks[0], record=record, force=force, inputs=tuple(inputs))
+        first.save(output, merged, record=record, stored_dtypes=False, force=force, inputs=inputs)
     return MergeReport(inputs=inputs, outputs=[output], method=method, buffers=spec.buffers,
                        weights=spec.check_inputs(len(inputs), base is not None), record=record,
                        base=base, images=record["images"], coefficients=coef_path,
@@ -357,10 +356,30 @@ def _merge_with_data(inputs: list[Path], output: Path, spec: MergeSpec, *, base:
 def merge_recipe_files(recipe: Any, out: PathLike, *, prefix: str | None = None,
                        dtype: torch.dtype | str | None = None, trust_pickle: bool = False, force: bool = False,
                        progress: bool = False) -> MergeReport:
-    """:func:`merge_files` as a recipe says: ``recipe`` is a
-    :class:`~domainmerge.merging.recipe.MergeRecipe` or the path of a YAML file; the other
-    arguments are the file options a recipe does not hold (as in :func:`merge_files`). The output
-    records the same recipe as the equal call of :func:`merge_files`."""
+    """:func:`merge_files` as a recipe says (the library behind ``domainmerge merge --config``).
+    The output records the same recipe as the equal call of :func:`merge_files`.
+
+    Args:
+        recipe: a :class:`~domainmerge.merging.recipe.MergeRecipe` or the path of a YAML (or
+            JSON) recipe (:mod:`domainmerge.merging.recipe`: models, weights, base, method and
+            knobs, buffers, per-module rules).
+        out: the output file; prefix, dtype, trust_pickle, force, progress: the file options a
+            recipe does not hold, as :func:`merge_files` takes them.
+
+    Returns:
+        The :class:`MergeReport`.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from domainmerge import load_state_dict, merge_recipe_files, save_checkpoint
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name, value in (("a", 0.0), ("b", 4.0)):
+        ...     _ = save_checkpoint(folder / f"{name}.pth", {"conv.weight": torch.full((2,), value)})
+        >>> _ = (folder / "recipe.yaml").write_text("models: [{path: a.pth, weight: 3}, b.pth]")
+        >>> report = merge_recipe_files(folder / "recipe.yaml", folder / "merged.pth")
+        >>> load_state_dict(folder / "merged.pth")["conv.weight"], report.method
+        (tensor([1., 1.]), 'linear')
+    """
     from domainmerge.merging.recipe import MergeRecipe, load_recipe
 
     r = recipe if isinstance(recipe, MergeRecipe) else load_recipe(recipe)

@@ -137,7 +137,27 @@ class Inspection:
 def inspect_files(paths: Sequence[str | os.PathLike[str]], *, base: str | os.PathLike[str] | None = None,
                   trust_pickle: bool = False) -> Inspection:
     """What the checkpoint files hold, whether they can be merged, and (with ``base``, the shared
-    pretrained weights) how their task vectors relate."""
+    pretrained weights) how their task vectors relate (the library behind ``domainmerge inspect``).
+
+    Args:
+        paths: checkpoint files.
+        base: the shared starting point of the models, for the task-vector diagnostics.
+        trust_pickle: full unpickling (only for files you trust).
+
+    Returns:
+        An :class:`Inspection`: one summary per file, the comparison of several files
+        (``merge_error``: why they cannot be merged, or None) and the diagnostics against ``base``.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from domainmerge import inspect_files, save_checkpoint
+        >>> folder = tempfile.mkdtemp()
+        >>> a = save_checkpoint(os.path.join(folder, "a.pth"), {"model.w": torch.ones(2)}, meta={"iter": 1})
+        >>> b = save_checkpoint(os.path.join(folder, "b.safetensors"), {"model.w": torch.zeros(2)})
+        >>> found = inspect_files([a, b])
+        >>> [s["prefixes"] for s in found.summaries], found.merge_error is None
+        ([['model.'], ['model.']], True)
+    """
     with contextlib.ExitStack() as stack:
         cks = [stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) for p in paths]
         result = Inspection([summarize(ck) for ck in cks], compare(cks) if len(cks) > 1 else None)

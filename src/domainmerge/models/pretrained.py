@@ -24,8 +24,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from domainmerge.checkpoint import open_checkpoint, strip_model_prefix
 from domainmerge.errors import UserError
+from domainmerge.models.stored import StoredNetwork
 
 _HF_BLOCK = [  # (Hugging Face name inside block.{i}.{j}., ours inside block{i+1}.{j}.)
     ("layer_norm_1.", "norm1."), ("layer_norm_2.", "norm2."),
@@ -72,12 +72,13 @@ def _from_hugging_face(sd: Mapping[str, torch.Tensor], path: os.PathLike[str] | 
 
 def backbone_state_dict(sd: Mapping[str, torch.Tensor], path: os.PathLike[str] | str
                         ) -> tuple[str, dict[str, torch.Tensor]]:
-    """(naming found, the backbone's tensors in our key names without ``backbone.``) of a
-    pretrained file's state dict; classifier heads are dropped."""
+    """(naming found, the backbone's tensors in our key names without ``backbone.``) of the
+    network in a pretrained file (:meth:`StoredNetwork.state_dict`: ``model.`` of a training
+    checkpoint or ``module.`` of DDP stripped); classifier heads are dropped."""
     keys = list(sd)
     if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.")) for k in keys):
         return "Hugging Face SegFormer", _from_hugging_face(sd, path)
-    inner = strip_model_prefix(sd)   # model. (training checkpoints) or module. (DDP) when present
+    inner = sd
     if any(k.startswith("backbone.") for k in inner):
         return "segmentor checkpoint (backbone.*)", {k[len("backbone."):]: v for k, v in inner.items()
                                                      if k.startswith("backbone.")}
@@ -105,9 +106,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], *, trust_pic
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise UserError(f"{type(model).__name__} has no .backbone to load pretrained weights into")
-    # Not checkpoint.load_state_dict: it closes a safetensors file's mapping while the tensors it
-    # returns still view it. Left open here, the mapping lives as long as those tensors do.
-    stored = open_checkpoint(path, trust_pickle=trust_pickle).state_dict()
+    # Not closed here: the mapping of a safetensors file lives as long as the tensors viewing it.
+    stored = StoredNetwork.open(path, trust_pickle=trust_pickle).state_dict()
     kind, weights = backbone_state_dict(stored, path)
     expected = backbone.state_dict()
     what = f"{type(backbone).__name__} of this architecture"

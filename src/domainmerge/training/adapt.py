@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from domainmerge.checkpoint import DA_TRAINING
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
 from domainmerge.errors import Option, UserError, loader_errors
 from domainmerge.models.mit import DropPath
@@ -364,14 +365,15 @@ class Trainer:
         """Load the networks of a checked checkpoint; returns its optimiser state."""
         assert self.run is not None
         path = self.run.out / LATEST
-        sd = ck.state_dict()
-        for prefix, net in (("model.", self.model), ("ema_model.", self.teacher), ("imnet_model.", self.imnet)):
+        parts = DA_TRAINING.networks(ck.state_dict())
+        for role, net in (("student", self.model), ("teacher", self.teacher), ("imnet", self.imnet)):
             if net is None:
                 continue
-            part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            part = parts[role]
             missing = sorted(set(net.state_dict()) - set(part))
             if missing:
-                raise UserError(f"{path}: key {prefix + missing[0]!r} is missing; the checkpoint is incomplete or "
+                key = DA_TRAINING.prefix(role) + missing[0]
+                raise UserError(f"{path}: key {key!r} is missing; the checkpoint is incomplete or "
                                 f"of another run; drop ", Option("resume", switch=True), " to start over")
             try:
                 net.load_state_dict(part)
@@ -609,6 +611,26 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
     'optimizer': ...}``. A non-finite loss stops the run with a UserError naming the iteration;
     the losses are read from the device every ``log_every`` iterations and before each checkpoint
     and validation (:class:`LossLog`), so no checkpoint holds the state after it.
+
+    Args:
+        config: the run (:class:`AdaptConfig`: data, network, recipe, outputs, device).
+        log: called with each progress line.
+
+    Returns:
+        An :class:`AdaptResult`: the student and teacher state dicts (CPU copies), the log records,
+        the validations, the iterations run and the last checkpoint written (None without ``out``).
+
+    Example:
+        >>> from domainmerge import AdaptConfig, adapt, build_dataset, get_recipe
+        >>> from domainmerge.data.training import CropConfig
+        >>> source, target = (build_dataset("synthetic", domain, "train", length=2, size=(32, 64))
+        ...                   for domain in ("game", "night"))
+        >>> recipe = get_recipe("daformer", iters=2, batch_size=1, warmup_iters=1, ignore_top=0, ignore_bottom=0,
+        ...                     rcs_min_pixels=0)
+        >>> result = adapt(AdaptConfig(source, target, arch="tiny_daformer_r", recipe=recipe, progress=False,
+        ...                            source_crop=CropConfig(), target_crop=CropConfig()), log=lambda line: None)
+        >>> result.iterations, len(result.records), sorted(result.records[0])[:3]
+        (2, 2, ['images_per_s', 'iter', 'loss_fd'])
     """
     from tqdm import tqdm
 
@@ -704,10 +726,10 @@ def _checkpoint(run: RunFolder, n: int, tr: Trainer, config: AdaptConfig) -> Pat
     """Rank 0 writes ``latest.pth`` atomically and links it as ``iter_N.pth`` (RunFolder.save)."""
     if not run.main:
         return None
-    sd: dict[str, Tensor] = {}
-    for prefix, net in (("model.", tr.model), ("ema_model.", tr.teacher), ("imnet_model.", tr.imnet)):
-        if net is not None:
-            sd.update({prefix + k: v.detach().cpu() for k, v in net.state_dict().items()})
+    # The DA-training container: student, EMA teacher, frozen ImageNet copy (those the run has).
+    sd = DA_TRAINING.wrap(**{role: {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                             for role, net in (("student", tr.model), ("teacher", tr.teacher), ("imnet", tr.imnet))
+                             if net is not None})
     record = {"arch": config.arch, "recipe": asdict(config.recipe), "seed": config.seed, "world_size": tr.world,
               "batch_size": config.recipe.batch_size, "crop": list(tr.crop_hw) if tr.crop_hw else None,
               "source": _describe(config.source), "target": _describe(config.target)}

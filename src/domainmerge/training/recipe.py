@@ -109,7 +109,22 @@ class Recipe:
 
 
 def get_recipe(name: str = "daformer", *, mic: bool = False, **overrides: Any) -> Recipe:
-    """The authors' settings for ``name`` ('daformer' or 'hrda'), with MIC when ``mic``."""
+    """The authors' settings for ``name``, with MIC when ``mic``.
+
+    Args:
+        name: ``'daformer'`` (DAFormer's DACS recipe) or ``'hrda'`` (HRDA's multi-resolution one).
+        mic: add MIC's masked image consistency.
+        overrides: fields of :class:`Recipe` to change (``iters=...``, ``batch_size=...``).
+
+    Returns:
+        The frozen :class:`Recipe`.
+
+    Example:
+        >>> from domainmerge import get_recipe
+        >>> r = get_recipe("hrda", mic=True, iters=10)
+        >>> r.name, r.hrda, r.mic, r.iters, r.pseudo_margins
+        ('hrda', True, True, 10, (30, 240, 30, 30))
+    """
     if name not in RECIPES:
         raise UserError(Option("recipe", name), f": unknown; choose one of {', '.join(RECIPES)}")
     recipe = Recipe()
