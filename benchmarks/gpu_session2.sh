@@ -11,6 +11,8 @@
 # column), 4 timed, 1 profiled, no FLOP-counted iteration (FLOPs are known from session 1).
 # Output (copied into $OUT at the end, also when a timeout ends the script): session2.log (all
 # printed), train2.json (every configuration's figures, including the top operators per iteration).
+# EAGER="" or COMPILED="" (set but empty) skips a group; e.g. COMPILED=hrda_mitb5:bf16:mic:compile EAGER=""
+# gives the HRDA compile the whole budget.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 OUT=${OUT:-/tmp/gpu_session2}
@@ -18,8 +20,8 @@ BUDGET=${BUDGET:-200}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}          # DEVICE=cpu SCALE=0.0625 ... for a dry run on a CPU
 SCALE=${SCALE:-1.0}
-EAGER=${EAGER:-daformer_mitb5:bf16 hrda_mitb5:bf16:mic}
-COMPILED=${COMPILED:-daformer_mitb5:bf16:compile hrda_mitb5:bf16:mic:compile}
+EAGER=${EAGER-daformer_mitb5:bf16 hrda_mitb5:bf16:mic}
+COMPILED=${COMPILED-daformer_mitb5:bf16:compile hrda_mitb5:bf16:mic:compile}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 WORK=$(mktemp -d)
 LOG="$WORK/session2.log"
