@@ -147,11 +147,12 @@ def top_ops(prof: Any, n: int, k: int = 12) -> dict[str, list[list[Any]]]:
     return {"device": rows(device_us), "cpu": rows(lambda e: float(e.self_cpu_time_total))}
 
 
-def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, profile_iters: int, crop_scale: float,
-               threads: int | None, png_workers: int = 8) -> dict[str, Any]:
-    """Time one configuration in this process (the benchmark runs it in a child)."""
+def make_trainer(spec: str, device: str, batch: int, iters: int, crop_scale: float, threads: int | None,
+                 png_workers: int = 8) -> tuple[Any, Any]:
+    """The Trainer of configuration ``spec`` (schedule of ``iters`` iterations) at ``crop_scale`` of
+    the authors' crops, and the temporary folder of the ``:png`` files (None without)."""
     from domainmerge.data.training import CropConfig, recipe_crops
-    from domainmerge.training.adapt import AdaptConfig, LossLog, Trainer
+    from domainmerge.training.adapt import AdaptConfig, Trainer
     from domainmerge.training.recipe import get_recipe
 
     c = parse_config(spec)
@@ -174,9 +175,8 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
         detail = scaled(recipe.detail_crop)
         options["hr_crop_size"] = detail
         recipe = recipe.replace(detail_crop=detail)
-    total_iters = warmup + iters + profile_iters + 1
     area = crop_scale ** 2   # rare-class thresholds and ignored rows scale with the crop
-    recipe = recipe.replace(iters=total_iters, batch_size=batch, rcs_min_pixels=int(recipe.rcs_min_pixels * area),
+    recipe = recipe.replace(iters=iters, batch_size=batch, rcs_min_pixels=int(recipe.rcs_min_pixels * area),
                             ignore_top=int(recipe.ignore_top * crop_scale),
                             ignore_bottom=int(recipe.ignore_bottom * crop_scale))
     tmp = None
@@ -197,8 +197,17 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
     cfg = AdaptConfig(source=source, target=target, arch=c["arch"], arch_options=options, recipe=recipe,
                       source_crop=src_crop, target_crop=tgt_crop, amp=c["amp"], device=device, progress=False,
                       val_every=0, workers=workers, compile=c["compile"], channels_last=c["cl"])
+    return Trainer(cfg, log=lambda _: None), tmp
+
+
+def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, profile_iters: int, crop_scale: float,
+               threads: int | None, png_workers: int = 8, count_flops: bool = True) -> dict[str, Any]:
+    """Time one configuration in this process (the benchmark runs it in a child)."""
+    from domainmerge.training.adapt import LossLog
+
+    c = parse_config(spec)
+    tr, tmp = make_trainer(spec, device, batch, warmup + iters + profile_iters + 1, crop_scale, threads, png_workers)
     cuda = device.startswith("cuda")
-    tr = Trainer(cfg, log=lambda _: None)
     it = 0
 
     def run(n: int) -> None:
@@ -233,7 +242,7 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
     prof_summary = profile_summary(prof, profile_iters)
     top = top_ops(prof, profile_iters)
     flops = float("nan")
-    if not c["compile"]:   # the counter sees the eager operators; a compiled run does the same work
+    if not c["compile"] and count_flops:   # the counter sees the eager operators; a compiled run does the same work
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
@@ -241,7 +250,7 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
         flops = float(counter.get_total_flops())
     if tmp is not None:
         tmp.cleanup()
-    return {"config": spec, "arch": c["arch"], "device": device, "amp": c["amp"] or "fp32", "crop": crop,
+    return {"config": spec, "arch": c["arch"], "device": device, "amp": c["amp"] or "fp32", "crop": list(tr.crop_hw),
             "batch": batch, "iters": iters, "s_per_iter": s_per_it, "cpu_s_per_iter": cpu_per_it,
             "first_iter_s": first, "hours_40k": s_per_it * ITERS_40K / 3600, "peak_bytes": peak,
             "tflop_per_iter": flops / 1e12, "tflops": flops / 1e12 / s_per_it,
@@ -314,7 +323,7 @@ def training_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
     print("|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|", flush=True)
     for spec in args.configs:
         r = run_child("train", [spec, args.device, args.batch_size, args.warmup, args.iters, args.profile_iters,
-                                args.crop_scale, args.threads, args.png_workers], args.timeout)
+                                args.crop_scale, args.threads, args.png_workers, not args.skip_flops], args.timeout)
         if isinstance(r, str):
             print(f"| {spec} | | failed: {r} | | | | | | | | | |", flush=True)
             results.append({"config": spec, "error": r})
@@ -426,6 +435,7 @@ def main() -> None:
     parser.add_argument("--png-workers", type=int, default=8, help="loader processes of the :png configurations")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-flops", action="store_true", help="no FLOP-counted iteration (TFLOP columns '-')")
     parser.add_argument("--evaluate", action="store_true", help="also time evaluate (HRDA slide)")
     parser.add_argument("--eval-images", type=int, default=4)
     parser.add_argument("--data", action="store_true", help="also time data loading from generated PNGs")

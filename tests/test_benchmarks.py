@@ -43,3 +43,20 @@ def test_bench_train_profile_summary_counts_busy_time_once() -> None:
     assert bench.busy_intervals([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert bench.busy_intervals([]) == 0
     assert bench.parse_config("hrda_mitb5:bf16:mic")["mic"] and bench.parse_config("hrda_mitb5:bf16")["amp"] == "bf16"
+
+
+def test_profile_ops_counts_the_kernel_launching_operators_per_function() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from domainmerge.tensors import normalize
+
+    ops_module = _load("profile_ops")
+    images = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+    normalize(images)   # the constants are made once per device
+    verbose = torch._C._profiler._ExperimentalConfig(verbose=True)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True, experimental_config=verbose) as prof:
+        normalize(images)
+    ops = ops_module.kernel_ops(prof)
+    # (x.float() - mean) / std: a cast, a subtraction, a division; views and allocations launch nothing
+    assert sorted(e.name for e in ops) == ["aten::copy_", "aten::div", "aten::sub"]
+    assert {ops_module.where(e).split()[-1] for e in ops} == {"normalize"}

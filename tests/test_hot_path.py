@@ -18,10 +18,11 @@ from domainmerge.data.synthetic import SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.errors import UserError
 from domainmerge.models import build_model
-from domainmerge.models.mit import Attention
+from domainmerge.models.mit import Attention, DropPath, path_divisors
+from domainmerge.tensors import normalize
 from domainmerge.training import AdaptConfig, adapt, get_recipe
 from domainmerge.training.adapt import LossLog, NonFiniteLoss, Trainer
-from domainmerge.training.ema import ema_update
+from domainmerge.training.ema import CastShadow, ema_update
 
 WHOLE = CropConfig(None, None)
 
@@ -60,6 +61,66 @@ def test_mit_attention_equals_the_explicit_softmax_attention():
         expected = F.linear((weights @ v).transpose(1, 2).reshape(n, h * w, c), attn.proj.weight, attn.proj.bias)
         # float32 sums of 64-term products in another order: a few ulps of values of order 1
         torch.testing.assert_close(attn(x, h, w), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stochastic_depth_by_divisors_equals_timms_mask_and_scale_bit_for_bit():
+    """One division by keep-or-infinity per branch (divisors of all blocks made at once) against
+    timm's ``x / keep * floor(keep + u)``, forward and backward, float32."""
+    torch.manual_seed(0)
+    rates = [0.0, 0.05, 0.1, 0.3]
+    u = torch.rand(6, len(rates), 2)
+    keep = (1.0 - torch.tensor(rates, dtype=torch.float64)).float()
+    divisors = path_divisors(keep, u)
+    assert divisors.shape == (6, len(rates), 2)
+    for k, p in enumerate(rates):
+        drop = DropPath(p).train()
+        for branch in range(2):
+            x = torch.randn(6, 5, 8, requires_grad=True)
+            grad = torch.randn(6, 5, 8)
+            mask = torch.floor((1.0 - p) + u[:, k, branch]).view(-1, 1, 1)
+            expected = x / (1.0 - p) * mask if p > 0 else x
+            (expected_grad,) = torch.autograd.grad(expected, x, grad)
+            got = drop(x, divisor=divisors[:, k, branch])
+            (got_grad,) = torch.autograd.grad(got, x, grad)
+            assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad), (p, branch)
+            assert torch.equal(drop(x, u[:, k, branch]), expected)   # the per-call form agrees
+
+
+@pytest.mark.parametrize("arch", ["tiny_daformer_r", "tiny_hrda_r", "tiny_daformer_mit"])
+def test_a_cast_shadow_gives_autocasts_outputs_to_the_bit_and_updates_the_nets_batchnorm(arch):
+    """The teacher's forward under bf16 autocast through its CastShadow equals the forward of the
+    teacher itself (autocast casting its float32 weights), also after the weights change and the
+    shadow is refreshed; BatchNorm in training mode updates the teacher's own statistics."""
+    torch.manual_seed(0)
+    net, twin = build_model(arch, dropout=0.0), build_model(arch, dropout=0.0)
+    twin.load_state_dict(net.state_dict())
+    net.train(), twin.train()
+    for m in [*net.modules(), *twin.modules()]:   # the teacher's stochastic depth is off
+        if isinstance(m, DropPath):
+            m.eval()
+    shadow = CastShadow(net, torch.bfloat16)
+    assert all(c.dtype == torch.bfloat16 for c in shadow.casts) and len(shadow.casts) > 0
+    x = torch.randn(2, 3, 64, 64)
+    for step in range(2):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = shadow.module(x), twin(x)
+        assert torch.equal(got, expected), step
+        for name, b in twin.named_buffers():
+            assert torch.equal(dict(net.named_buffers())[name], b), (step, name)
+        with torch.no_grad():   # an EMA-like change of every parameter
+            for p, q in zip(net.parameters(), twin.parameters()):
+                p.mul_(0.9).add_(0.01)
+                q.copy_(p)
+        shadow.refresh()
+
+
+def test_normalize_caches_its_constants_per_device_and_keeps_the_formula():
+    images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    assert torch.equal(normalize(images), (images.float() - mean) / std)
+    assert torch.equal(normalize(images), (images.float() - mean) / std)   # from the cache
+    assert normalize(images.to("meta")).device.type == "meta"
 
 
 def test_loss_log_names_the_first_bad_iteration_of_a_window():
@@ -145,8 +206,9 @@ def test_cuda_iterations_equal_the_cpu_ones_to_float_rounding(arch, recipe, chan
 
 
 @cuda
-@pytest.mark.parametrize("arch,recipe", [("tiny_daformer_r", "daformer"), ("tiny_hrda_r", "hrda")])
-def test_a_cuda_iteration_does_not_wait_for_the_gpu(arch, recipe):
+@pytest.mark.parametrize("arch,recipe,amp", [("tiny_daformer_r", "daformer", None), ("tiny_hrda_r", "hrda", None),
+                                             ("tiny_daformer_mit", "daformer", "bf16")])
+def test_a_cuda_iteration_does_not_wait_for_the_gpu(arch, recipe, amp):
     """Between two log points an iteration (step and update) makes no host-device synchronisation:
     torch's sync debug mode warns on any (a .item(), a boolean index, a blocking copy); the
     warnings name the lines that synchronised."""
@@ -154,7 +216,7 @@ def test_a_cuda_iteration_does_not_wait_for_the_gpu(arch, recipe):
     r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
                    rcs_min_pixels=20)
     tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, device="cuda",
-                             progress=False))
+                             progress=False, amp=amp))   # bf16: the cast shadows, MiT: stochastic depth
     log = LossLog(1, 4)
     log.add(0, tr.step(0))   # the first iteration builds caches (cuDNN plans) and may synchronise
     tr.update(0)

@@ -39,9 +39,32 @@ def normalize(images: Tensor) -> Tensor:
         >>> [round(v, 3) for v in white.flatten().tolist()]     # (255 - MEAN) / STD per channel
         [2.249, 2.429, 2.64]
     """
-    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images.float() - mean) / std
+
+
+_MEAN_STD: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[Tensor, Tensor]:
+    """MEAN and STD [3, 1, 1] on ``device``, made once per device: building them from the Python
+    lists on a GPU is a copy from pageable memory, which waits for the queued kernels."""
+    pair = _MEAN_STD.get(device)
+    if pair is None:
+        pair = _MEAN_STD[device] = (
+            to_device(torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1), device),
+            to_device(torch.tensor(STD, dtype=torch.float32).view(3, 1, 1), device))
+    return pair
+
+
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """A small host tensor (random draws, constants) on ``device`` without waiting for the GPU:
+    on CUDA it goes through page-locked memory with a non-blocking copy (a copy from pageable
+    memory synchronises the host with the device); elsewhere a plain ``.to``."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def crop_boxes(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
@@ -115,7 +138,7 @@ def arithmetic_mean(values: Iterable[float]) -> float:
     return sum(vals) / len(vals)
 
 
-__all__ = ["arithmetic_mean", "crop_boxes", "equal_size_batches", "harmonic_mean", "normalize"]
+__all__ = ["arithmetic_mean", "crop_boxes", "equal_size_batches", "harmonic_mean", "normalize", "to_device"]
 
 
 def all_finite(t: torch.Tensor) -> bool:

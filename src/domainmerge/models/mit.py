@@ -8,6 +8,7 @@ branches); it acts only in training mode. Attention and MLP dropout are 0 in eve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,9 +81,12 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor, u: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, u: Tensor | None = None, divisor: Tensor | None = None) -> Tensor:
+        """``divisor`` [N] (from :func:`path_divisors`, float32) replaces ``u``: one division."""
         if not self.training or self.p == 0:
             return x
+        if divisor is not None:
+            return x.div(divisor.view(-1, *([1] * (x.dim() - 1))))
         keep = 1.0 - self.p
         if u is None:
             u = torch.rand(x.shape[0], device=x.device)
@@ -92,6 +96,22 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p:.4g}"
+
+
+def path_divisors(keep: Tensor, u: Tensor) -> Tensor:
+    """Per-sample divisors of every block's stochastic depth in one computation: ``keep = 1 - p``
+    where :class:`DropPath` keeps the branch (``floor(keep + u) == 1``), infinity where it drops
+    it. ``x / divisor`` is ``x / keep * mask`` to the bit (float32 ``x``; a dropped branch gives a
+    signed 0 as ``x * 0`` does, forward and backward), in one kernel per branch instead of five.
+    Under autocast the bf16 branch comes out in float32 (the residual sum's type), one rounding
+    less than the bf16 ``x / keep``.
+
+    ``keep`` [blocks] float32 ``1 - p`` (as DropPath rounds it), ``u`` [N, blocks, 2] uniforms ->
+    [N, blocks, 2] on ``u``'s device.
+    """
+    keep = keep.to(u.device, non_blocking=True).view(1, -1, 1)
+    kept = torch.floor(keep + u.float()) > 0
+    return torch.where(kept, keep, torch.full_like(keep, math.inf))
 
 
 class Block(nn.Module):
@@ -107,9 +127,10 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, h: int, w: int, noise: Tensor | None = None) -> Tensor:
-        """``noise``: [N, 2] uniforms of the two branches' stochastic depth (None: torch's generator)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), h, w), None if noise is None else noise[:, 0])
-        return x + self.drop_path(self.mlp(self.norm2(x), h, w), None if noise is None else noise[:, 1])
+        """``noise``: [N, 2] divisors of the two branches' stochastic depth (:func:`path_divisors`;
+        None: torch's generator draws)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w), divisor=None if noise is None else noise[:, 0])
+        return x + self.drop_path(self.mlp(self.norm2(x), h, w), divisor=None if noise is None else noise[:, 1])
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -170,6 +191,10 @@ class MixVisionTransformer(nn.Module):
         self.num_blocks = sum(cfg.depths)
         self.path_noise: Callable[[int], Tensor] | None = None
         rates = cfg.drop_path_rates()
+        # float32(1 - p) per block for path_divisors, on the CPU (not a buffer: state-dict keys and
+        # meta-device builds unchanged); pinned when a CUDA driver is present, so the copy does not wait
+        keep = (1.0 - torch.tensor(rates, dtype=torch.float64, device="cpu")).to(torch.float32)
+        self.path_keep = keep.pin_memory() if torch.cuda.is_available() else keep
         first = 0
         for i in range(4):
             in_ch = 3 if i == 0 else dims[i - 1]
@@ -182,11 +207,18 @@ class MixVisionTransformer(nn.Module):
             first += cfg.depths[i]
             self.add_module(f"norm{i + 1}", nn.LayerNorm(dims[i], eps=1e-6))
 
+    @torch.compiler.disable
+    def _path_divisors(self, n: int) -> Tensor | None:
+        """The stochastic depth divisors of a training forward of ``n`` images, or None. Never
+        compiled: ``path_noise`` is the trainer's Python (seeded generators per iteration), which
+        a compiled forward would trace, guard on and recompile at every iteration."""
+        if self.training and self.path_noise is not None and self.cfg.drop_path_rate > 0:
+            return path_divisors(self.path_keep, self.path_noise(n))
+        return None
+
     def forward(self, x: Tensor) -> list[Tensor]:
         n = x.shape[0]
-        noise = None
-        if self.training and self.path_noise is not None and self.cfg.drop_path_rate > 0:
-            noise = self.path_noise(n)
+        noise = self._path_divisors(n)
         outs = []
         k = 0
         for i in range(1, 5):

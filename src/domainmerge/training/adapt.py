@@ -43,10 +43,10 @@ from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
 from domainmerge.errors import Option, UserError, loader_errors
 from domainmerge.models.mit import DropPath
 from domainmerge.runtime import distributed
-from domainmerge.runtime.precision import autocast
+from domainmerge.runtime.precision import AMP_DTYPES, autocast
 from domainmerge.tensors import normalize
 from domainmerge.training.augment import SHARED, classmix_masks, drop_path_noise, mix, sample_generator, strong_augment
-from domainmerge.training.ema import ema_update, frozen_copy
+from domainmerge.training.ema import CastShadow, ema_update, frozen_copy
 from domainmerge.training.hrda import crop_to, detail_box, hrda_loss, train_forward
 from domainmerge.training.mic import block_masks, mask_image
 from domainmerge.training.recipe import Recipe
@@ -407,8 +407,15 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.train()
             _dropout_off(self.teacher)
+        # Under autocast the teacher and the ImageNet copy run as CastShadows: their weights' casts
+        # made once (the teacher's re-made after each EMA), not at every forward; same outputs.
+        low = AMP_DTYPES[self.amp] if self.amp is not None else None
+        self.teacher_shadow = CastShadow(self.teacher, low) if low is not None and self.teacher is not None else None
+        imnet_shadow = CastShadow(self.imnet, low) if low is not None and self.imnet is not None else None
+        self.teacher_fwd = self.teacher_shadow.module if self.teacher_shadow is not None else self.teacher
+        self.imnet_fwd = imnet_shadow.module if imnet_shadow is not None else self.imnet
         if self.config.compile:
-            for net in (model, self.teacher, self.imnet):
+            for net in (model, self.teacher_fwd, self.imnet_fwd):
                 if net is not None:
                     compile_parts(net)
 
@@ -468,11 +475,11 @@ class Trainer:
             return {"losses": losses, "pseudo_weight": None, "lr": lr}
 
         # 2. pseudo-labels of the teacher on the clean target images
-        assert self.teacher is not None and self.tgt_iter is not None
+        assert self.teacher_fwd is not None and self.tgt_iter is not None
         tgt = next(self.tgt_iter)
         xt = tgt["image"].to(dev, non_blocking=True)
         with torch.no_grad(), autocast(dev, self.amp):
-            t_logits = resized_logits(self.teacher(normalize(xt)).float(), xt.shape[-2:])
+            t_logits = resized_logits(self.teacher_fwd(normalize(xt)).float(), xt.shape[-2:])
         plabel, confident = pseudo_labels(t_logits, r.pseudo_threshold)
         pweight, share = pseudo_weight(confident, plabel, r.ignore_top, r.ignore_bottom)
         if "valid" in tgt:   # HRDA's pseudo-label margins, cut from the stored image like the crop
@@ -506,14 +513,14 @@ class Trainer:
     def _feature_distance(self, xs: Tensor, ys: Tensor, feats: list[Tensor]) -> Tensor:
         """lambda x mean L2 distance to the ImageNet copy's deepest features over the global thing mask."""
         r = self.recipe
-        assert self.imnet is not None
+        assert self.imnet_fwd is not None
         with torch.no_grad():
             view = normalize(xs)
             if self.is_hrda:   # HRDA compares the context (half-resolution) features
                 view = F.interpolate(view, scale_factor=float(cast(float, self.model.lr_scale)), mode="bilinear",
                                      align_corners=False)
             with autocast(self.device, self.amp):   # as the student's forward (fp32 without --amp)
-                ref = cast(nn.Module, self.imnet.backbone)(view)[-1]
+                ref = cast(nn.Module, self.imnet_fwd.backbone)(view)[-1]
         dsum, count = feature_distance(feats[-1], ref, ys, r.fd_classes, r.fd_min_ratio, NUM_CLASSES)
         # The mean over the global mask, x world size because DDP averages the ranks' gradients.
         # The count stays on the device (no host round trip). An empty mask has dsum = 0 with a
@@ -531,6 +538,8 @@ class Trainer:
         self.scaler.update()
         if self.teacher is not None:
             ema_update(self.teacher, self.model, self.recipe.alpha, it + 1)
+            if self.teacher_shadow is not None:
+                self.teacher_shadow.refresh()
 
 
 class NonFiniteLoss(Exception):

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from domainmerge.data.classes import IGNORE_INDEX, NUM_CLASSES
 from domainmerge.data.rcs import rng_for
 from domainmerge.runtime.distributed import all_reduce_sum
-from domainmerge.tensors import normalize
+from domainmerge.tensors import normalize, to_device
 
 # Random streams of the trainer, numbered after the data pipeline's (TrainSet 0, RCS 1).
 STREAMS = {name: 100 + i for i, name in enumerate(
@@ -81,7 +81,7 @@ def classmix_masks(labels: Tensor, generators: Sequence[torch.Generator], num_cl
     present = torch.zeros(slots, device=labels.device).index_fill_(0, idx.flatten(), 1.0)
     present = all_reduce_sum(present) > 0           # union over the ranks' images
     k = (present.sum() + 1) // 2
-    scores = torch.stack([torch.rand(slots, generator=g) for g in generators]).to(labels.device)
+    scores = to_device(torch.stack([torch.rand(slots, generator=g) for g in generators]), labels.device)
     scores = scores.masked_fill(~present, 2.0)      # absent values sort last
     rank = scores.argsort(dim=1).argsort(dim=1)     # each value's place in the image's random order
     chosen = (rank < k) & present                   # [B, slots]
@@ -140,7 +140,7 @@ def colour_jitter(images: Tensor, params: Jitter) -> Tensor:
     """kornia 0.5 ColorJitter on 0-1 float images [B, 3, H, W] with ``params`` (on the images'
     device). Step k applies each image's k-th operation; when the batch shares an order this is
     one kornia call per step, otherwise one per distinct operation, selected per image."""
-    factors = params.factors().to(images.device, images.dtype, non_blocking=True)
+    factors = to_device(params.factors().to(images.dtype), images.device)
     out = images
     for k in range(4):
         col = params.order[:, k]
@@ -150,7 +150,7 @@ def colour_jitter(images: Tensor, params: Jitter) -> Tensor:
             continue
         new = out
         for op in ops:
-            sel = (col == op).to(images.device, non_blocking=True).view(-1, 1, 1, 1)
+            sel = to_device(col == op, images.device).view(-1, 1, 1, 1)
             new = torch.where(sel, _JITTER_OPS[op](out, factors[:, op]), new)
         out = new
     return out
@@ -245,7 +245,7 @@ def drop_path_noise(model: nn.Module, seed: int, iteration: int, slots: Sequence
         per = n // len(slots)   # images of one slot in this call (its crops), slot-major
         rows = [torch.rand(per, blocks, 2, generator=sample_generator(seed, iteration, slot, stream, k))
                 for slot in slots]
-        return torch.cat(rows).to(device, non_blocking=True)
+        return to_device(torch.cat(rows), device)
 
     backbone.path_noise = draw
     try:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from domainmerge.tensors import to_device
+
 
 def block_masks(height: int, width: int, block: int, ratio: float, generators: Sequence[torch.Generator],
                 device: torch.device | str = "cpu") -> torch.Tensor:
@@ -20,7 +22,7 @@ def block_masks(height: int, width: int, block: int, ratio: float, generators: S
     cells are drawn on the CPU, the enlargement runs on ``device``)."""
     grid = (max(1, round(height / block)), max(1, round(width / block)))
     cells = torch.stack([torch.rand((1, *grid), generator=g) for g in generators])
-    keep = (cells > ratio).float().to(device, non_blocking=True)
+    keep = to_device((cells > ratio).float(), device)
     return F.interpolate(keep, size=(height, width), mode="nearest")
 
 

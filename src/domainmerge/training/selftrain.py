@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from domainmerge.data.classes import IGNORE_INDEX
 from domainmerge.runtime.distributed import all_reduce_sum
+from domainmerge.tensors import to_device
 
 
 def resized_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -93,8 +94,7 @@ def feature_distance(student: torch.Tensor, imnet: torch.Tensor, labels: torch.T
     # the class list is made on the host and copied without blocking (a plain copy of pageable
     # memory to the GPU would wait for the queued kernels)
     wanted = torch.tensor(list(classes), dtype=small.dtype)
-    mask = torch.isin(small, wanted.pin_memory().to(small.device, non_blocking=True)
-                      if small.is_cuda else wanted)
+    mask = torch.isin(small, to_device(wanted, small.device))
     dist = torch.norm(student.float() - imnet.float().detach(), p=2, dim=1)
     # On CUDA a masked sum: boolean indexing would wait for the mask's size (a host round trip).
     # On CPU the selected elements are summed, the order (and rounding) of the original recipe.

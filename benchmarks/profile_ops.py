@@ -1,0 +1,121 @@
+"""Where the operators of one training iteration come from: the operators that would launch a
+device kernel (leaf ``aten::`` operators that are not views or allocations), counted per
+domainmerge function, from ``torch.profiler`` with stacks over one ``Trainer`` iteration.
+
+Runs on the CPU (or any device) at a small crop: the operator count of an iteration does not
+depend on the crop size, so a CPU run at ``--crop-scale 0.0625`` shows where the ~10,000 kernel
+launches per iteration of a GPU run come from. ``bf16`` configurations run under CPU autocast,
+whose casts (``aten::_to_copy``) are counted as on CUDA.
+
+    python benchmarks/profile_ops.py --configs daformer_mitb5:bf16 hrda_mitb5:bf16:mic \
+        [--crop-scale 0.0625] [--top 25] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# operators that launch no kernel: views, metadata, allocations
+NO_KERNEL = re.compile(r"aten::(view|_?reshape|_unsafe_view|transpose|t|permute|expand|as_strided|slice|select|"
+                       r"unsqueeze|squeeze|flatten|unflatten|detach|alias|empty|empty_strided|empty_like|"
+                       r"resolve_conj|resolve_neg|lift_fresh|split|chunk|unbind|narrow|contiguous|"
+                       r"_has_compatible_shallow_copy_type|is_nonzero|result_type|size|stride|numel|"
+                       r"set_|_local_scalar_dense|item|broadcast_tensors|expand_as|view_as|type_as|"
+                       r"to|_to_dtype|dim|pin_memory|is_pinned|_pin_memory)$")
+SRC = re.compile(r"domainmerge/(.+\.py)\((\d+)\): (\S+)")
+
+
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("bench_train.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_ops(prof: Any) -> list[Any]:
+    """The profile's leaf operators that would be a kernel each (an op with no aten children)."""
+    events = prof.events()
+    out = []
+    for e in events:
+        if not e.name.startswith("aten::") or NO_KERNEL.match(e.name):
+            continue
+        if any(c.name.startswith("aten::") and not NO_KERNEL.match(c.name) for c in e.cpu_children):
+            continue   # a composite: its children are counted
+        out.append(e)
+    return out
+
+
+def where(e: Any) -> str:
+    """The innermost domainmerge function of an event's stack (the profiler's Python frames name
+    functions, not lines); the operators of a backward pass are
+    reported at the line that called ``backward`` (the engine runs them without a Python stack
+    of their own)."""
+    stack = e.stack or []
+    backward = any("torch/autograd/" in frame or "_tensor.py" in frame for frame in stack)
+    for frame in stack:
+        m = SRC.search(frame)
+        if m:
+            return f"{m.group(1)}:{m.group(2)} {m.group(3)}" + (" (backward)" if backward else "")
+    return "?"
+
+
+def profile_config(spec: str, crop_scale: float, batch: int, threads: int | None) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from domainmerge.training.adapt import LossLog
+
+    bench = _bench()
+    tr, tmp = bench.make_trainer(spec, "cpu", batch, 4, crop_scale, threads)
+    log = LossLog(1, 2 * batch)
+    for it in range(2):   # warm-up: first-iteration caches
+        log.add(it, tr.step(it))
+        tr.update(it)
+    log.flush()
+    verbose = torch._C._profiler._ExperimentalConfig(verbose=True)   # stacks on the operators (torch >= 2.5)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True, experimental_config=verbose) as prof:
+        log.add(2, tr.step(2))
+        tr.update(2)
+    ops = kernel_ops(prof)
+    by_line = collections.Counter(where(e) for e in ops)
+    by_name = collections.Counter(e.name for e in ops)
+    if tmp is not None:
+        tmp.cleanup()
+    return {"config": spec, "crop_scale": crop_scale, "kernel_ops": len(ops), "by_line": by_line.most_common(),
+            "by_name": by_name.most_common()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["daformer_mitb5:bf16", "hrda_mitb5:bf16:mic"])
+    parser.add_argument("--crop-scale", type=float, default=0.0625)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = []
+    for spec in args.configs:
+        r = profile_config(spec, args.crop_scale, args.batch_size, args.threads)
+        results.append(r)
+        print(f"\n## {spec}: {r['kernel_ops']} kernel-launching operators per iteration (torch {torch.__version__})")
+        print("\n| source line | ops |\n|:--|--:|")
+        for line, n in r["by_line"][:args.top]:
+            print(f"| {line} | {n} |")
+        print("\n| operator | ops |\n|:--|--:|")
+        for name, n in r["by_name"][:args.top]:
+            print(f"| {name} | {n} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
