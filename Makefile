@@ -2,10 +2,11 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# PyTorch first, from TORCH_INDEX: the CPU builds by default (on Linux `torch` from PyPI is the
-# multi-GB CUDA build). A GPU: TORCH_INDEX=https://download.pytorch.org/whl/cu126 (or empty: PyPI).
+# PyTorch first, from pip's configured index unless TORCH_INDEX names another. Where that index is
+# the public PyPI, `torch` on Linux is the multi-GB CUDA build: for the CPU build pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu (a CUDA one: .../whl/cu126).
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 PRESET ?= quick
 
 .PHONY: venv demo test lint typecheck check bench clean
