@@ -20,8 +20,9 @@ configuration, each in a child process:
   convolutions and attention, forward and backward) and TFLOP/s at the timed rate;
 - peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the child's peak RSS on the CPU.
 
-Configurations are ``ARCH:PRECISION[:mic][:cl][:compile][:tf32][:cudnn][:png]`` (``cl``:
-channels_last; ``tf32``: TF32 matrix products in fp32; ``cudnn``: ``cudnn.benchmark`` autotuning;
+Configurations are ``ARCH:PRECISION[:mic][:cl][:compile][:cg][:tf32][:cudnn][:png]`` (``cl``:
+channels_last; ``cg``: ``--compile reduce-overhead``, the compiled parts replayed as CUDA graphs;
+``tf32``: TF32 matrix products in fp32; ``cudnn``: ``cudnn.benchmark`` autotuning;
 defaults: the five rows of the README's table).
 
 Part 2 (evaluation, ``--evaluate``): ``evaluate_model`` of hrda_mitb5 in slide mode (1024 windows,
@@ -62,7 +63,7 @@ ARCH_RECIPE = {"daformer_mitb5": "daformer", "daformer_r101": "daformer", "hrda_
                "daformer_mitb0": "daformer", "hrda_mitb0": "hrda"}
 DEFAULT_CONFIGS = ["daformer_mitb5:fp32", "daformer_mitb5:bf16", "daformer_r101:bf16", "hrda_mitb5:bf16",
                    "hrda_mitb5:bf16:mic"]
-FLAGS = {"mic", "cl", "compile", "tf32", "cudnn", "png"}
+FLAGS = {"mic", "cl", "compile", "cg", "tf32", "cudnn", "png"}
 ITERS_40K = 40_000
 
 
@@ -196,7 +197,8 @@ def make_trainer(spec: str, device: str, batch: int, iters: int, crop_scale: flo
         workers = 0
     cfg = AdaptConfig(source=source, target=target, arch=c["arch"], arch_options=options, recipe=recipe,
                       source_crop=src_crop, target_crop=tgt_crop, amp=c["amp"], device=device, progress=False,
-                      val_every=0, workers=workers, compile=c["compile"], channels_last=c["cl"])
+                      val_every=0, workers=workers, channels_last=c["cl"],
+                      compile="reduce-overhead" if c["cg"] else c["compile"])
     return Trainer(cfg, log=lambda _: None), tmp
 
 
@@ -242,7 +244,8 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
     prof_summary = profile_summary(prof, profile_iters)
     top = top_ops(prof, profile_iters)
     flops = float("nan")
-    if not c["compile"] and count_flops:   # the counter sees the eager operators; a compiled run does the same work
+    # the counter sees the eager operators; a compiled run does the same work
+    if not (c["compile"] or c["cg"]) and count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 22, second GPU session: checks the host-sync fixes and measures the iteration with and
-# without torch.compile, in at most BUDGET (200) seconds of wall time (run from the repository
+# without torch.compile, in at most BUDGET (300) seconds of wall time (run from the repository
 # root on the GPU machine, PYTHONPATH=src, kornia installed beforehand; nothing is installed here).
 # Steps, in order of value (each under its own timeout, cut to the time left; a step that would
 # get under 25 s is skipped and says so):
-#   1. tests/test_hot_path.py -k cuda: no host sync inside an iteration, CUDA equals CPU  (<= 60 s)
+#   1. tests/test_hot_path.py tests/test_compile.py -k cuda: no host sync inside an iteration, CUDA equals CPU, compiled equals eager  (<= 120 s)
 #   2. bench_train daformer_mitb5:bf16, hrda_mitb5:bf16:mic                               (<= 50, 70 s)
-#   3. bench_train daformer_mitb5:bf16:compile, hrda_mitb5:bf16:mic:compile               (time left)
+#   3. bench_train daformer_mitb5:bf16:compile, then :cg (reduce-overhead: CUDA graphs) for
+#      daformer_mitb5:bf16 and hrda_mitb5:bf16:mic                                      (time left)
 # bench_train: 2 warm-ups (the compile happens in the first: its time is the 'first iteration'
 # column), 4 timed, 1 profiled, no FLOP-counted iteration (FLOPs are known from session 1).
 # Output (copied into $OUT at the end, also when a timeout ends the script): session2.log (all
@@ -16,12 +17,12 @@
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 OUT=${OUT:-/tmp/gpu_session2}
-BUDGET=${BUDGET:-200}
+BUDGET=${BUDGET:-300}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}          # DEVICE=cpu SCALE=0.0625 ... for a dry run on a CPU
 SCALE=${SCALE:-1.0}
 EAGER=${EAGER-daformer_mitb5:bf16 hrda_mitb5:bf16:mic}
-COMPILED=${COMPILED-daformer_mitb5:bf16:compile hrda_mitb5:bf16:mic:compile}
+COMPILED=${COMPILED-daformer_mitb5:bf16:compile daformer_mitb5:bf16:cg hrda_mitb5:bf16:mic:cg}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 WORK=$(mktemp -d)
 LOG="$WORK/session2.log"
@@ -62,9 +63,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "nv
 $PY -c "import torch, kornia; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'kornia', kornia.__version__)" \
     || { echo "FATAL: torch or kornia missing"; exit 3; }
 
-step "1. CUDA iteration without host syncs, CUDA against CPU (tests/test_hot_path.py -k cuda)"
-t=$(allow 60)
-timeout "$t" $PY -m pytest -q -p no:cacheprovider tests/test_hot_path.py -k cuda -rs --tb=short \
+step "1. CUDA iteration without host syncs, CUDA against CPU (tests/test_hot_path.py tests/test_compile.py -k cuda)"
+t=$(allow 120)
+timeout "$t" $PY -m pytest -q -p no:cacheprovider tests/test_hot_path.py tests/test_compile.py -k cuda -rs --tb=short \
     || echo "STEP 1 FAILED (rc $?)"
 
 step "2. eager bf16 (host syncs and kernels per iteration after the fixes)"

@@ -43,6 +43,7 @@ def test_bench_train_profile_summary_counts_busy_time_once() -> None:
     assert bench.busy_intervals([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert bench.busy_intervals([]) == 0
     assert bench.parse_config("hrda_mitb5:bf16:mic")["mic"] and bench.parse_config("hrda_mitb5:bf16")["amp"] == "bf16"
+    assert bench.parse_config("daformer_mitb5:bf16:cg")["cg"] and not bench.parse_config("daformer_mitb5:bf16")["cg"]
 
 
 def test_profile_ops_counts_the_kernel_launching_operators_per_function() -> None:

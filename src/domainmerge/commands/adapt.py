@@ -56,8 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--workers", type=int,
                    help="data loading processes per rank (default 2; 0 for the in-memory synthetic world)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbones and heads (faster iterations on a GPU after a compile of minutes)")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="torch.compile the backbones and heads (faster iterations on a GPU after a compile of "
+                        "minutes); MODE: default, reduce-overhead (also CUDA graphs), max-autotune, "
+                        "max-autotune-no-cudagraphs")
     p.add_argument("--channels-last", action="store_true",
                    help="NHWC convolutions on CUDA (faster for ResNet backbones; float rounding differs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from latest.pth")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         crop_size=tuple(args.crop) if args.crop else None,
         val_every=args.val_every, save_every=args.save_every, log_every=args.log_every, amp=args.amp,
         seed=args.seed, workers=args.workers, device=resolve_device(args.device), resume=args.resume,
-        force=args.force, compile=args.compile, channels_last=args.channels_last)
+        force=args.force, compile=args.compile or False, channels_last=args.channels_last)
     result = adapt(config)
     if result.checkpoint is not None:
         print(f"wrote {result.checkpoint} (iteration {result.iterations})")

@@ -88,7 +88,7 @@ class AdaptConfig:
     seed: int = 0
     workers: int | None = 0                 # None: 0 for in-memory datasets (synthetic), else 2
     device: str = "cpu"
-    compile: bool = False                   # torch.compile the backbones and heads (first iterations slower)
+    compile: bool | str = False             # torch.compile the backbones and heads: True or a mode of COMPILE_MODES
     channels_last: bool = False             # NHWC convolutions on CUDA (cuDNN's faster layout for ResNets)
     resume: bool = False
     force: bool = False
@@ -130,7 +130,26 @@ class Student(nn.Module):
         return head(feats), None, feats
 
 
-def compile_parts(model: nn.Module) -> None:
+# torch.compile modes: 'default' fuses operators (fewer kernel launches); 'reduce-overhead' also
+# replays each compiled part as a CUDA graph (one launch per part; CPU: as 'default');
+# 'max-autotune' also benchmarks kernel choices (a longer compile)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKEND = "inductor"   # the tests swap in 'aot_eager' (the same graphs, no code generation)
+
+
+def compile_mode(value: bool | str | None) -> str | None:
+    """The torch.compile mode of an ``AdaptConfig.compile`` value (True: 'default'; False/None:
+    no compile); another value is a UserError naming the modes."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_MODES:
+        raise UserError(Option("compile", value), f": use one of {', '.join(COMPILE_MODES)}")
+    return str(value)
+
+
+def compile_parts(model: nn.Module, mode: str = "default") -> None:
     """``torch.compile`` (in place, state-dict keys unchanged) the backbone and the head(s) of a
     segmentor: the parts whose input shapes are fixed during training. The HRDA glue (boxes drawn
     per iteration) stays eager, since compiling it would recompile for every box."""
@@ -139,7 +158,7 @@ def compile_parts(model: nn.Module) -> None:
     parts += [cast(nn.Module, head.head), cast(nn.Module, head.scale_attention)] if hasattr(head, "scale_attention") \
         else [head]
     for part in parts:
-        part.compile(dynamic=False)
+        part.compile(dynamic=False, backend=COMPILE_BACKEND, mode=None if mode == "default" else mode)
 
 
 def _reader(spec: Any, option: str, *, images_only: bool = False) -> Any:
@@ -279,6 +298,10 @@ class Trainer:
                             ", the folder of the run to continue")
         self.amp = None if c.amp in (None, "none") else c.amp
         autocast(torch.device(c.device), self.amp)   # validates the combination before any work
+        self.compile = compile_mode(c.compile)
+        # CUDA graphs (reduce-overhead on CUDA) replay into memory that the next iteration reuses:
+        # each iteration is marked as a new step, so no graph output is read after its replay
+        self.graph_steps = self.compile == "reduce-overhead" and torch.device(c.device).type == "cuda"
         self.uda = r.uda and c.target is not None
 
     def _distribution(self) -> None:
@@ -414,10 +437,10 @@ class Trainer:
         imnet_shadow = CastShadow(self.imnet, low) if low is not None and self.imnet is not None else None
         self.teacher_fwd = self.teacher_shadow.module if self.teacher_shadow is not None else self.teacher
         self.imnet_fwd = imnet_shadow.module if imnet_shadow is not None else self.imnet
-        if self.config.compile:
+        if self.compile is not None:
             for net in (model, self.teacher_fwd, self.imnet_fwd):
                 if net is not None:
-                    compile_parts(net)
+                    compile_parts(net, self.compile)
 
     def _loaders(self) -> None:
         """Endless iterators of this rank's batches from the start iteration (worker errors: one line)."""
@@ -453,6 +476,8 @@ class Trainer:
         reads them every few iterations).
         """
         r, dev, seed = self.recipe, self.device, self.config.seed
+        if self.graph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         torch.manual_seed(int(sample_generator(seed, it, self.rank, "dropout").initial_seed()))
         lr = set_lr(self.optimizer, it, r)
         slots = [self.rank * r.batch_size + j for j in range(r.batch_size)]

@@ -1,0 +1,115 @@
+"""``adapt --compile``: the compiled iteration computes what the eager one computes, each compiled
+part is traced once (no recompile per iteration: the per-iteration random draws, boxes and
+learning rates stay outside the graphs), the only graph break is the stochastic-depth draw that
+is kept eager on purpose, and the checkpoints keep their keys.
+
+On the CPU the graphs run through ``aot_eager`` (dynamo's capture and AOT autograd's forward and
+backward graphs, without inductor's code generation, which takes minutes on two cores); a CUDA
+run with inductor and CUDA graphs (``reduce-overhead``) runs when a GPU is present."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.utils
+
+from domainmerge.cli import main
+from domainmerge.data.synthetic import SyntheticDataset
+from domainmerge.data.training import CropConfig
+from domainmerge.errors import UserError
+from domainmerge.training import AdaptConfig, get_recipe
+from domainmerge.training.adapt import LossLog, Trainer
+
+WHOLE = CropConfig(None, None)
+# the module (the package's name 'adapt' is the function)
+adapt_module = importlib.import_module("domainmerge.training.adapt")
+
+
+def _trainer(arch: str, recipe: str, compile: bool | str, device: str = "cpu") -> Trainer:
+    src = SyntheticDataset("game", "train", 6, size=(64, 64))
+    tgt = SyntheticDataset("night", "train", 6, size=(64, 64))
+    r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
+                   rcs_min_pixels=20)
+    return Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, device=device,
+                               progress=False, compile=compile, arch_options={"dropout": 0.0}), log=lambda s: None)
+
+
+def _graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _run(tr: Trainer, iters: range, after_first=None) -> list[dict]:
+    log = LossLog(1, 4)
+    for it in iters:
+        log.add(it, tr.step(it))
+        tr.update(it)
+        if after_first is not None and it == iters[0]:
+            after_first()
+    return log.flush()
+
+
+@pytest.mark.parametrize("arch,recipe", [("tiny_daformer_mit", "daformer"), ("tiny_hrda_r", "hrda")])
+def test_a_compiled_iteration_equals_the_eager_one_and_compiles_once(arch, recipe, monkeypatch):
+    """MiT (stochastic depth drawn per iteration) with DAFormer, and HRDA (context and detail
+    views, boxes drawn per iteration) with MIC: 3 iterations eager and compiled."""
+    monkeypatch.setattr(adapt_module, "COMPILE_BACKEND", "aot_eager")
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager_tr = _trainer(arch, recipe, False)
+    eager = _run(eager_tr, range(3))
+    assert _graphs() == 0
+    compiled_tr = _trainer(arch, recipe, True)
+    first: list[int] = []
+    compiled = _run(compiled_tr, range(3), after_first=lambda: first.append(_graphs()))
+    assert first[0] > 0, "nothing was compiled"
+    assert _graphs() == first[0], "a later iteration compiled again (a guard on a per-iteration value)"
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert all("_path_divisors" in reason for reason in breaks), list(breaks)
+    # AOT autograd decomposes a few operators (layer norm, GELU backward) into others, which round
+    # differently: float32 agreement to a few ulps, amplified by nothing in 3 iterations' losses
+    for a, b in zip(eager, compiled, strict=True):
+        for k in a:
+            if k.startswith("loss_") or k == "pseudo_weight":
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["iter"], k)
+    es, cs = eager_tr.model.state_dict(), compiled_tr.model.state_dict()
+    assert list(es) == list(cs)   # in-place compile: the checkpoint keys do not change
+    for k, v in es.items():
+        # AdamW moves each weight by up to lr (6e-5 x 10 for the head) per iteration whatever the
+        # gradient's size: a gradient that is zero up to rounding may step the other way
+        torch.testing.assert_close(cs[k], v, rtol=1e-5, atol=4e-4, msg=k)
+
+
+def test_an_unknown_compile_mode_is_one_line_before_any_work(tmp_path, capsys):
+    with pytest.raises(UserError, match="use one of default, reduce-overhead"):
+        _trainer("tiny_daformer_r", "daformer", "fastest")
+    capsys.readouterr()
+    assert main(["adapt", "--arch", "tiny_daformer_r", "--device", "cpu", "--source", "synthetic", "game",
+                 "--target", "synthetic", "city", "--out", str(tmp_path / "run"), "--compile", "fastest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--compile" in err and "reduce-overhead" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_cuda_iterations_equal_eager_ones(mode):
+    """inductor's kernels (and, with reduce-overhead, their CUDA graphs, replayed into memory that
+    the next iteration reuses) against eager CUDA iterations, fp32 without TF32."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        torch._dynamo.reset()
+        runs = [_run(_trainer("tiny_daformer_mit", "daformer", c, "cuda"), range(4)) for c in (False, mode)]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    for a, b in zip(*runs, strict=True):
+        for k in a:
+            if k.startswith("loss_") or k == "pseudo_weight":
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["iter"], k)
