@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 22, second GPU session: checks the host-sync fixes and measures the iteration with and
-# without torch.compile, in at most BUDGET (300) seconds of wall time (run from the repository
+# without torch.compile, in at most BUDGET (480) seconds of wall time (run from the repository
 # root on the GPU machine, PYTHONPATH=src, kornia installed beforehand; nothing is installed here).
 # Steps, in order of value (each under its own timeout, cut to the time left; a step that would
 # get under 25 s is skipped and says so):
@@ -8,6 +8,7 @@
 #   2. bench_train daformer_mitb5:bf16, hrda_mitb5:bf16:mic                               (<= 50, 70 s)
 #   3. bench_train daformer_mitb5:bf16:compile, then :cg (reduce-overhead: CUDA graphs) for
 #      daformer_mitb5:bf16 and hrda_mitb5:bf16:mic                                      (time left)
+#   4. bench_train --evaluate: HRDA slide inference, same batches in every pass          (<= 60 s)
 # bench_train: 2 warm-ups (the compile happens in the first: its time is the 'first iteration'
 # column), 4 timed, 1 profiled, no FLOP-counted iteration (FLOPs are known from session 1).
 # Output (copied into $OUT at the end, also when a timeout ends the script): session2.log (all
@@ -17,7 +18,7 @@
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 OUT=${OUT:-/tmp/gpu_session2}
-BUDGET=${BUDGET:-300}
+BUDGET=${BUDGET:-480}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}          # DEVICE=cpu SCALE=0.0625 ... for a dry run on a CPU
 SCALE=${SCALE:-1.0}
@@ -77,5 +78,13 @@ step "3. torch.compile (first iteration = compile time)"
 for spec in $COMPILED; do
     bench 150 "$spec"
 done
+
+step "4. evaluate, HRDA MiT-B5 slide at 2048x1024 bf16: warm-up, timed and profiled passes over the same 4 images"
+t=$(allow 60)
+if [ "$t" = 0 ]; then echo "skipped evaluate: $(left) s left"; else
+    n=$(( $(ls "$WORK"/part_*.json 2>/dev/null | wc -l) + 1 ))
+    timeout "$t" $PY benchmarks/bench_train.py --device "$DEVICE" --crop-scale "$SCALE" --skip-train --evaluate \
+        --eval-images 4 --timeout $(( t - 3 )) --json "$WORK/part_$n.json" || echo "evaluate FAILED (rc $?)"
+fi
 step "done ($(left) s of the budget left)"
 } 2>&1 | tee "$LOG"
