@@ -285,6 +285,10 @@ def test_ci_bad_settings_and_two_gloo_processes(world, run_ranks, capsys):
     assert "--level 95" in capsys.readouterr().err
     assert main(["evaluate", str(world["a"]), *domains(world), "--ci", "--resamples", "0", *FAST]) == 2
     assert "--resamples 0" in capsys.readouterr().err
+    # the interval settings without --ci would do nothing: refused, naming them
+    assert main(["evaluate", str(world["a"]), *domains(world), "--level", "0.9", "--ci-seed", "3", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--level and --ci-seed only apply with --ci" in err, err
     # Under torchrun every rank's images are gathered in dataset order: identical intervals.
     args = [str(world["a"]), str(world["b"]), *domains(world), "--ci", "--resamples", "100", *FAST]
     single = run_json(args, base / "ci_single.json")

@@ -177,6 +177,10 @@ def test_lmc_command_simplex(world) -> None:  # type: ignore[no-untyped-def]
     # A second run without --force refuses to overwrite.
     assert main(["lmc", *map(str, paths), "--grid", "3", "--out", str(out), "--quiet", "--protocol", "custom",
                  "--domain", "cs", "cityscapes", str(root / "cs")]) == 2
+    # --steps shapes the curve of two checkpoints; with three it would do nothing: refused
+    assert main(["lmc", *map(str, paths), "--steps", "3", "--out", str(root / "steps"), "--quiet", "--protocol",
+                 "custom", "--domain", "cs", "cityscapes", str(root / "cs")]) == 2
+    assert not (root / "steps").exists()
 
 
 def test_lmc_under_two_gloo_processes_matches_one(world, run_ranks) -> None:  # type: ignore[no-untyped-def]

@@ -61,8 +61,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--ci", action="store_true",
                    help="bootstrap confidence intervals over images for every mIoU, H and paired difference")
     p.add_argument("--resamples", type=int, help="bootstrap resamples for --ci (default 1000)")
-    p.add_argument("--level", type=float, default=0.95, help="interval level for --ci (default 0.95)")
-    p.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    p.add_argument("--level", type=float, help="interval level for --ci (default 0.95)")
+    p.add_argument("--ci-seed", type=int, help="seed of the bootstrap resampling for --ci (default 0)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing --json file and predicted PNGs under --save-pred")
     p.add_argument("--allow-nonfinite", action="store_true",
@@ -100,11 +100,16 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.json, force=args.force, inputs=tuple(args.ckpts))
     if args.save_pred:
         check_output_dir(args.save_pred, option="--save-pred")
-    if args.resamples is not None and not args.ci:
+    ci_only = [flag for flag, value in (("--resamples", args.resamples), ("--level", args.level),
+                                        ("--ci-seed", args.ci_seed)) if value is not None]
+    if ci_only and not args.ci:
         from domainmerge.errors import UserError
 
-        raise UserError("--resamples only applies with --ci (the bootstrap intervals); add --ci or drop it")
+        raise UserError(f"{' and '.join(ci_only)} only apply with --ci (the bootstrap intervals); "
+                        "add --ci or drop them")
     args.resamples = 1000 if args.resamples is None else args.resamples
+    args.level = 0.95 if args.level is None else args.level
+    args.ci_seed = 0 if args.ci_seed is None else args.ci_seed
     if args.ci:
         check_settings(args.resamples, args.level)
 

@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs="+", metavar="CKPT", help="2 checkpoints (a curve) or more (a simplex grid)")
     add_domain_argument(p)
-    p.add_argument("--steps", type=int, default=11, help="lambdas from 0 to 1 for 2 models (default 11)")
+    p.add_argument("--steps", type=int, help="lambdas from 0 to 1 for 2 models (default 11)")
     p.add_argument("--grid", type=int, help="points per simplex edge for 3+ models (default 5)")
     p.add_argument("--buffers", choices=["gaussian", "mean", "first"], default="gaussian",
                    help="BN statistics rule along the path (default gaussian, the paper's)")
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     k = len(args.ckpts)
     if k == 2 and args.grid is not None:   # two models make a curve (--steps), not a simplex grid
         raise UserError("--grid sets the simplex grid of 3 or more checkpoints; for two, set the curve's --steps")
+    if k > 2 and args.steps is not None:
+        raise UserError(f"--steps sets the curve between 2 checkpoints; for {k}, set the simplex's --grid")
     outputs: dict[str, Path] = {}
     if args.out:
         out_dir = check_output_dir(args.out, option="--out")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group_from_env():
         main = distributed.is_main_process()
         found = interpolate_checkpoints(
-            args.ckpts, domains, steps=args.steps, grid=5 if args.grid is None else args.grid, buffers=args.buffers,
+            args.ckpts, domains, steps=11 if args.steps is None else args.steps,
+            grid=5 if args.grid is None else args.grid, buffers=args.buffers,
             align=args.align,
             arch=args.arch, prefix=args.prefix, trust_pickle=args.trust_pickle, **protocol_settings(args),
             device=resolve_device(args.device), batch_size=args.batch_size,
