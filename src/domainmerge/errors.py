@@ -158,6 +158,19 @@ class CheckpointError(UserError):
         self.reason = reason
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file whose bytes are damaged or cut: ``what`` was found, ``fix`` says what to do
+    (by default fetch or write the file again; a caller that knows better, e.g. ``adapt
+    --resume`` with the run's other checkpoints at hand, re-raises with its own ``fix``)."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str,
+                 fix: Part | tuple[Part, ...] = "re-download or re-save it"):
+        fixes = fix if isinstance(fix, tuple) else (fix,)
+        super().__init__(path, what, "; ", *fixes)
+        self.args = (path, what, fix)
+        self.what, self.fix = what, fix
+
+
 class OutputExistsError(UserError):
     """An output file that exists and may not be replaced (``force``/``replace`` not given)."""
 

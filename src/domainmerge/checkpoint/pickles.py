@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from domainmerge.checkpoint.core import STATE_DICT_KEYS
-from domainmerge.errors import CheckpointError, Option
+from domainmerge.errors import CheckpointError, DamagedCheckpoint, Option
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -65,7 +65,7 @@ def _pickle_damage(path: Path) -> str | None:
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     damage = _pickle_damage(path)
     if damage is not None:
-        raise CheckpointError(path, f"damaged or not a PyTorch checkpoint ({damage}); re-download or re-save it")
+        raise DamagedCheckpoint(path, f"damaged or not a PyTorch checkpoint ({damage})")
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
@@ -73,21 +73,19 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if trust_pickle or not _unsafe(str(exc)):
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Weights only" not in ln
                           and "WeightsUnpickler" not in ln), "unreadable pickle")
-            raise CheckpointError(path, f"damaged or not a PyTorch checkpoint ({first}); re-download or re-save "
-                                  "it") from exc
+            raise DamagedCheckpoint(path, f"damaged or not a PyTorch checkpoint ({first})") from exc
         raise CheckpointError(path, "holds Python objects beyond tensors and plain containers, so the safe loader "
                               "refuses it; if you trust this file, pass ", Option("trust_pickle", switch=True)
                               ) from exc
     except (RuntimeError, EOFError, ValueError, OSError, ModuleNotFoundError, AttributeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, EOFError) or "corrupted" in str(exc) or "failed reading" in first:
-            raise CheckpointError(path, f"damaged or truncated PyTorch checkpoint ({first[:120]}); re-download "
-                            "or re-save it") from exc
+            raise DamagedCheckpoint(path, f"damaged or truncated PyTorch checkpoint ({first[:120]})") from exc
         raise CheckpointError(path, f"not a readable PyTorch checkpoint ({first})") from exc
     except (IndexError, KeyError, TypeError, struct.error, UnicodeDecodeError, MemoryError) as exc:
         # what the (weights-only) unpickler raises on cut or scrambled legacy pickles
-        raise CheckpointError(path, f"damaged or truncated PyTorch checkpoint ({type(exc).__name__}: "
-                        f"{str(exc)[:80]}); re-download or re-save it") from exc
+        raise DamagedCheckpoint(path, f"damaged or truncated PyTorch checkpoint ({type(exc).__name__}: "
+                                f"{str(exc)[:80]})") from exc
 
 
 class _Sink:

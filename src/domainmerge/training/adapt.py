@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from domainmerge.checkpoint import DA_TRAINING
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
-from domainmerge.errors import Option, UserError, loader_errors
+from domainmerge.errors import DamagedCheckpoint, Option, UserError, loader_errors
 from domainmerge.models.mit import DropPath
 from domainmerge.runtime import distributed
 from domainmerge.runtime.precision import AMP_DTYPES, autocast
@@ -203,7 +203,12 @@ def _read_checkpoint(path: Path, arch: str, iters: int) -> Any:
     are one-line errors) with its meta checked."""
     from domainmerge.checkpoint import open_checkpoint
 
-    ck = open_checkpoint(path)
+    try:
+        ck = open_checkpoint(path)
+    except DamagedCheckpoint as exc:   # the run's own file: the advice is the run's other checkpoints
+        raise DamagedCheckpoint(path, exc.what, fix=(
+            "copy the run's last intact iter_N.pth over it to resume from there, or start over with ",
+            Option("force", switch=True))) from None
     meta = ck.extras.get("meta")
     fix = ("; the checkpoint is not one adapt wrote, or is damaged: drop ", Option("resume", switch=True),
            " to start over")
