@@ -156,3 +156,12 @@ def test_tiny_demo_over_two_seeds(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--preset", "tiny", "--seeds", "0,1", "--out", str(out), "--threads", "1"]) == 2
     assert main(["demo", "--preset", "tiny", "--seeds", "0,x", "--out", str(tmp_path / "bad")]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_a_check_this_run_cannot_test_says_why_and_does_not_send_to_another_preset():
+    from domainmerge.demo.claims import not_tested
+
+    # e.g. claim 5 in `--preset full --targets city,night`: the full preset would not help
+    c = not_tested("5", "merging all four beats every single model", "needs 4 targets, this run has 2")
+    assert c.verdict == "SKIP" and c.detail == "not tested: needs 4 targets, this run has 2"
+    assert "preset" not in c.detail

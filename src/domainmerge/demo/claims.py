@@ -102,8 +102,9 @@ def judged(cid: str, text: str, tests: Sequence[Condition], detail: str, kind: s
 
 
 def not_tested(cid: str, text: str, why: str = "", kind: str = "claim") -> Check:
-    """A check the preset does not test (by declaration or because it has too few targets)."""
-    return Check(cid, kind, text, "SKIP", [], NOT_TESTED if not why else f"{NOT_TESTED} ({why})")
+    """A check the preset does not test (by declaration: :data:`NOT_TESTED`) or that this run
+    cannot test (``why``, e.g. too few targets: another preset would not help)."""
+    return Check(cid, kind, text, "SKIP", [], f"not tested: {why}" if why else NOT_TESTED)
 
 
 def format_test(t: Condition) -> str:
