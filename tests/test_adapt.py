@@ -3,6 +3,7 @@ and one step of the real networks."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -92,19 +93,25 @@ def _first_step(trainer: Trainer) -> dict[str, torch.Tensor]:
             "conv_seg": trainer.model.decode_head.conv_seg.weight.grad.detach().clone()}
 
 
-def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str) -> None:
+def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str, compile: bool) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
     torch.set_num_threads(1)
-    result = _first_step(Trainer(_config(arch=arch, iters=3, batch=1, arch_options={"dropout": 0.0}),
-                                 log=lambda s: None))
+    if compile:   # dynamo's graphs without inductor's code generation (minutes on a CPU), as test_compile
+        importlib.import_module("domainmerge.training.adapt").COMPILE_BACKEND = "aot_eager"
+    result = _first_step(Trainer(_config(arch=arch, iters=3, batch=1, arch_options={"dropout": 0.0},
+                                         compile=compile), log=lambda s: None))
+    if compile:
+        graphs = importlib.import_module("torch._dynamo.utils").counters["stats"]["unique_graphs"]
+        assert graphs > 0, "nothing was compiled"
     if rank == 0:
         torch.save(result, out)
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["tiny_daformer_r", "tiny_daformer_mit"])
-def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch):
+@pytest.mark.parametrize("arch,compile", [("tiny_daformer_r", False), ("tiny_daformer_mit", False),
+                                          ("tiny_daformer_mit", True)])
+def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch, compile):
     """Same samples, same augmentation, pseudo-label share and feature-distance mask over the global
     batch, BatchNorm over the global batch (GlobalBatchNorm2d): the first iteration's losses and
     the last layer's gradient of 2 ranks x batch 1 are one process's with batch 2, up to float32
@@ -119,14 +126,16 @@ def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch
     gradient, tests float32 luck rather than the claim. The losses are continuous functions of
     everything the claim is about; the last layer's gradient is (logit error x features) with no
     gate in between. Tolerance: float32 rounding through ~20 layers of sums of up to a few
-    thousand terms, sqrt(n) x eps x depth ~ 1e-4 relative."""
+    thousand terms, sqrt(n) x eps x depth ~ 1e-4 relative. With ``compile`` the ranks run
+    ``--compile`` (compiled backbone and head inside DistributedDataParallel) against the eager
+    single process."""
     torch.set_num_threads(1)
     one = _first_step(Trainer(_config(arch=arch, iters=3, batch=2, arch_options={"dropout": 0.0}),
                               log=lambda s: None))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_rank_first_step, args=(2, port, str(tmp_path / "two.pt"), arch), nprocs=2,
+    torch.multiprocessing.spawn(_rank_first_step, args=(2, port, str(tmp_path / "two.pt"), arch, compile), nprocs=2,
                                 join=True)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert one.keys() == two.keys() and {"loss_source", "loss_fd", "loss_pseudo"} <= one.keys()
