@@ -61,8 +61,9 @@ def test_tiny_demo_runs_every_stage_and_writes_everything(tmp_path, capsys):
     assert curve["shared_init"][b][-1] == pytest.approx(scores[f"stda_{b}"][b])
     checks = {c["id"]: c for c in res["checks"]}
     assert set(checks) == {"1", "2", "3", "4", "5", "world-1", "world-2"}
-    # Claim 5 needs four targets: the two-target preset says so instead of judging it.
-    assert checks["5"]["verdict"] == "SKIP" and "not tested by this preset, run --preset full" in checks["5"]["detail"]
+    # Claim 5 needs four targets: the two-target preset says so instead of judging it, and what to give.
+    assert checks["5"]["verdict"] == "SKIP" and checks["5"]["detail"] == \
+        "not tested: needs 4 targets, this run has 2; give 4 targets (e.g. city,idd,fog,night)"
     # Each verdict follows from its conditions' intervals, and the differences are the table's numbers.
     for c in checks.values():
         if c["verdict"] != "SKIP":

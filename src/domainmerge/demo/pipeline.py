@@ -461,7 +461,8 @@ class Demo:
             if cid not in p.claims:
                 out.append(not_tested(cid, text, kind=kind))
             elif len(targets) < needs:
-                out.append(not_tested(cid, text, f"needs {needs} targets, this run has {len(targets)}", kind))
+                out.append(not_tested(cid, text, f"needs {needs} targets, this run has {len(targets)}; give "
+                                                 f"{needs} targets (e.g. {','.join(TARGETS[:needs])})", kind))
             else:
                 out.append(run())
 
