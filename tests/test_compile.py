@@ -1,7 +1,8 @@
 """``adapt --compile``: the compiled iteration computes what the eager one computes, each compiled
 part is traced once (no recompile per iteration: the per-iteration random draws, boxes and
 learning rates stay outside the graphs), the only graph break is the stochastic-depth draw that
-is kept eager on purpose, and the checkpoints keep their keys.
+is kept eager on purpose, every variant (student, teacher, ImageNet copy, validation) is
+compiled rather than left eager by dynamo's recompile limit, and the checkpoints keep their keys.
 
 On the CPU the graphs run through ``aot_eager`` (dynamo's capture and AOT autograd's forward and
 backward graphs, without inductor's code generation, which takes minutes on two cores); a CUDA
@@ -20,6 +21,7 @@ from domainmerge.cli import main
 from domainmerge.data.synthetic import SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.errors import UserError
+from domainmerge.evaluation import evaluate_model
 from domainmerge.training import AdaptConfig, get_recipe
 from domainmerge.training.adapt import LossLog, Trainer
 
@@ -69,6 +71,13 @@ def test_a_compiled_iteration_equals_the_eager_one_and_compiles_once(arch, recip
     assert _graphs() == first[0], "a later iteration compiled again (a guard on a per-iteration value)"
     breaks = torch._dynamo.utils.counters["graph_break"]
     assert all("_path_divisors" in reason for reason in breaks), list(breaks)
+    # validation as adapt runs it (eval mode, no grad, HRDA's slide windows): more variants of the
+    # same forward code (the HRDA head's: 9), every one compiled, none left eager by a limit
+    evaluate_model(compiled_tr.model, SyntheticDataset("night", "val", 2, size=(64, 64)),
+                   mode="slide" if recipe == "hrda" else "whole", crop=(32, 32), stride=(16, 16), progress=False)
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["total"] == frames["ok"] and not torch._dynamo.utils.counters["unimplemented"], \
+        dict(torch._dynamo.utils.counters["unimplemented"])
     # AOT autograd decomposes a few operators (layer norm, GELU backward) into others, which round
     # differently: float32 agreement to a few ulps, amplified by nothing in 3 iterations' losses
     for a, b in zip(eager, compiled, strict=True):

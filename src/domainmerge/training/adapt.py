@@ -135,6 +135,11 @@ class Student(nn.Module):
 # 'max-autotune' also benchmarks kernel choices (a longer compile)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKEND = "inductor"   # the tests swap in 'aot_eager' (the same graphs, no code generation)
+# Compiled variants allowed per forward function. The student, the teacher, the ImageNet copy and
+# validation run the same forward code with other grad modes, train/eval flags, parameter dtypes
+# (the cast shadows) and input shapes (HRDA's context, detail crops and slide windows): each is a
+# variant, compiled once. Past torch's default of 8, dynamo would silently run the rest eagerly.
+COMPILE_VARIANTS = 64
 
 
 def compile_mode(value: bool | str | None) -> str | None:
@@ -157,6 +162,9 @@ def compile_parts(model: nn.Module, mode: str = "default") -> None:
     head = cast(nn.Module, model.decode_head)
     parts += [cast(nn.Module, head.head), cast(nn.Module, head.scale_attention)] if hasattr(head, "scale_attention") \
         else [head]
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
     for part in parts:
         part.compile(dynamic=False, backend=COMPILE_BACKEND, mode=None if mode == "default" else mode)
 
