@@ -277,7 +277,7 @@ def evaluate_config(device: str, images: int, size: tuple[int, int], arch: str, 
     stride = (window[0] // 2, window[1] // 2)
     data = MemoryReader(images, size, 0)
     kw = {"mode": "slide", "crop": window, "stride": stride, "device": device, "amp": amp, "progress": False}
-    batch = default_batch_size(data, torch.device(device), mode="slide", crop=window)
+    batch = default_batch_size(data, torch.device(device), mode="slide", crop=window, stride=stride)
     # Three passes over the same images, so that all see the same batches (a batch of another size
     # builds new convolution plans and allocator blocks): a warm-up, the timed pass, and the
     # profiled pass whose kernel time, over the timed pass's, is the busy share.

@@ -584,7 +584,10 @@ class _Shapes(torch.utils.data.Dataset):
     (64, 128, {}, "cpu", 64),                                   # 2^20 / 8192 = 128, capped at 64
     (1024, 2048, {}, "cpu", 1),                                 # a Cityscapes image is 2 megapixels
     (1024, 2048, {"img_scale": (1024, 512)}, "cpu", 2),         # rescaled to 512 x 1024: 2^20 / 2^19
-    (1024, 2048, {"mode": "slide", "crop": (512, 512)}, "cpu", 4),
+    (1024, 512, {"mode": "slide", "crop": (512, 512)}, "cpu", 2),   # 2 windows of 2^18 each: 2^20 / 2^19
+    (1024, 2048, {"mode": "slide", "crop": (512, 512)}, "cpu", 1),  # 2 x 4 windows of 2^18: 2 megapixels
+    (256, 512, {"mode": "slide", "crop": (128, 128), "stride": (64, 64)}, "cpu", 3),  # 3 x 7 windows of 2^14: 64 // 21
+    (1024, 2048, {"mode": "slide"}, "cuda", 1),                     # 3 windows of 1024^2 (HRDA's test): 4 // 3
     (1024, 2048, {"img_scale": (1024, 512)}, "cuda", 8),        # 4 * 2^20 / 2^19
 ])
 def test_default_batch_size_by_hand(h, w, kwargs, device, expected):

@@ -111,17 +111,24 @@ def default_workers(dataset: SegDataset) -> int:
 
 
 def default_batch_size(dataset: SegDataset, device: torch.device, *, mode: str = "whole",
-                       crop: tuple[int, int] = (1024, 1024), img_scale: tuple[int, int] | None = None) -> int:
-    """Images (slide: windows) per forward pass: about PIXELS_PER_BATCH of the device, from the
-    first image's size as the network sees it (rescaled, or the window in slide mode)."""
+                       crop: tuple[int, int] = (1024, 1024), stride: tuple[int, int] = (512, 512),
+                       img_scale: tuple[int, int] | None = None) -> int:
+    """Images per forward pass: about PIXELS_PER_BATCH of the device, from the first image's size
+    as the network sees it (rescaled). In slide mode an image costs all its windows, since a
+    batch's windows go through the network together: a 2048x1024 image in 1024 windows at stride
+    512 is 3 megapixels, so a GPU takes one image per forward, as the authors test (HRDA then runs
+    30 crops of 512x512 through the backbone)."""
     if len(dataset) == 0:
         return 1
     height, width = dataset[0][0].shape[-2:]
     height, width = rescale_size(int(height), int(width), img_scale)
+    pixels = height * width
     if mode == "slide":
-        height, width = min(crop[0], height), min(crop[1], width)
+        window = (min(crop[0], height), min(crop[1], width))
+        step = (max(1, stride[0]), max(1, stride[1]))
+        pixels = len(crop_boxes(height, width, window, step)) * window[0] * window[1]
     budget = PIXELS_PER_BATCH.get(device.type, PIXELS_PER_BATCH["cpu"])
-    return max(1, min(MAX_AUTO_BATCH, budget // max(1, height * width)))
+    return max(1, min(MAX_AUTO_BATCH, budget // max(1, pixels)))
 
 
 def evaluate_model(model: nn.Module, dataset: SegDataset, *, mode: str = "whole", crop: tuple[int, int] = (1024, 1024),
@@ -179,7 +186,7 @@ def evaluate_model(model: nn.Module, dataset: SegDataset, *, mode: str = "whole"
     """
     dev = torch.device(device)
     if batch_size is None:
-        batch_size = default_batch_size(dataset, dev, mode=mode, crop=crop, img_scale=img_scale)
+        batch_size = default_batch_size(dataset, dev, mode=mode, crop=crop, stride=stride, img_scale=img_scale)
     if workers is None:
         workers = default_workers(dataset)
     if batch_size < 1:
