@@ -92,6 +92,34 @@ def test_a_compiled_iteration_equals_the_eager_one_and_compiles_once(arch, recip
         torch.testing.assert_close(cs[k], v, rtol=1e-5, atol=4e-4, msg=k)
 
 
+def test_reduce_overhead_keeps_gradients_in_fixed_buffers_and_validates_eagerly(monkeypatch):
+    """What CUDA graphs need from the loop, checked on the CPU (where inductor leaves the graphs
+    out and aot_eager ignores the mode): the 3 backward passes of an HRDA + MIC iteration
+    accumulate into .grad buffers made before any graph and never replaced (a graph's own
+    gradient outputs are freed at the next graph step), with the eager iteration's losses; and
+    validation, which chains compiled parts without a backward pass, runs eagerly."""
+    monkeypatch.setattr(adapt_module, "COMPILE_BACKEND", "aot_eager")
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = _run(_trainer("tiny_hrda_r", "hrda", False), range(3))
+    tr = _trainer("tiny_hrda_r", "hrda", "reduce-overhead")
+    buffers = {name: p.grad for name, p in tr.model.named_parameters()}
+    assert all(g is not None and not g.any() for g in buffers.values())
+    compiled = _run(tr, range(3))
+    assert all(p.grad is buffers[name] for name, p in tr.model.named_parameters())
+    for a, b in zip(eager, compiled, strict=True):
+        for k in a:
+            if k.startswith("loss_") or k == "pseudo_weight":
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["iter"], k)
+    graphs = _graphs()
+    with tr.validation_stance():
+        evaluate_model(tr.model, SyntheticDataset("night", "val", 2, size=(64, 64)), mode="slide", crop=(32, 32),
+                       stride=(16, 16), progress=False)
+    assert _graphs() == graphs, "validation compiled graphs of its own"
+    tr.model.train()
+
+
 def test_an_unknown_compile_mode_is_one_line_before_any_work(tmp_path, capsys):
     with pytest.raises(UserError, match="use one of default, reduce-overhead"):
         _trainer("tiny_daformer_r", "daformer", "fastest")

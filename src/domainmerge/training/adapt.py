@@ -27,6 +27,7 @@ feature-distance mask size, BatchNorm statistics) are summed over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
@@ -312,9 +313,9 @@ class Trainer:
         self.amp = None if c.amp in (None, "none") else c.amp
         autocast(torch.device(c.device), self.amp)   # validates the combination before any work
         self.compile = compile_mode(c.compile)
-        # CUDA graphs (reduce-overhead on CUDA) replay into memory that the next iteration reuses:
-        # each iteration is marked as a new step, so no graph output is read after its replay
-        self.graph_steps = self.compile == "reduce-overhead" and torch.device(c.device).type == "cuda"
+        # CUDA graphs (reduce-overhead; on a CPU inductor leaves them out, the rest is the same)
+        # replay into a memory pool that a later replay reuses: see _parallel and step
+        self.graph_steps = self.compile == "reduce-overhead"
         self.uda = r.uda and c.target is not None
 
     def _distribution(self) -> None:
@@ -451,9 +452,25 @@ class Trainer:
         self.teacher_fwd = self.teacher_shadow.module if self.teacher_shadow is not None else self.teacher
         self.imnet_fwd = imnet_shadow.module if imnet_shadow is not None else self.imnet
         if self.compile is not None:
-            for net in (model, self.teacher_fwd, self.imnet_fwd):
+            # CUDA graphs for the student only: the teacher and the ImageNet copy chain compiled
+            # parts without a backward pass (backbone, then head), where a new graph step would
+            # start at the head and free the backbone's outputs it reads
+            frozen = "default" if self.graph_steps else self.compile
+            for net, mode in ((model, self.compile), (self.teacher_fwd, frozen), (self.imnet_fwd, frozen)):
                 if net is not None:
-                    compile_parts(net, self.compile)
+                    compile_parts(net, mode)
+        if self.graph_steps:
+            # An iteration accumulates gradients over 2-3 backward passes, each starting a new graph
+            # step, which would free the graphs' gradient outputs that .grad holds: .grad stays in
+            # buffers of its own, zeroed, never freed (0 + g is g: the same gradients)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+
+    def validation_stance(self) -> contextlib.AbstractContextManager[Any]:
+        """How validation runs the compiled student: eagerly under CUDA graphs (inference chains
+        compiled parts, see :meth:`_parallel`; validation is rare), else as compiled."""
+        return torch.compiler.set_stance("force_eager") if self.graph_steps else contextlib.nullcontext()
 
     def _loaders(self) -> None:
         """Endless iterators of this rank's batches from the start iteration (worker errors: one line)."""
@@ -499,7 +516,7 @@ class Trainer:
         xs, ys = src["image"].to(dev, non_blocking=True), src["label"].to(dev, non_blocking=True)
         self.crop_hw = tuple(xs.shape[-2:])
         losses: dict[str, Tensor] = {}
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.graph_steps)
 
         # 1. source: supervised loss (+ feature distance), one backward
         loss, feats = self._forward(xs, ys, None, it, slots, "hrda_source")
@@ -710,7 +727,8 @@ def adapt(config: AdaptConfig, *, log: Callable[[str], None] = print) -> AdaptRe
                 assert tr.run is not None
                 last_saved = _checkpoint(tr.run, n, tr, config) or last_saved
             if validate:
-                validation.append(_validate(tr.model, tr.val_reader, config, tr.is_hrda, n, log, tr.run))
+                with tr.validation_stance():
+                    validation.append(_validate(tr.model, tr.val_reader, config, tr.is_hrda, n, log, tr.run))
     finally:
         bar.close()
         tr.close()
