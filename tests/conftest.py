@@ -1,4 +1,5 @@
-"""Shared test helpers: running a CLI command as several torch.distributed (gloo) CPU ranks."""
+"""Shared test helpers: running a CLI command as several torch.distributed (gloo) CPU ranks, and
+the ``cuda`` marker (tests of the CUDA paths, skipped where no CUDA device is present)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,16 @@ def run_ranks() -> Callable[[list[str], int], None]:
     def run(argv: list[str], n: int = 2) -> None:
         torch.multiprocessing.spawn(_rank_main, args=(n, _free_port(), argv), nprocs=n, join=True)
     return run
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -131,10 +131,8 @@ def test_an_unknown_compile_mode_is_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_cuda_iterations_equal_eager_ones(mode):
     """inductor's kernels (and, with reduce-overhead, their CUDA graphs, replayed into memory that

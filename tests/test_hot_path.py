@@ -166,10 +166,8 @@ def test_a_nan_found_at_the_next_log_still_names_its_iteration_and_no_checkpoint
     assert kept["meta"]["iter"] == (bad - 1) // 3 * 3
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("arch,recipe,channels_last", [("tiny_daformer_r", "daformer", False),
                                                        ("tiny_daformer_r", "daformer", True),
                                                        ("tiny_daformer_mit", "daformer", False),
@@ -205,7 +203,7 @@ def test_cuda_iterations_equal_the_cpu_ones_to_float_rounding(arch, recipe, chan
             torch.testing.assert_close(nets[1][k], v, rtol=1e-4, atol=1e-4, msg=f"{name} {k}")
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("arch,recipe,amp", [("tiny_daformer_r", "daformer", None), ("tiny_hrda_r", "hrda", None),
                                              ("tiny_daformer_mit", "daformer", "bf16")])
 def test_a_cuda_iteration_does_not_wait_for_the_gpu(arch, recipe, amp):
