@@ -131,7 +131,6 @@ def test_an_unknown_compile_mode_is_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_cuda_iterations_equal_eager_ones(mode):

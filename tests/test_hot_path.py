@@ -166,7 +166,6 @@ def test_a_nan_found_at_the_next_log_still_names_its_iteration_and_no_checkpoint
     assert kept["meta"]["iter"] == (bad - 1) // 3 * 3
 
 
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch,recipe,channels_last", [("tiny_daformer_r", "daformer", False),
                                                        ("tiny_daformer_r", "daformer", True),
