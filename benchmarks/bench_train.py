@@ -95,8 +95,10 @@ def parse_config(spec: str) -> dict[str, Any]:
             or not set(parts[2:]) <= FLAGS:
         raise SystemExit(f"--configs {spec}: write ARCH:PRECISION[:FLAG...] with ARCH in {sorted(ARCH_RECIPE)}, "
                          f"PRECISION fp32/bf16/fp16, FLAG in {sorted(FLAGS)}")
-    return {"spec": spec, "arch": parts[0], "amp": None if parts[1] == "fp32" else parts[1],
-            **{f: f in parts[2:] for f in FLAGS}}
+    flags: dict[str, Any] = {f: f in parts[2:] for f in FLAGS}
+    # the AdaptConfig.compile value: ':cg' is the reduce-overhead mode
+    flags["compile"] = "reduce-overhead" if flags["cg"] else flags["compile"]
+    return {"spec": spec, "arch": parts[0], "amp": None if parts[1] == "fp32" else parts[1], **flags}
 
 
 def _sync(device: str) -> None:
@@ -197,8 +199,7 @@ def make_trainer(spec: str, device: str, batch: int, iters: int, crop_scale: flo
         workers = 0
     cfg = AdaptConfig(source=source, target=target, arch=c["arch"], arch_options=options, recipe=recipe,
                       source_crop=src_crop, target_crop=tgt_crop, amp=c["amp"], device=device, progress=False,
-                      val_every=0, workers=workers, channels_last=c["cl"],
-                      compile="reduce-overhead" if c["cg"] else c["compile"])
+                      val_every=0, workers=workers, compile=c["compile"], channels_last=c["cl"])
     return Trainer(cfg, log=lambda _: None), tmp
 
 
@@ -245,7 +246,7 @@ def one_config(spec: str, device: str, batch: int, warmup: int, iters: int, prof
     top = top_ops(prof, profile_iters)
     flops = float("nan")
     # the counter sees the eager operators; a compiled run does the same work
-    if not (c["compile"] or c["cg"]) and count_flops:
+    if not c["compile"] and count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
@@ -338,7 +339,7 @@ def training_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
             results.append({"config": spec, "error": r})
             continue
         results.append(r)
-        syncs = r["syncs"] + r["dtoh_copies"] if args.device.startswith("cuda") else r["scalar_reads"]
+        syncs = _syncs(r, args.device)
         print(f"| {spec} | {'x'.join(map(str, r['crop']))} | {r['s_per_iter']:.3f} | {r['cpu_s_per_iter']:.3f} | "
               f"{_fmt(100 * r['gpu_busy'], '.0f')} % | {r['kernels']:.0f} | {syncs:.0f} | "
               f"{_fmt(r['tflop_per_iter'], '.2f')} | {_fmt(r['tflops'], '.1f')} | {r['peak_bytes'] / 2**30:.2f} GiB | "
@@ -346,9 +347,20 @@ def training_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
     print("\nWhere an iteration's time goes (self time per iteration from the profile: ms, calls):")
     for r in results:
         if "top" in r:
-            for side in ("device", "cpu"):
-                ops = "; ".join(f"{name} {ms:.2f} ms x{calls:g}" for name, ms, calls in r["top"][side][:6])
-                print(f"- {r['config']} {side}: {ops or '-'}")
+            _print_top(r, r["config"])
+
+
+def _syncs(r: dict[str, Any], device: str) -> float:
+    """Host waits per iteration or image: CUDA synchronisations and device-to-host copies; on the
+    CPU the scalar reads (.item() and the like)."""
+    return float(r["syncs"] + r["dtoh_copies"] if device.startswith("cuda") else r["scalar_reads"])
+
+
+def _print_top(r: dict[str, Any], label: str) -> None:
+    """The six operators with the most self time on the device and on the host."""
+    for side in ("device", "cpu"):
+        ops = "; ".join(f"{name} {ms:.2f} ms x{calls:g}" for name, ms, calls in r["top"][side][:6])
+        print(f"- {label} {side}: {ops or '-'}")
 
 
 def evaluate_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
@@ -366,13 +378,11 @@ def evaluate_table(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
         results.append({"config": "evaluate", "error": r})
         return
     results.append(r)
-    syncs = r["syncs"] + r["dtoh_copies"] if args.device.startswith("cuda") else r["scalar_reads"]
+    syncs = _syncs(r, args.device)
     print(f"| {r['config']} | {r['amp']} | {r['batch']} | {r['images_per_s']:.2f} | "
           f"{_fmt(100 * r['gpu_busy'], '.0f')} % | {r['kernels']:.0f} | {syncs:.1f} | "
           f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['first_s']:.1f} s |", flush=True)
-    for side in ("device", "cpu"):
-        ops = "; ".join(f"{name} {ms:.2f} ms x{calls:g}" for name, ms, calls in r["top"][side][:6])
-        print(f"- per image, {side}: {ops or '-'}")
+    _print_top(r, "per image,")
 
 
 def write_cityscapes(root: Path, n: int) -> None:
