@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 import torch
 
 from domainmerge.checkpoint.core import Checkpoint, TensorInfo
-from domainmerge.errors import CheckpointError, UserError
+from domainmerge.errors import CheckpointError, DamagedCheckpoint, UserError
 
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -30,7 +30,7 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M
 
 
 def _damaged(path: Path, what: str) -> UserError:
-    return CheckpointError(path, f"damaged safetensors file ({what}); re-download or re-export it")
+    return DamagedCheckpoint(path, f"damaged safetensors file ({what})", fix="re-download or re-export it")
 
 
 def _st_entry(path: Path, key: str, entry: Any, data_size: int) -> tuple[TensorInfo, tuple[int, int]]:
