@@ -5,6 +5,7 @@ few iterations on the GPU against the same iterations on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import traceback
 import warnings
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from domainmerge.data.synthetic import SyntheticDataset
 from domainmerge.data.training import CropConfig
@@ -112,6 +114,52 @@ def test_a_cast_shadow_gives_autocasts_outputs_to_the_bit_and_updates_the_nets_b
                 p.mul_(0.9).add_(0.01)
                 q.copy_(p)
         shadow.refresh()
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts bf16 casts (``aten::_to_copy``) of the given weights."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ptrs, self.count = {w.data_ptr() for w in weights}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
+                and args[0].data_ptr() in self.ptrs:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch,recipe", [("tiny_daformer_mit", "daformer"), ("tiny_hrda_r", "hrda")])
+def test_an_iteration_casts_each_student_weight_once_with_the_gradients_of_a_cast_per_forward(arch, recipe,
+                                                                                            monkeypatch):
+    """Under bf16 autocast the iteration's 3 student forwards (source, ClassMix, MIC) share one cast
+    of each weight: the losses and the gradients equal, to the bit, those of the plain form where
+    each forward is an autocast region of its own and casts every weight again (3 casts each)."""
+    torch.set_num_threads(1)
+    src, tgt = SyntheticDataset("game", "train", 6, size=(64, 64)), SyntheticDataset("night", "train", 6, size=(64, 64))
+    r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
+                   rcs_min_pixels=20)
+    runs = {}
+    for once in (True, False):
+        tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, progress=False,
+                                 amp="bf16", arch_options={"dropout": 0.0}), log=lambda s: None)
+        if not once:
+            monkeypatch.setattr(tr, "cast_once", contextlib.nullcontext)
+        weights = [p for n, p in tr.model.named_parameters() if p.dim() > 1]   # conv and linear weights
+        tr.step(0)
+        tr.update(0)
+        with _WeightCasts(weights) as casts:
+            state = tr.step(1)
+        runs[once] = (state["losses"], [p.grad.clone() for p in tr.model.parameters()], casts.count, len(weights))
+    (losses, grads, count, n), (plain_losses, plain_grads, plain_count, _) = runs[True], runs[False]
+    assert set(losses) == {"source", "fd", "pseudo", "mic"}
+    assert count == n and plain_count == 3 * n, (count, plain_count, n)
+    for k in losses:
+        assert torch.equal(losses[k], plain_losses[k]), k
+    for g, h in zip(grads, plain_grads):
+        assert torch.equal(g, h)
 
 
 def test_normalize_caches_its_constants_per_device_and_keeps_the_formula():
