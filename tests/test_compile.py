@@ -30,13 +30,14 @@ WHOLE = CropConfig(None, None)
 adapt_module = importlib.import_module("domainmerge.training.adapt")
 
 
-def _trainer(arch: str, recipe: str, compile: bool | str, device: str = "cpu") -> Trainer:
+def _trainer(arch: str, recipe: str, compile: bool | str, device: str = "cpu", blocks: bool = False) -> Trainer:
     src = SyntheticDataset("game", "train", 6, size=(64, 64))
     tgt = SyntheticDataset("night", "train", 6, size=(64, 64))
     r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
                    rcs_min_pixels=20)
     return Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, device=device,
-                               progress=False, compile=compile, arch_options={"dropout": 0.0}), log=lambda s: None)
+                               progress=False, compile=compile, compile_blocks=blocks, arch_options={"dropout": 0.0}),
+                   log=lambda s: None)
 
 
 def _graphs() -> int:
@@ -90,6 +91,30 @@ def test_a_compiled_iteration_equals_the_eager_one_and_compiles_once(arch, recip
         # AdamW moves each weight by up to lr (6e-5 x 10 for the head) per iteration whatever the
         # gradient's size: a gradient that is zero up to rounding may step the other way
         torch.testing.assert_close(cs[k], v, rtol=1e-5, atol=4e-4, msg=k)
+
+
+def test_block_by_block_compiles_one_graph_per_stage_whatever_the_depth_and_equals_eager(monkeypatch):
+    """``compile_blocks``: MiT-B0 (2 blocks per stage, each with its own stochastic-depth rate) compiles
+    as many graphs as the tiny MiT (1 block per stage): the blocks of a stage share theirs (nothing
+    guards on a block's rate); no graph breaks (the draw runs in the eager loop between blocks);
+    the losses are the eager iteration's."""
+    monkeypatch.setattr(adapt_module, "COMPILE_BACKEND", "aot_eager")
+    torch.set_num_threads(1)
+    graphs = {}
+    for arch in ("tiny_daformer_mit", "daformer_mitb0"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        tr = _trainer(arch, "daformer", False, blocks=True)
+        assert tr.compile == "default"   # compile_blocks implies compile
+        compiled = _run(tr, range(2), after_first=lambda: graphs.setdefault(arch, _graphs()))
+        assert _graphs() == graphs[arch], "a later iteration compiled again"
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert graphs["tiny_daformer_mit"] == graphs["daformer_mitb0"] > 0, graphs
+    eager = _run(_trainer("daformer_mitb0", "daformer", False), range(2))
+    for a, b in zip(eager, compiled, strict=True):
+        for k in a:
+            if k.startswith("loss_") or k == "pseudo_weight":
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["iter"], k)
 
 
 def test_reduce_overhead_keeps_gradients_in_fixed_buffers_and_validates_eagerly(monkeypatch):

@@ -20,7 +20,7 @@ from domainmerge.data.synthetic import SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.errors import UserError
 from domainmerge.models import build_model
-from domainmerge.models.mit import Attention, DropPath, path_divisors
+from domainmerge.models.mit import Attention, DropPath, DWConv, grid_tokens, path_divisors, token_grid
 from domainmerge.tensors import normalize
 from domainmerge.training import AdaptConfig, adapt, get_recipe
 from domainmerge.training.adapt import LossLog, NonFiniteLoss, Trainer
@@ -63,6 +63,27 @@ def test_mit_attention_equals_the_explicit_softmax_attention():
         expected = F.linear((weights @ v).transpose(1, 2).reshape(n, h * w, c), attn.proj.weight, attn.proj.bias)
         # float32 sums of 64-term products in another order: a few ulps of values of order 1
         torch.testing.assert_close(attn(x, h, w), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mit_convolutions_read_the_tokens_in_place_and_equal_segformers_transpose_reshape():
+    """The depthwise conv of Mix-FFN and the reduction conv of attention read the tokens [N, h*w, C]
+    as a channels-last image (a view) instead of SegFormer's copy ``x.transpose(1, 2).reshape``;
+    outputs and input gradients agree with that form (a 3x3 or sr x sr sum in another order:
+    float32 rounding)."""
+    torch.manual_seed(0)
+    n, h, w, c = 2, 6, 10, 32
+    x = torch.randn(n, h * w, c, requires_grad=True)
+    grid = token_grid(x, h, w)
+    assert grid.data_ptr() == x.data_ptr() and grid.is_contiguous(memory_format=torch.channels_last)
+    dw, sr = DWConv(c), torch.nn.Conv2d(c, c, 2, stride=2)
+    for conv, ours in ((dw.dwconv, lambda t: dw(t, h, w)), (sr, lambda t: grid_tokens(sr(token_grid(t, h, w))))):
+        segformer = conv(x.transpose(1, 2).reshape(n, c, h, w)).flatten(2).transpose(1, 2)
+        got = ours(x)
+        torch.testing.assert_close(got, segformer, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(got)
+        (want_grad,) = torch.autograd.grad(segformer, x, g)
+        (got_grad,) = torch.autograd.grad(got, x, g)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_stochastic_depth_by_divisors_equals_timms_mask_and_scale_bit_for_bit():

@@ -16,6 +16,17 @@ import torch
 from torch import Tensor, nn
 
 
+def token_grid(x: Tensor, h: int, w: int) -> Tensor:
+    """Tokens [N, h*w, C] as the image [N, C, h, w] they are, without a copy: the token order is
+    the channels-last (NHWC) layout, so convolutions read them in place (and write channels-last)."""
+    return x.reshape(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def grid_tokens(y: Tensor) -> Tensor:
+    """An image [N, C, h, w] as tokens [N, h*w, C] (row-major positions); a view of a channels-last one."""
+    return y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])
+
+
 class DWConv(nn.Module):
     """Depthwise 3x3 conv over the token grid (key ``dwconv``)."""
 
@@ -24,9 +35,7 @@ class DWConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        n, _, c = x.shape
-        y = self.dwconv(x.transpose(1, 2).reshape(n, c, h, w))
-        return y.flatten(2).transpose(1, 2)
+        return grid_tokens(self.dwconv(token_grid(x, h, w)))
 
 
 class Mlp(nn.Module):
@@ -65,8 +74,7 @@ class Attention(nn.Module):
         q = self.q(x).reshape(n, t, heads, c // heads).transpose(1, 2)
         src = x
         if self.sr_ratio > 1:
-            grid = x.transpose(1, 2).reshape(n, c, h, w)
-            src = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
+            src = self.norm(grid_tokens(self.sr(token_grid(x, h, w))))
         kv = self.kv(src).reshape(n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
         y = torch.nn.functional.scaled_dot_product_attention(q, kv[0], kv[1])
         return self.proj(y.transpose(1, 2).reshape(n, t, c))
@@ -83,10 +91,12 @@ class DropPath(nn.Module):
 
     def forward(self, x: Tensor, u: Tensor | None = None, divisor: Tensor | None = None) -> Tensor:
         """``divisor`` [N] (from :func:`path_divisors`, float32) replaces ``u``: one division."""
-        if not self.training or self.p == 0:
+        if not self.training:
             return x
-        if divisor is not None:
+        if divisor is not None:   # before reading p: a compiled block then does not guard on it (p = 0: x / 1)
             return x.div(divisor.view(-1, *([1] * (x.dim() - 1))))
+        if self.p == 0:
+            return x
         keep = 1.0 - self.p
         if u is None:
             u = torch.rand(x.shape[0], device=x.device)
