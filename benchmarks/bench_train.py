@@ -20,8 +20,9 @@ configuration, each in a child process:
   convolutions and attention, forward and backward) and TFLOP/s at the timed rate;
 - peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the child's peak RSS on the CPU.
 
-Configurations are ``ARCH:PRECISION[:mic][:cl][:compile][:cg][:tf32][:cudnn][:png]`` (``cl``:
+Configurations are ``ARCH:PRECISION[:mic][:cl][:compile][:cg][:blocks][:tf32][:cudnn][:png]`` (``cl``:
 channels_last; ``cg``: ``--compile reduce-overhead``, the compiled parts replayed as CUDA graphs;
+``blocks``: ``--compile-blocks``, the backbone compiled block by block (with ``cg`` too: graphs per block);
 ``tf32``: TF32 matrix products in fp32; ``cudnn``: ``cudnn.benchmark`` autotuning;
 defaults: the five rows of the README's table).
 
@@ -63,7 +64,7 @@ ARCH_RECIPE = {"daformer_mitb5": "daformer", "daformer_r101": "daformer", "hrda_
                "daformer_mitb0": "daformer", "hrda_mitb0": "hrda"}
 DEFAULT_CONFIGS = ["daformer_mitb5:fp32", "daformer_mitb5:bf16", "daformer_r101:bf16", "hrda_mitb5:bf16",
                    "hrda_mitb5:bf16:mic"]
-FLAGS = {"mic", "cl", "compile", "cg", "tf32", "cudnn", "png"}
+FLAGS = {"mic", "cl", "compile", "cg", "blocks", "tf32", "cudnn", "png"}
 ITERS_40K = 40_000
 
 
@@ -97,7 +98,7 @@ def parse_config(spec: str) -> dict[str, Any]:
                          f"PRECISION fp32/bf16/fp16, FLAG in {sorted(FLAGS)}")
     flags: dict[str, Any] = {f: f in parts[2:] for f in FLAGS}
     # the AdaptConfig.compile value: ':cg' is the reduce-overhead mode
-    flags["compile"] = "reduce-overhead" if flags["cg"] else flags["compile"]
+    flags["compile"] = "reduce-overhead" if flags["cg"] else flags["compile"] or flags["blocks"]
     return {"spec": spec, "arch": parts[0], "amp": None if parts[1] == "fp32" else parts[1], **flags}
 
 
@@ -199,7 +200,8 @@ def make_trainer(spec: str, device: str, batch: int, iters: int, crop_scale: flo
         workers = 0
     cfg = AdaptConfig(source=source, target=target, arch=c["arch"], arch_options=options, recipe=recipe,
                       source_crop=src_crop, target_crop=tgt_crop, amp=c["amp"], device=device, progress=False,
-                      val_every=0, workers=workers, compile=c["compile"], channels_last=c["cl"])
+                      val_every=0, workers=workers, compile=c["compile"], compile_blocks=c["blocks"],
+                      channels_last=c["cl"])
     return Trainer(cfg, log=lambda _: None), tmp
 
 

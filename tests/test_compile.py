@@ -156,6 +156,21 @@ def test_an_unknown_compile_mode_is_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_command_passes_compile_mode_and_blocks_to_the_library(tmp_path, monkeypatch):
+    import domainmerge.training
+
+    seen = []
+    result = adapt_module.AdaptResult({}, None, [], [], 0, None)
+    monkeypatch.setattr(domainmerge.training, "adapt", lambda config: seen.append(config) or result)
+    base = ["adapt", "--arch", "tiny_daformer_r", "--device", "cpu", "--source", "synthetic", "game",
+            "--target", "synthetic", "city", "--out", str(tmp_path / "run")]
+    for extra, mode, blocks in (([], False, False), (["--compile-blocks"], False, True),
+                                (["--compile", "reduce-overhead", "--compile-blocks"], "reduce-overhead", True),
+                                (["--compile"], "default", False)):
+        assert main(base + extra) == 0
+        assert (seen[-1].compile, seen[-1].compile_blocks) == (mode, blocks), extra
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_cuda_iterations_equal_eager_ones(mode):
