@@ -106,7 +106,7 @@ def test_block_by_block_compiles_one_graph_per_stage_whatever_the_depth_and_equa
         torch._dynamo.utils.counters.clear()
         tr = _trainer(arch, "daformer", False, blocks=True)
         assert tr.compile == "default"   # compile_blocks implies compile
-        compiled = _run(tr, range(2), after_first=lambda: graphs.setdefault(arch, _graphs()))
+        compiled = _run(tr, range(2), after_first=lambda arch=arch: graphs.setdefault(arch, _graphs()))
         assert _graphs() == graphs[arch], "a later iteration compiled again"
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert graphs["tiny_daformer_mit"] == graphs["daformer_mitb0"] > 0, graphs

@@ -170,9 +170,10 @@ def compile_parts(model: nn.Module, mode: str = "default", blocks: bool = False)
     from domainmerge.models.resnet import Bottleneck
 
     backbone = cast(nn.Module, model.backbone)
+    parts: list[nn.Module]
     if blocks:
         parts = [m for m in backbone.modules() if isinstance(m, (Block, OverlapPatchEmbed, Bottleneck))]
-        parts += [backbone.stem] if hasattr(backbone, "stem") else []
+        parts += [cast(nn.Module, backbone.stem)] if hasattr(backbone, "stem") else []
     else:
         parts = [backbone]
     head = cast(nn.Module, model.decode_head)
