@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from domainmerge.data.synthetic import SyntheticDataset
 from domainmerge.data.training import CropConfig
 from domainmerge.errors import UserError
+from domainmerge.evaluation import inference
 from domainmerge.models import build_model
 from domainmerge.models.mit import Attention, DropPath, DWConv, grid_tokens, path_divisors, token_grid
 from domainmerge.tensors import normalize
@@ -181,6 +182,29 @@ def test_an_iteration_casts_each_student_weight_once_with_the_gradients_of_a_cas
         assert torch.equal(losses[k], plain_losses[k]), k
     for g, h in zip(grads, plain_grads):
         assert torch.equal(g, h)
+
+
+def test_bf16_evaluation_casts_each_weight_once_and_predicts_what_a_cast_per_forward_predicts(monkeypatch):
+    """evaluate_model under bf16 (HRDA slide windows, one image per forward): the weights are cast
+    for the first forward only, and every predicted label map equals, to the pixel, the plain
+    form's, where each forward is an autocast region of its own and casts every weight again."""
+    torch.manual_seed(0)
+    model = build_model("tiny_hrda_r", num_classes=19).eval()
+    val = SyntheticDataset("night", "val", 3, size=(64, 64))
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    runs = {}
+    for once in (True, False):
+        if not once:
+            monkeypatch.setattr(inference, "cast_once", lambda device, amp: contextlib.nullcontext())
+        preds: list[torch.Tensor] = []
+        with _WeightCasts(weights) as casts:
+            inference.evaluate_model(model, val, mode="slide", crop=(32, 32), stride=(16, 16), batch_size=1,
+                                     amp="bf16", workers=0, progress=False,
+                                     on_prediction=lambda name, pred, preds=preds: preds.append(pred))
+        runs[once] = preds, casts.count
+    (preds, count), (plain_preds, plain_count) = runs[True], runs[False]
+    assert count == len(weights) and plain_count == 3 * len(weights), (count, plain_count, len(weights))
+    assert len(preds) == 3 and all(torch.equal(a, b) for a, b in zip(preds, plain_preds))
 
 
 def test_normalize_caches_its_constants_per_device_and_keeps_the_formula():

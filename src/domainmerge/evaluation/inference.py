@@ -26,7 +26,7 @@ from domainmerge.data.resize import rescale_size, resize_to_scale
 from domainmerge.errors import Option, UserError, loader_errors
 from domainmerge.evaluation.metrics import ImageStats, SegMetric, SegScores
 from domainmerge.runtime import distributed
-from domainmerge.runtime.precision import autocast
+from domainmerge.runtime.precision import autocast, cast_once
 from domainmerge.tensors import crop_boxes, equal_size_batches, harmonic_mean, normalize
 
 if TYPE_CHECKING:
@@ -204,25 +204,26 @@ def evaluate_model(model: nn.Module, dataset: SegDataset, *, mode: str = "whole"
     # Each rank fills its own images' rows; the sum over ranks is every image in dataset order.
     rows = torch.zeros(len(dataset), 3, num_classes, dtype=torch.int64) if per_image else None
     done = 0
-    for batch in equal_size_batches(loader_errors(loader), batch_size, lambda s: (s[0].shape, s[1].shape)):
-        images = torch.stack([s[0] for s in batch]).to(dev)
-        labels = torch.stack([s[1] for s in batch]).to(dev)
-        # mmseg order: resize the uint8 image (OpenCV bilinear, rounded), then normalise.
-        x = normalize(resize_to_scale(images, img_scale))
-        logits = predict(model, x, mode, crop, stride, num_classes, max_batch=max_windows, amp=amp)
-        if logits.shape[2:] != labels.shape[1:]:
-            logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
-        pred = logits.argmax(dim=1)
-        if rows is None:
-            metric.update(pred, labels)
-        else:
-            stats = ImageStats.from_confusions(metric.update_per_image(pred, labels))
-            rows[list(shard[done:done + len(batch)])] = torch.from_numpy(stats.rows())
-        done += len(batch)
-        if on_prediction is not None:
-            for (_, _, name), p in zip(batch, pred.cpu()):
-                on_prediction(name, p)
-        bar.update(len(batch))
+    with cast_once(dev, amp):   # the weights' casts of the first forward serve every batch
+        for batch in equal_size_batches(loader_errors(loader), batch_size, lambda s: (s[0].shape, s[1].shape)):
+            images = torch.stack([s[0] for s in batch]).to(dev)
+            labels = torch.stack([s[1] for s in batch]).to(dev)
+            # mmseg order: resize the uint8 image (OpenCV bilinear, rounded), then normalise.
+            x = normalize(resize_to_scale(images, img_scale))
+            logits = predict(model, x, mode, crop, stride, num_classes, max_batch=max_windows, amp=amp)
+            if logits.shape[2:] != labels.shape[1:]:
+                logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+            pred = logits.argmax(dim=1)
+            if rows is None:
+                metric.update(pred, labels)
+            else:
+                stats = ImageStats.from_confusions(metric.update_per_image(pred, labels))
+                rows[list(shard[done:done + len(batch)])] = torch.from_numpy(stats.rows())
+            done += len(batch)
+            if on_prediction is not None:
+                for (_, _, name), p in zip(batch, pred.cpu()):
+                    on_prediction(name, p)
+            bar.update(len(batch))
     bar.close()
     scores = metric.sync().compute()
     if rows is not None:

@@ -35,3 +35,21 @@ def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContex
         raise UserError(Option("amp", "fp16"), " needs a CUDA device; use ", Option("amp", "bf16"), " or no ",
                         Option("amp"), " on CPU")
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def cast_once(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
+    """A region in which the :func:`autocast` forwards inside it cast each weight once.
+
+    Autocast keeps its casts of leaf tensors that require grad (a network's weights) until its
+    outermost region ends; when each forward is a region of its own, every forward casts every
+    weight again (MiT-B5: about 750 casts, as many kernels, per forward). This region is autocast
+    turned off: what runs in it outside the forwards stays in float32, and the forwards' regions
+    nest in it. The weights must not change inside it (an optimiser step, an EMA): a forward
+    after the change would use the old casts. Nor may a forward without gradients (``no_grad``)
+    precede one with gradients of the same weights: the second would get the first's casts,
+    which are not linked to the weights. The same values are cast, so the outputs, and the
+    gradients (each backward turns its own gradient of the cast into float32), are the same."""
+    amp = amp_mode(amp)
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp], enabled=False)

@@ -44,7 +44,7 @@ from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
 from domainmerge.errors import DamagedCheckpoint, Option, UserError, loader_errors
 from domainmerge.models.mit import DropPath
 from domainmerge.runtime import distributed
-from domainmerge.runtime.precision import AMP_DTYPES, autocast
+from domainmerge.runtime.precision import AMP_DTYPES, autocast, cast_once
 from domainmerge.tensors import normalize
 from domainmerge.training.augment import SHARED, classmix_masks, drop_path_noise, mix, sample_generator, strong_augment
 from domainmerge.training.ema import CastShadow, ema_update, frozen_copy
@@ -525,18 +525,10 @@ class Trainer:
             return self._step(it)
 
     def cast_once(self) -> contextlib.AbstractContextManager[Any]:
-        """A region around an iteration in which autocast casts each student weight once.
-
-        Autocast keeps its casts of leaf tensors that require grad (the student's weights) until
-        its outermost region ends; each student forward is a region of its own, so without an
-        outer one every forward casts every weight again (MiT-B5: about 750 casts and as many
-        kernels per forward, 2-3 forwards per iteration). The outer region is autocast turned off
-        (what runs outside the forwards stays in float32), nesting the forwards' regions. The
-        weights do not change within an iteration, so the cast values are the same: the same
-        outputs, and each backward still turns its own gradient of the cast into float32."""
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=False)
+        """The iteration's region of :func:`~domainmerge.runtime.precision.cast_once`: its 2-3
+        student forwards share autocast's cast of each weight (the weights change only in
+        :meth:`update`, outside it)."""
+        return cast_once(self.device, self.amp)
 
     def _step(self, it: int) -> dict[str, Any]:
         r, dev, seed = self.recipe, self.device, self.config.seed
