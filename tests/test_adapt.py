@@ -93,14 +93,15 @@ def _first_step(trainer: Trainer) -> dict[str, torch.Tensor]:
             "conv_seg": trainer.model.decode_head.conv_seg.weight.grad.detach().clone()}
 
 
-def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str, compile: bool) -> None:
+def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str, compile: bool | str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
     torch.set_num_threads(1)
     if compile:   # dynamo's graphs without inductor's code generation (minutes on a CPU), as test_compile
         importlib.import_module("domainmerge.training.adapt").COMPILE_BACKEND = "aot_eager"
     result = _first_step(Trainer(_config(arch=arch, iters=3, batch=1, arch_options={"dropout": 0.0},
-                                         compile=compile), log=lambda s: None))
+                                         compile=bool(compile), compile_blocks=compile == "blocks"),
+                                 log=lambda s: None))
     if compile:
         graphs = importlib.import_module("torch._dynamo.utils").counters["stats"]["unique_graphs"]
         assert graphs > 0, "nothing was compiled"
@@ -110,7 +111,7 @@ def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str, comp
 
 
 @pytest.mark.parametrize("arch,compile", [("tiny_daformer_r", False), ("tiny_daformer_mit", False),
-                                          ("tiny_daformer_mit", True)])
+                                          ("tiny_daformer_mit", True), ("tiny_daformer_r", "blocks")])
 def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch, compile):
     """Same samples, same augmentation, pseudo-label share and feature-distance mask over the global
     batch, BatchNorm over the global batch (GlobalBatchNorm2d): the first iteration's losses and
@@ -127,8 +128,8 @@ def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch
     everything the claim is about; the last layer's gradient is (logit error x features) with no
     gate in between. Tolerance: float32 rounding through ~20 layers of sums of up to a few
     thousand terms, sqrt(n) x eps x depth ~ 1e-4 relative. With ``compile`` the ranks run
-    ``--compile`` (compiled backbone and head inside DistributedDataParallel) against the eager
-    single process."""
+    ``--compile`` (compiled backbone and head inside DistributedDataParallel; ``blocks``: the
+    backbone compiled block by block) against the eager single process."""
     torch.set_num_threads(1)
     one = _first_step(Trainer(_config(arch=arch, iters=3, batch=2, arch_options={"dropout": 0.0}),
                               log=lambda s: None))
