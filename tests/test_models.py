@@ -186,12 +186,47 @@ def test_hrda_overlapping_crops_average():
     x = torch.randn(1, 3, 64, 128)
     with torch.no_grad():
         crops = [model.decode_head.head(model.backbone(x[:, :, :, a:a + 64])) for a in (0, 32, 64)]
-        got = model._detail(x)
+        stacked, boxes, crop = model._detail_crops(x)
+        got = model._paste(model.decode_head.head(model.backbone(stacked)), 1, boxes, crop)
     assert got.shape == (1, 19, 16, 32)
     torch.testing.assert_close(got[..., :8], crops[0][..., :8])
     torch.testing.assert_close(got[..., 8:16], (crops[0][..., 8:] + crops[1][..., :8]) / 2)
     torch.testing.assert_close(got[..., 16:24], (crops[1][..., 8:] + crops[2][..., :8]) / 2)
     torch.testing.assert_close(got[..., 24:], crops[2][..., 8:])
+
+
+@pytest.mark.parametrize("arch,calls", [("tiny_hrda_mit", 1), ("tiny_hrda_r", 2)])
+def test_hrda_views_of_one_shape_share_a_mit_call_with_each_views_stochastic_depth(arch, calls):
+    """HRDA's context view and detail crops (one shape) go through MiT in one call, each view's
+    stochastic depth drawn as its own call would draw it (the k-th view from the k-th draw);
+    features and input gradients equal those of a call per view (float32 rounding: the same
+    products and sums per image in a larger batch). ResNet's training-mode BatchNorm normalises
+    over the batch: its views go one call each, as HRDA runs them, to the bit."""
+    from domainmerge.models.hrda import backbone_views
+
+    torch.manual_seed(0)
+    backbone = build_model(arch).backbone.train()
+    count = []
+    backbone.register_forward_hook(lambda *args: count.append(1))
+    context, detail = torch.randn(2, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    results = []
+    for together in (False, True):
+        draws = iter(range(100))   # the k-th call's draws from a stream of its own, as the trainer's
+        if hasattr(backbone, "path_noise"):
+            backbone.path_noise = lambda n, draws=draws: torch.rand(
+                n, backbone.num_blocks, 2, generator=torch.Generator().manual_seed(next(draws)))
+        views = [context.clone().requires_grad_(), detail.clone().requires_grad_()]
+        count.clear()
+        feats = backbone_views(backbone, views) if together else [backbone(v) for v in views]
+        assert len(count) == (calls if together else 2)
+        total = sum((f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum() for view in feats for f in view)
+        results.append((feats, torch.autograd.grad(total, views)))
+    (sep, sep_grads), (got, got_grads) = results
+    exact = calls == 2
+    for a, b in zip([f for view in sep for f in view], [f for view in got for f in view]):
+        torch.testing.assert_close(b, a, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
+    for a, b in zip(sep_grads, got_grads):
+        torch.testing.assert_close(b, a, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -217,7 +252,7 @@ def test_tiny_networks_run_on_real_tensors(name):
     torch.manual_seed(0)
     model = build_model(name).eval()
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 32, 64))
+        out = model(torch.randn(1, 3, 64, 128))   # HRDA MiT's context view: 32x64, the least MiT takes
     assert out.shape[:2] == (1, 19) and torch.isfinite(out).all()
 
 

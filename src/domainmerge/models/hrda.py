@@ -17,6 +17,33 @@ from torch import Tensor, nn
 from domainmerge.tensors import crop_boxes
 
 
+def backbone_views(backbone: nn.Module, views: list[Tensor]) -> list[list[Tensor]]:
+    """The backbone's features of each view (HRDA's context and detail crops), from one call on
+    the views stacked where that computes the same as a call per view, else from a call each.
+
+    The same: views of one shape (HRDA's 1024 crop at scale 0.5 and its 512 detail crops) through
+    a backbone with no BatchNorm (MiT: LayerNorm, attention and convolutions act per image), its
+    stochastic depth drawn per view as the separate calls draw it (the k-th view's rows from the
+    k-th draw of ``path_noise``). One call launches one backbone's kernels instead of one per
+    view, with the batch dimension larger (the same products and sums per image; on this CPU the
+    features are equal to the bit). ResNet's training-mode BatchNorm normalises over the batch,
+    so its views go one by one, as HRDA runs them."""
+    from domainmerge.models.mit import MixVisionTransformer
+
+    if len(views) == 1 or not isinstance(backbone, MixVisionTransformer) \
+            or any(v.shape[1:] != views[0].shape[1:] for v in views):
+        return [backbone(v) for v in views]
+    sizes = [v.shape[0] for v in views]
+    noise = backbone.path_noise
+    if noise is not None:   # the draws of a call per view, in the views' order
+        backbone.path_noise = lambda n: torch.cat([noise(k) for k in sizes])
+    try:
+        feats = backbone(torch.cat(views))
+    finally:
+        backbone.path_noise = noise
+    return [list(parts) for parts in zip(*(f.split(sizes) for f in feats))]
+
+
 class HRDAHead(nn.Module):
     """Container for the shared segmentation head and the scale-attention head."""
 
@@ -39,15 +66,18 @@ class HRDAEncoderDecoder(nn.Module):
         self.hr_crop_size = tuple(hr_crop_size)
         self.hr_overlap = hr_overlap
 
-    def _detail(self, x: Tensor) -> Tensor:
-        """Detail logits from (overlapping) crops, pasted onto one grid and averaged."""
-        n, _, height, width = x.shape
+    def _detail_crops(self, x: Tensor) -> tuple[Tensor, list[tuple[int, int, int, int]], tuple[int, int]]:
+        """The (overlapping) detail crops of ``x`` stacked crop-major, their boxes and the crop size."""
+        _, _, height, width = x.shape
         crop = (min(self.hr_crop_size[0], height), min(self.hr_crop_size[1], width))
         stride = (crop[0] // 2, crop[1] // 2) if self.hr_overlap else crop
         boxes = crop_boxes(height, width, crop, stride)
         # All crops go through the network as one batch, as HRDA's batched slide does.
-        logits = self.decode_head.head(self.backbone(torch.cat([x[:, :, y1:y2, x1:x2]
-                                                                 for y1, y2, x1, x2 in boxes])))
+        return torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes]), boxes, crop
+
+    @staticmethod
+    def _paste(logits: Tensor, n: int, boxes: list[tuple[int, int, int, int]], crop: tuple[int, int]) -> Tensor:
+        """Detail logits of the crops pasted onto one grid and averaged where crops overlap."""
         oh, ow = logits.shape[2:]
         # Output stride of the head, from the first crop (HRDA hard-codes 4 or 8).
         sy, sx = crop[0] / oh, crop[1] / ow
@@ -63,10 +93,11 @@ class HRDAEncoderDecoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lr = F.interpolate(x, scale_factor=self.lr_scale, mode="bilinear", align_corners=False)
-        lr_feats = self.backbone(lr)
+        crops, boxes, crop = self._detail_crops(x)
+        lr_feats, crop_feats = backbone_views(self.backbone, [lr, crops])
         context = self.decode_head.head(lr_feats)
         att = torch.sigmoid(self.decode_head.scale_attention(lr_feats))
-        detail = self._detail(x)
+        detail = self._paste(self.decode_head.head(crop_feats), x.shape[0], boxes, crop)
         size = detail.shape[2:]
         context = F.interpolate((1 - att) * context, size=size, mode="bilinear", align_corners=False)
         att = F.interpolate(att, size=size, mode="bilinear", align_corners=False)

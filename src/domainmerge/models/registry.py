@@ -33,6 +33,7 @@ def _registry() -> dict[str, ModelSpec]:
     specs["tiny_daformer_r"] = ModelSpec(TINY_RESNET, **TINY_HEAD)
     specs["tiny_daformer_mit"] = ModelSpec(TINY_MIT, **TINY_HEAD)
     specs["tiny_hrda_r"] = ModelSpec(TINY_RESNET, hrda=TINY_HRDA, **TINY_HEAD)
+    specs["tiny_hrda_mit"] = ModelSpec(TINY_MIT, hrda=TINY_HRDA, **TINY_HEAD)
     specs["tiny_deeplabv2_r"] = ModelSpec(TINY_RESNET, head="dlv2")
     return {name: dataclasses.replace(spec, arch=name) for name, spec in specs.items()}
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from domainmerge.models.hrda import HRDAEncoderDecoder
+from domainmerge.models.hrda import HRDAEncoderDecoder, backbone_views
 
 Box = tuple[int, int, int, int]   # (y1, y2, x1, x2)
 
@@ -61,11 +61,11 @@ def fuse(context: Tensor, attention: Tensor, detail: Tensor, boxes: list[Box], o
 def train_forward(model: HRDAEncoderDecoder, x: Tensor, boxes: list[Box]) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(fused logits, detail logits, context-view backbone features) for a normalised batch ``x``."""
     lr = F.interpolate(x, scale_factor=model.lr_scale, mode="bilinear", align_corners=False)
-    feats = model.backbone(lr)
+    crops = torch.cat([x[i:i + 1, :, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(boxes)])
+    feats, crop_feats = backbone_views(model.backbone, [lr, crops])
     context = model.decode_head.head(feats)
     attention = torch.sigmoid(model.decode_head.scale_attention(feats))
-    crops = torch.cat([x[i:i + 1, :, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(boxes)])
-    detail = model.decode_head.head(model.backbone(crops))
+    detail = model.decode_head.head(crop_feats)
     output_stride = round(crops.shape[-1] / detail.shape[-1])
     return fuse(context, attention, detail, boxes, output_stride, model.lr_scale), detail, feats
 
