@@ -156,7 +156,7 @@ def test_an_unknown_compile_mode_is_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_command_passes_compile_mode_and_blocks_to_the_library(tmp_path, monkeypatch):
+def test_the_command_passes_its_speed_options_to_the_library(tmp_path, monkeypatch):
     import domainmerge.training
 
     seen = []
@@ -169,6 +169,7 @@ def test_the_command_passes_compile_mode_and_blocks_to_the_library(tmp_path, mon
                                 (["--compile"], "default", False)):
         assert main(base + extra) == 0
         assert (seen[-1].compile, seen[-1].compile_blocks) == (mode, blocks), extra
+    assert main(base + ["--one-pass"]) == 0 and seen[-1].one_pass and not seen[0].one_pass
 
 
 @pytest.mark.cuda

@@ -207,6 +207,39 @@ def test_bf16_evaluation_casts_each_weight_once_and_predicts_what_a_cast_per_for
     assert len(preds) == 3 and all(torch.equal(a, b) for a, b in zip(preds, plain_preds))
 
 
+@pytest.mark.parametrize("arch,recipe,size,student_calls", [("tiny_daformer_mit", "daformer", (64, 64), 1),
+                                                           ("tiny_hrda_mit", "hrda", (64, 128), 1),
+                                                           ("tiny_daformer_r", "daformer", (64, 64), 3)])
+def test_one_pass_gives_the_gradients_of_a_backward_per_view(arch, recipe, size, student_calls):
+    """``one_pass``: the source, ClassMix and MIC views in one forward (MiT: one backbone call for
+    all of them, HRDA's context views and detail crops included; ResNet: a call per view, its
+    BatchNorm normalising each view alone) and one backward of the losses' sum. Against the
+    authors' form, a forward and a backward per view: the same losses and, after one iteration,
+    the same gradients up to the order of float32 sums (dropout on: the heads draw in the same
+    order)."""
+    torch.set_num_threads(1)
+    src, tgt = SyntheticDataset("game", "train", 6, size=size), SyntheticDataset("night", "train", 6, size=size)
+    r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
+                   rcs_min_pixels=20)
+    runs = {}
+    for one_pass in (False, True):
+        tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, progress=False,
+                                 one_pass=one_pass), log=lambda s: None)
+        calls: list[int] = []
+        tr.model.backbone.register_forward_hook(lambda *args: calls.append(1))
+        state = tr.step(0)
+        runs[one_pass] = state["losses"], {n: p.grad.clone() for n, p in tr.model.named_parameters()}, len(calls)
+    (losses, grads, calls_per_view), (one_losses, one_grads, one_calls) = runs[False], runs[True]
+    assert set(losses) == set(one_losses) >= {"source", "pseudo", "mic"}
+    assert one_calls == student_calls and calls_per_view == 3   # HRDA MiT: context and detail in one call
+    for k, v in losses.items():
+        torch.testing.assert_close(one_losses[k], v, rtol=1e-5, atol=1e-7, msg=k)
+    for name, g in grads.items():
+        # sums of a few thousand float32 terms in another order: 1e-5 of the tensor's scale
+        torch.testing.assert_close(one_grads[name], g, rtol=0, atol=1e-5 * max(float(g.abs().max()), 1e-8),
+                                   msg=name)
+
+
 def test_normalize_caches_its_constants_per_device_and_keeps_the_formula():
     images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
     mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)

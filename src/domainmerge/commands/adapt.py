@@ -63,6 +63,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--compile-blocks", action="store_true",
                    help="compile the backbone block by block (implies --compile): a fraction of the compile "
                         "time for deep backbones (the blocks of a stage share one graph), one call per block")
+    p.add_argument("--one-pass", action="store_true",
+                   help="the student's source, ClassMix and MIC views in one forward (MiT: one backbone call) "
+                        "and one backward: fewer kernels, up to 3x the activation memory; the same gradients "
+                        "to float rounding")
     p.add_argument("--channels-last", action="store_true",
                    help="NHWC convolutions on CUDA (faster for ResNet backbones; float rounding differs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from latest.pth")
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         val_every=args.val_every, save_every=args.save_every, log_every=args.log_every, amp=args.amp,
         seed=args.seed, workers=args.workers, device=resolve_device(args.device), resume=args.resume,
         force=args.force, compile=args.compile or False, compile_blocks=args.compile_blocks,
-        channels_last=args.channels_last)
+        one_pass=args.one_pass, channels_last=args.channels_last)
     result = adapt(config)
     if result.checkpoint is not None:
         print(f"wrote {result.checkpoint} (iteration {result.iterations})")

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from domainmerge.checkpoint import DA_TRAINING
 from domainmerge.data.classes import CLASSES, NUM_CLASSES, PALETTE
 from domainmerge.errors import DamagedCheckpoint, Option, UserError, loader_errors
+from domainmerge.models.hrda import backbone_views
 from domainmerge.models.mit import DropPath
 from domainmerge.runtime import distributed
 from domainmerge.runtime.precision import AMP_DTYPES, autocast, cast_once
@@ -91,6 +92,7 @@ class AdaptConfig:
     device: str = "cpu"
     compile: bool | str = False             # torch.compile the backbones and heads: True or a mode of COMPILE_MODES
     compile_blocks: bool = False            # compile the backbones block by block (implies compile; see compile_parts)
+    one_pass: bool = False                  # the student's views in one forward and one backward (see Trainer.step)
     channels_last: bool = False             # NHWC convolutions on CUDA (cuDNN's faster layout for ResNets)
     resume: bool = False
     force: bool = False
@@ -121,15 +123,17 @@ class Student(nn.Module):
         self.model = model
         self.channels_last = channels_last   # inputs in the NHWC layout of the convolutions' weights
 
-    def forward(self, x: Tensor, boxes: list[tuple[int, int, int, int]] | None = None
-                ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    def forward(self, views: list[Tensor], boxes: list[list[tuple[int, int, int, int]]] | None = None
+                ) -> list[tuple[Tensor, Tensor | None, list[Tensor]]]:
+        """One triple per view (a forward's batch; several with ``AdaptConfig.one_pass``, whose
+        backbone passes go together where :func:`~domainmerge.models.hrda.backbone_views` can
+        stack them; the heads run per view). ``boxes``: HRDA's detail boxes per view."""
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            views = [x.contiguous(memory_format=torch.channels_last) for x in views]
         if boxes is not None:
-            return train_forward(self.model, x, boxes)  # type: ignore[arg-type]
-        backbone, head = cast(nn.Module, self.model.backbone), cast(nn.Module, self.model.decode_head)
-        feats = backbone(x)
-        return head(feats), None, feats
+            return list(train_forward(self.model, views, boxes))  # type: ignore[arg-type]
+        head = cast(nn.Module, self.model.decode_head)
+        return [(head(feats), None, feats) for feats in backbone_views(cast(nn.Module, self.model.backbone), views)]
 
 
 # torch.compile modes: 'default' fuses operators (fewer kernel launches); 'reduce-overhead' also
@@ -502,17 +506,23 @@ class Trainer:
                                               world_size=self.world, workers=w, pin_memory=pin)) \
             if self.target_set is not None else None
 
-    def _forward(self, x: Tensor, labels: Tensor, weight: Tensor | None, it: int, slots: list[int],
-                 stream: str) -> tuple[Tensor, list[Tensor]]:
-        """Segmentation loss of the student (and its backbone features) on images ``x``: uint8
-        images are normalised here, float ones are already normalised (the strong augmentation's)."""
-        boxes = _boxes(self.is_hrda, self.model, tuple(x.shape[-2:]), self.recipe, self.config.seed, it, slots,
-                       stream)
-        inputs = x if x.is_floating_point() else normalize(x)
-        with autocast(self.device, self.amp), drop_path_noise(self.model, self.config.seed, it, slots,
-                                                              "drop_" + stream.removeprefix("hrda_")):
-            logits, detail, feats = self.student(inputs, boxes)
-        return _seg_loss(logits, detail, labels, weight, boxes, self.recipe), feats
+    def _forward(self, views: list[tuple[Tensor, Tensor, Tensor | None, str]], it: int, slots: list[int]
+                 ) -> list[tuple[Tensor, list[Tensor]]]:
+        """Segmentation loss of the student (and its backbone features) per view ``(images, labels,
+        weights, stream)``, in one forward: uint8 images are normalised here, float ones are
+        already normalised (the strong augmentation's). Each view draws its HRDA boxes and
+        stochastic depth from its own stream, as a forward of its own would."""
+        seed = self.config.seed
+        boxes = [_boxes(self.is_hrda, self.model, tuple(x.shape[-2:]), self.recipe, seed, it, slots, stream)
+                 for x, _, _, stream in views]
+        inputs = [x if x.is_floating_point() else normalize(x) for x, _, _, _ in views]
+        streams = ["drop_" + stream.removeprefix("hrda_") for _, _, _, stream in views]
+        with autocast(self.device, self.amp), drop_path_noise(self.model, seed, it, slots,
+                                                              streams[0] if len(views) == 1 else streams,
+                                                              calls_per_stream=2 if self.is_hrda else 1):
+            outs = self.student(inputs, boxes if self.is_hrda else None)
+        return [(_seg_loss(logits, detail, labels, weight, bx, self.recipe), feats)
+                for (logits, detail, feats), (_, labels, weight, _), bx in zip(outs, views, boxes, strict=True)]
 
     def step(self, it: int) -> dict[str, Any]:
         """Losses of iteration ``it`` (0-based) backpropagated into the student's gradients.
@@ -520,6 +530,13 @@ class Trainer:
         Returns {'losses': {name: tensor}, 'pseudo_weight': 0-dim tensor or None, 'lr': float}; the
         tensors stay on the training device (nothing here waits for the GPU: :class:`LossLog`
         reads them every few iterations).
+
+        The teacher's pseudo-labels come first; then the student's views (source, ClassMix, MIC)
+        go through a forward and a backward each, as the authors' trainer runs them, or, with
+        ``AdaptConfig.one_pass``, through one forward (a MiT backbone takes them in one call, the
+        heads run per view, so BatchNorm sees each view alone as before) and one backward of the
+        losses' sum: the same gradients up to the order of float sums, about half the kernels
+        of a MiT iteration, and the views' activations held together (up to 3x the memory).
         """
         with self.cast_once():
             return self._step(it)
@@ -527,8 +544,10 @@ class Trainer:
     def cast_once(self) -> contextlib.AbstractContextManager[Any]:
         """The iteration's region of :func:`~domainmerge.runtime.precision.cast_once`: its 2-3
         student forwards share autocast's cast of each weight (the weights change only in
-        :meth:`update`, outside it)."""
-        return cast_once(self.device, self.amp)
+        :meth:`update`, outside it). Not with ``one_pass``: its one forward casts each backbone
+        weight once anyway, and the heads, run per view, would sum their views' gradients of a
+        shared cast in bf16 before the backward turns it into float32."""
+        return contextlib.nullcontext() if self.config.one_pass else cast_once(self.device, self.amp)
 
     def _step(self, it: int) -> dict[str, Any]:
         r, dev, seed = self.recipe, self.device, self.config.seed
@@ -543,52 +562,56 @@ class Trainer:
         self.crop_hw = tuple(xs.shape[-2:])
         losses: dict[str, Tensor] = {}
         self.optimizer.zero_grad(set_to_none=not self.graph_steps)
+        views: list[tuple[Tensor, Tensor, Tensor | None, str]] = [(xs, ys, None, "hrda_source")]
+        share = None
+        if self.uda:
+            # 2. pseudo-labels of the teacher on the clean target images (they depend on no
+            #    student forward, so they come first: the views below can then go in one forward)
+            assert self.teacher_fwd is not None and self.tgt_iter is not None
+            tgt = next(self.tgt_iter)
+            xt = tgt["image"].to(dev, non_blocking=True)
+            with torch.no_grad(), autocast(dev, self.amp):
+                t_logits = resized_logits(self.teacher_fwd(normalize(xt)).float(), xt.shape[-2:])
+            plabel, confident = pseudo_labels(t_logits, r.pseudo_threshold)
+            pweight, share = pseudo_weight(confident, plabel, r.ignore_top, r.ignore_bottom)
+            if "valid" in tgt:   # HRDA's pseudo-label margins, cut from the stored image like the crop
+                pweight = pweight * tgt["valid"].to(dev, non_blocking=True)
 
-        # 1. source: supervised loss (+ feature distance), one backward
-        loss, feats = self._forward(xs, ys, None, it, slots, "hrda_source")
-        losses["source"] = loss.detach()
-        if self.use_fd:
-            fd = self._feature_distance(xs, ys, feats)
-            losses["fd"] = fd.detach()
-            loss = loss + fd
-        self.scaler.scale(loss).backward()
-        if not self.uda:
-            return {"losses": losses, "pseudo_weight": None, "lr": lr}
+            # 3. ClassMix: each slot's target image gets half of the global batch's source classes
+            #    (DACS get_class_masks); strong augmentation of the mixed batch, one kornia call per image
+            mask = classmix_masks(ys, [sample_generator(seed, it, slot, "classmix") for slot in slots])
+            mixed = strong_augment(mix(mask, xs, xt), seed=seed, iteration=it, slots=slots, stream="jitter_mix",
+                                   strength=r.jitter_strength, jitter_skip=r.jitter_skip, blur=r.blur,
+                                   per_image=True)
+            views.append((mixed, mix(mask, ys, plabel), mix(mask, torch.ones_like(pweight), pweight), "hrda_mix"))
 
-        # 2. pseudo-labels of the teacher on the clean target images
-        assert self.teacher_fwd is not None and self.tgt_iter is not None
-        tgt = next(self.tgt_iter)
-        xt = tgt["image"].to(dev, non_blocking=True)
-        with torch.no_grad(), autocast(dev, self.amp):
-            t_logits = resized_logits(self.teacher_fwd(normalize(xt)).float(), xt.shape[-2:])
-        plabel, confident = pseudo_labels(t_logits, r.pseudo_threshold)
-        pweight, share = pseudo_weight(confident, plabel, r.ignore_top, r.ignore_bottom)
-        if "valid" in tgt:   # HRDA's pseudo-label margins, cut from the stored image like the crop
-            pweight = pweight * tgt["valid"].to(dev, non_blocking=True)
+            # 4. MIC: the target batch, augmented as one kornia call and block-masked after
+            #    normalisation, against the same pseudo-labels and weights
+            if r.mic:
+                augmented = strong_augment(xt, seed=seed, iteration=it, slots=slots, stream="jitter_mic",
+                                           strength=r.jitter_strength, jitter_skip=r.jitter_skip, blur=r.blur,
+                                           per_image=False)
+                keep = block_masks(augmented.shape[-2], augmented.shape[-1], r.mask_block_size, r.mask_ratio,
+                                   [sample_generator(seed, it, slot, "mic_mask") for slot in slots], dev)
+                views.append((mask_image(augmented, keep), plabel, pweight, "hrda_mic"))
 
-        # 3. ClassMix: each slot's target image gets half of the global batch's source classes
-        #    (DACS get_class_masks); strong augmentation of the mixed batch, one kornia call per image
-        mask = classmix_masks(ys, [sample_generator(seed, it, slot, "classmix") for slot in slots])
-        mixed = strong_augment(mix(mask, xs, xt), seed=seed, iteration=it, slots=slots, stream="jitter_mix",
-                               strength=r.jitter_strength, jitter_skip=r.jitter_skip, blur=r.blur, per_image=True)
-        mlabel = mix(mask, ys, plabel)
-        mweight = mix(mask, torch.ones_like(pweight), pweight)
-        loss_mix, _ = self._forward(mixed, mlabel, mweight, it, slots, "hrda_mix")
-        losses["pseudo"] = loss_mix.detach()
-        self.scaler.scale(loss_mix).backward()
-
-        # 4. MIC: the target batch, augmented as one kornia call and block-masked after normalisation,
-        #    against the same pseudo-labels and weights
-        if r.mic:
-            augmented = strong_augment(xt, seed=seed, iteration=it, slots=slots, stream="jitter_mic",
-                                       strength=r.jitter_strength, jitter_skip=r.jitter_skip, blur=r.blur,
-                                       per_image=False)
-            keep = block_masks(augmented.shape[-2], augmented.shape[-1], r.mask_block_size, r.mask_ratio,
-                               [sample_generator(seed, it, slot, "mic_mask") for slot in slots], dev)
-            loss_mic, _ = self._forward(mask_image(augmented, keep), plabel, pweight, it, slots, "hrda_mic")
-            loss_mic = r.mic_lambda * loss_mic
-            losses["mic"] = loss_mic.detach()
-            self.scaler.scale(loss_mic).backward()
+        # 1., 3., 4.: the student's losses; a backward per view as the authors, or one for all
+        # (one_pass: the losses' sum, whose gradient is the sum of theirs)
+        names = iter(("source", "pseudo", "mic"))
+        for group in [views] if self.config.one_pass else [[v] for v in views]:
+            total: Tensor | None = None
+            for loss, feats in self._forward(group, it, slots):
+                name = next(names)
+                if name == "mic":
+                    loss = r.mic_lambda * loss
+                losses[name] = loss.detach()
+                if name == "source" and self.use_fd:   # feature distance on the source view
+                    fd = self._feature_distance(xs, ys, feats)
+                    losses["fd"] = fd.detach()
+                    loss = loss + fd
+                total = loss if total is None else total + loss
+            assert total is not None
+            self.scaler.scale(total).backward()
         return {"losses": losses, "pseudo_weight": share, "lr": lr}
 
     def _feature_distance(self, xs: Tensor, ys: Tensor, feats: list[Tensor]) -> Tensor:

@@ -224,26 +224,32 @@ def shared_draws(seed: int, iteration: int, stream: str) -> SharedDraws:
 # -- stochastic depth ------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def drop_path_noise(model: nn.Module, seed: int, iteration: int, slots: Sequence[int], stream: str) -> Iterator[None]:
+def drop_path_noise(model: nn.Module, seed: int, iteration: int, slots: Sequence[int], stream: str | Sequence[str],
+                    calls_per_stream: int = 1) -> Iterator[None]:
     """Within the block, the MiT backbone of ``model`` (if any) draws its stochastic depth from
     (seed, iteration, slot, stream, k) for the k-th backbone call (HRDA calls it for the context
-    and the detail views), one row per image, so ranks and resumed runs draw as one process."""
+    and the detail views), one row per image, so ranks and resumed runs draw as one process.
+
+    ``stream`` a sequence: the views of several forwards in one (``AdaptConfig.one_pass``), the
+    i-th call drawing from ``stream[i // calls_per_stream]`` with k = ``i % calls_per_stream``,
+    as each forward's own block would have drawn."""
     from domainmerge.models.mit import MixVisionTransformer
 
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, MixVisionTransformer):
         yield
         return
-    calls = itertools.count()
+    keys = ((stream, k) for k in itertools.count()) if isinstance(stream, str) else \
+        ((s, k) for s in stream for k in range(calls_per_stream))
     blocks = backbone.num_blocks
     device = next(backbone.parameters()).device
 
     def draw(n: int) -> Tensor:
-        k = next(calls)
+        name, k = next(keys)
         if n % len(slots):
             raise ValueError(f"stochastic depth: a batch of {n} for {len(slots)} slots")
         per = n // len(slots)   # images of one slot in this call (its crops), slot-major
-        rows = [torch.rand(per, blocks, 2, generator=sample_generator(seed, iteration, slot, stream, k))
+        rows = [torch.rand(per, blocks, 2, generator=sample_generator(seed, iteration, slot, name, k))
                 for slot in slots]
         return to_device(torch.cat(rows), device)
 

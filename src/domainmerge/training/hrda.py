@@ -58,16 +58,26 @@ def fuse(context: Tensor, attention: Tensor, detail: Tensor, boxes: list[Box], o
     return attention * inserted + context
 
 
-def train_forward(model: HRDAEncoderDecoder, x: Tensor, boxes: list[Box]) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """(fused logits, detail logits, context-view backbone features) for a normalised batch ``x``."""
-    lr = F.interpolate(x, scale_factor=model.lr_scale, mode="bilinear", align_corners=False)
-    crops = torch.cat([x[i:i + 1, :, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(boxes)])
-    feats, crop_feats = backbone_views(model.backbone, [lr, crops])
-    context = model.decode_head.head(feats)
-    attention = torch.sigmoid(model.decode_head.scale_attention(feats))
-    detail = model.decode_head.head(crop_feats)
-    output_stride = round(crops.shape[-1] / detail.shape[-1])
-    return fuse(context, attention, detail, boxes, output_stride, model.lr_scale), detail, feats
+def train_forward(model: HRDAEncoderDecoder, views: list[Tensor], boxes: list[list[Box]]
+                  ) -> list[tuple[Tensor, Tensor, list[Tensor]]]:
+    """(fused logits, detail logits, context-view backbone features) per normalised batch of
+    ``views`` (one forward's, or several forwards' views in one: their context views and detail
+    crops go through the backbone together where :func:`backbone_views` can stack them), each
+    with its detail ``boxes``; the heads run per view, in the views' order."""
+    inputs = []
+    for x, bx in zip(views, boxes, strict=True):
+        inputs.append(F.interpolate(x, scale_factor=model.lr_scale, mode="bilinear", align_corners=False))
+        inputs.append(torch.cat([x[i:i + 1, :, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in enumerate(bx)]))
+    feats = backbone_views(model.backbone, inputs)
+    out = []
+    for v, bx in enumerate(boxes):
+        context_feats, crop_feats = feats[2 * v], feats[2 * v + 1]
+        context = model.decode_head.head(context_feats)
+        attention = torch.sigmoid(model.decode_head.scale_attention(context_feats))
+        detail = model.decode_head.head(crop_feats)
+        output_stride = round(inputs[2 * v + 1].shape[-1] / detail.shape[-1])
+        out.append((fuse(context, attention, detail, bx, output_stride, model.lr_scale), detail, context_feats))
+    return out
 
 
 def hrda_loss(fused: Tensor, detail: Tensor | None, detail_weight: float) -> Tensor:
