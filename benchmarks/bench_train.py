@@ -20,9 +20,10 @@ configuration, each in a child process:
   convolutions and attention, forward and backward) and TFLOP/s at the timed rate;
 - peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the child's peak RSS on the CPU.
 
-Configurations are ``ARCH:PRECISION[:mic][:cl][:compile][:cg][:blocks][:tf32][:cudnn][:png]`` (``cl``:
+Configurations are ``ARCH:PRECISION[:mic][:cl][:compile][:cg][:blocks][:onepass][:tf32][:cudnn][:png]`` (``cl``:
 channels_last; ``cg``: ``--compile reduce-overhead``, the compiled parts replayed as CUDA graphs;
 ``blocks``: ``--compile-blocks``, the backbone compiled block by block (with ``cg`` too: graphs per block);
+``onepass``: ``--one-pass``, the student's views in one forward and one backward;
 ``tf32``: TF32 matrix products in fp32; ``cudnn``: ``cudnn.benchmark`` autotuning;
 defaults: the five rows of the README's table).
 
@@ -64,7 +65,7 @@ ARCH_RECIPE = {"daformer_mitb5": "daformer", "daformer_r101": "daformer", "hrda_
                "daformer_mitb0": "daformer", "hrda_mitb0": "hrda"}
 DEFAULT_CONFIGS = ["daformer_mitb5:fp32", "daformer_mitb5:bf16", "daformer_r101:bf16", "hrda_mitb5:bf16",
                    "hrda_mitb5:bf16:mic"]
-FLAGS = {"mic", "cl", "compile", "cg", "blocks", "tf32", "cudnn", "png"}
+FLAGS = {"mic", "cl", "compile", "cg", "blocks", "onepass", "tf32", "cudnn", "png"}
 ITERS_40K = 40_000
 
 
@@ -201,7 +202,7 @@ def make_trainer(spec: str, device: str, batch: int, iters: int, crop_scale: flo
     cfg = AdaptConfig(source=source, target=target, arch=c["arch"], arch_options=options, recipe=recipe,
                       source_crop=src_crop, target_crop=tgt_crop, amp=c["amp"], device=device, progress=False,
                       val_every=0, workers=workers, compile=c["compile"], compile_blocks=c["blocks"],
-                      channels_last=c["cl"])
+                      one_pass=c["onepass"], channels_last=c["cl"])
     return Trainer(cfg, log=lambda _: None), tmp
 
 
