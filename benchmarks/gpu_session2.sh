@@ -5,10 +5,11 @@
 # Steps, in order of value (each under its own timeout, cut to the time left; a step that would
 # get under 25 s is skipped and says so):
 #   1. tests/test_hot_path.py tests/test_compile.py -k cuda: no host sync inside an iteration, CUDA equals CPU, compiled equals eager  (<= 120 s)
-#   2. bench_train daformer_mitb5:bf16, hrda_mitb5:bf16:mic                               (<= 50, 70 s)
-#   3. bench_train daformer_mitb5:bf16:blocks (compiled block by block: the shorter compile),
-#      then with :cg (reduce-overhead: CUDA graphs per block), hrda_mitb5:bf16:mic:blocks:cg,
-#      and daformer_mitb5:bf16:compile (whole backbone: compile time and per-block cost)  (time left)
+#   2. bench_train daformer_mitb5:bf16 and hrda_mitb5:bf16:mic, each also with :onepass (the
+#      student's views in one forward and backward)                                     (<= 50, 70 s each)
+#   3. bench_train daformer_mitb5:bf16:onepass:blocks (compiled block by block: the shorter
+#      compile), then with :cg (reduce-overhead: CUDA graphs per block), the same for
+#      hrda_mitb5:bf16:mic, and daformer_mitb5:bf16:compile (whole backbone)            (time left)
 #   4. bench_train --evaluate: HRDA slide inference, same batches in every pass          (<= 60 s)
 # bench_train: 2 warm-ups (the compile happens in the first: its time is the 'first iteration'
 # column), 4 timed, 1 profiled, no FLOP-counted iteration (FLOPs are known from session 1).
@@ -23,8 +24,8 @@ BUDGET=${BUDGET:-480}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}          # DEVICE=cpu SCALE=0.0625 ... for a dry run on a CPU
 SCALE=${SCALE:-1.0}
-EAGER=${EAGER-daformer_mitb5:bf16 hrda_mitb5:bf16:mic}
-COMPILED=${COMPILED-daformer_mitb5:bf16:blocks daformer_mitb5:bf16:blocks:cg hrda_mitb5:bf16:mic:blocks:cg daformer_mitb5:bf16:compile}
+EAGER=${EAGER-daformer_mitb5:bf16 daformer_mitb5:bf16:onepass hrda_mitb5:bf16:mic:onepass hrda_mitb5:bf16:mic}
+COMPILED=${COMPILED-daformer_mitb5:bf16:onepass:blocks daformer_mitb5:bf16:onepass:blocks:cg hrda_mitb5:bf16:mic:onepass:blocks:cg daformer_mitb5:bf16:compile}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 WORK=$(mktemp -d)
 LOG="$WORK/session2.log"
