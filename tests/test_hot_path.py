@@ -226,7 +226,7 @@ def test_one_pass_gives_the_gradients_of_a_backward_per_view(arch, recipe, size,
         tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, progress=False,
                                  one_pass=one_pass), log=lambda s: None)
         calls: list[int] = []
-        tr.model.backbone.register_forward_hook(lambda *args: calls.append(1))
+        tr.model.backbone.register_forward_hook(lambda *args, calls=calls: calls.append(1))
         state = tr.step(0)
         runs[one_pass] = state["losses"], {n: p.grad.clone() for n, p in tr.model.named_parameters()}, len(calls)
     (losses, grads, calls_per_view), (one_losses, one_grads, one_calls) = runs[False], runs[True]
