@@ -211,9 +211,10 @@ def test_mic_masks_the_normalised_image_hidden_pixels_are_exactly_zero(monkeypat
     seen = {}
     original = tr._forward
 
-    def spy(x, labels, weight, it, slots, stream):
-        seen[stream] = x.detach().clone()
-        return original(x, labels, weight, it, slots, stream)
+    def spy(views, it, slots):
+        for x, _, _, stream in views:
+            seen[stream] = x.detach().clone()
+        return original(views, it, slots)
 
     monkeypatch.setattr(tr, "_forward", spy)
     tr.step(0)
