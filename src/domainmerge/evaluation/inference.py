@@ -116,8 +116,8 @@ def default_batch_size(dataset: SegDataset, device: torch.device, *, mode: str =
     """Images per forward pass: about PIXELS_PER_BATCH of the device, from the first image's size
     as the network sees it (rescaled). In slide mode an image costs all its windows, since a
     batch's windows go through the network together: a 2048x1024 image in 1024 windows at stride
-    512 is 3 megapixels, so a GPU takes one image per forward, as the authors test (HRDA then runs
-    30 crops of 512x512 through the backbone)."""
+    512 is 3 megapixels, so a GPU takes one image per forward, as the authors test (HRDA MiT then
+    runs 30 images of 512x512 through the backbone in one call: 3 context views, 27 detail crops)."""
     if len(dataset) == 0:
         return 1
     height, width = dataset[0][0].shape[-2:]
