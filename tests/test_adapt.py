@@ -93,14 +93,17 @@ def _first_step(trainer: Trainer) -> dict[str, torch.Tensor]:
             "conv_seg": trainer.model.decode_head.conv_seg.weight.grad.detach().clone()}
 
 
-def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str, compile: bool | str) -> None:
+def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str, option: bool | str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
     torch.set_num_threads(1)
+    one_pass = option == "one_pass"
+    compile = option if not one_pass else False
     if compile:   # dynamo's graphs without inductor's code generation (minutes on a CPU), as test_compile
         importlib.import_module("domainmerge.training.adapt").COMPILE_BACKEND = "aot_eager"
     result = _first_step(Trainer(_config(arch=arch, iters=3, batch=1, arch_options={"dropout": 0.0},
-                                         compile=bool(compile), compile_blocks=compile == "blocks"),
+                                         compile=bool(compile), compile_blocks=compile == "blocks",
+                                         one_pass=one_pass),
                                  log=lambda s: None))
     if compile:
         graphs = importlib.import_module("torch._dynamo.utils").counters["stats"]["unique_graphs"]
@@ -110,9 +113,10 @@ def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str, comp
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch,compile", [("tiny_daformer_r", False), ("tiny_daformer_mit", False),
-                                          ("tiny_daformer_mit", True), ("tiny_daformer_r", "blocks")])
-def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch, compile):
+@pytest.mark.parametrize("arch,option", [("tiny_daformer_r", False), ("tiny_daformer_mit", False),
+                                         ("tiny_daformer_mit", True), ("tiny_daformer_r", "blocks"),
+                                         ("tiny_daformer_mit", "one_pass")])
+def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch, option):
     """Same samples, same augmentation, pseudo-label share and feature-distance mask over the global
     batch, BatchNorm over the global batch (GlobalBatchNorm2d): the first iteration's losses and
     the last layer's gradient of 2 ranks x batch 1 are one process's with batch 2, up to float32
@@ -127,16 +131,17 @@ def test_two_gloo_ranks_first_step_equals_one_process_to_rounding(tmp_path, arch
     gradient, tests float32 luck rather than the claim. The losses are continuous functions of
     everything the claim is about; the last layer's gradient is (logit error x features) with no
     gate in between. Tolerance: float32 rounding through ~20 layers of sums of up to a few
-    thousand terms, sqrt(n) x eps x depth ~ 1e-4 relative. With ``compile`` the ranks run
+    thousand terms, sqrt(n) x eps x depth ~ 1e-4 relative. With ``option`` True the ranks run
     ``--compile`` (compiled backbone and head inside DistributedDataParallel; ``blocks``: the
-    backbone compiled block by block) against the eager single process."""
+    backbone compiled block by block) against the eager single process; with ``one_pass`` the
+    ranks take their views in one forward and one backward (one gradient reduction)."""
     torch.set_num_threads(1)
     one = _first_step(Trainer(_config(arch=arch, iters=3, batch=2, arch_options={"dropout": 0.0}),
                               log=lambda s: None))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_rank_first_step, args=(2, port, str(tmp_path / "two.pt"), arch, compile), nprocs=2,
+    torch.multiprocessing.spawn(_rank_first_step, args=(2, port, str(tmp_path / "two.pt"), arch, option), nprocs=2,
                                 join=True)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert one.keys() == two.keys() and {"loss_source", "loss_fd", "loss_pseudo"} <= one.keys()
