@@ -195,17 +195,19 @@ def test_hrda_overlapping_crops_average():
     torch.testing.assert_close(got[..., 24:], crops[2][..., 8:])
 
 
-@pytest.mark.parametrize("arch,calls", [("tiny_hrda_mit", 1), ("tiny_hrda_r", 2)])
-def test_hrda_views_of_one_shape_share_a_mit_call_with_each_views_stochastic_depth(arch, calls):
+@pytest.mark.parametrize("arch,train,calls", [("tiny_hrda_mit", True, 1), ("tiny_hrda_r", True, 2),
+                                              ("tiny_hrda_r", False, 1)])
+def test_hrda_views_of_one_shape_share_a_backbone_call_where_that_computes_the_same(arch, train, calls):
     """HRDA's context view and detail crops (one shape) go through MiT in one call, each view's
     stochastic depth drawn as its own call would draw it (the k-th view from the k-th draw);
     features and input gradients equal those of a call per view (float32 rounding: the same
     products and sums per image in a larger batch). ResNet's training-mode BatchNorm normalises
-    over the batch: its views go one call each, as HRDA runs them, to the bit."""
+    over the batch: its views go one call each, as HRDA runs them, to the bit; in eval mode (the
+    running statistics) they share a call too."""
     from domainmerge.models.hrda import backbone_views
 
     torch.manual_seed(0)
-    backbone = build_model(arch).backbone.train()
+    backbone = build_model(arch).backbone.train(train)
     count = []
     backbone.register_forward_hook(lambda *args: count.append(1))
     context, detail = torch.randn(2, 3, 64, 64), torch.randn(4, 3, 64, 64)

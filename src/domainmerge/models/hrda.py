@@ -22,25 +22,30 @@ def backbone_views(backbone: nn.Module, views: list[Tensor]) -> list[list[Tensor
     the views stacked where that computes the same as a call per view, else from a call each.
 
     The same: views of one shape (HRDA's 1024 crop at scale 0.5 and its 512 detail crops) through
-    a backbone with no BatchNorm (MiT: LayerNorm, attention and convolutions act per image), its
-    stochastic depth drawn per view as the separate calls draw it (the k-th view's rows from the
-    k-th draw of ``path_noise``). One call launches one backbone's kernels instead of one per
-    view, with the batch dimension larger (the same products and sums per image; on this CPU the
-    features are equal to the bit). ResNet's training-mode BatchNorm normalises over the batch,
-    so its views go one by one, as HRDA runs them."""
+    a backbone whose output for an image does not depend on the rest of the batch: no BatchNorm in
+    training mode (MiT: LayerNorm, attention and convolutions act per image; ResNet in eval mode,
+    its BatchNorm using the running statistics). MiT's stochastic depth is drawn per view as the
+    separate calls draw it (the k-th view's rows from the k-th draw of ``path_noise``). One call
+    launches one backbone's kernels instead of one per view, with the batch dimension larger (the
+    same products and sums per image; on this CPU the features are equal to the bit).
+    Training-mode BatchNorm normalises over the batch, so a training ResNet's views go one by
+    one, as HRDA runs them."""
     from domainmerge.models.mit import MixVisionTransformer
 
-    if len(views) == 1 or not isinstance(backbone, MixVisionTransformer) \
-            or any(v.shape[1:] != views[0].shape[1:] for v in views):
+    if len(views) == 1 or any(v.shape[1:] != views[0].shape[1:] for v in views) or (
+            not isinstance(backbone, MixVisionTransformer)   # (MiT has no BatchNorm: no walk over its modules)
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in backbone.modules())):
         return [backbone(v) for v in views]
     sizes = [v.shape[0] for v in views]
-    noise = backbone.path_noise
-    if noise is not None:   # the draws of a call per view, in the views' order
-        backbone.path_noise = lambda n: torch.cat([noise(k) for k in sizes])
+    mit = backbone if isinstance(backbone, MixVisionTransformer) else None
+    noise = mit.path_noise if mit is not None else None
+    if mit is not None and noise is not None:   # the draws of a call per view, in the views' order
+        mit.path_noise = lambda n: torch.cat([noise(k) for k in sizes])
     try:
         feats = backbone(torch.cat(views))
     finally:
-        backbone.path_noise = noise
+        if mit is not None:
+            mit.path_noise = noise
     return [list(parts) for parts in zip(*(f.split(sizes) for f in feats))]
 
 
