@@ -10,6 +10,7 @@ import socket
 
 import pytest
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from domainmerge.cli import main
 from domainmerge.data.synthetic import SyntheticDataset
@@ -103,10 +104,18 @@ def _rank_first_step(rank: int, world: int, port: int, out: str, arch: str, opti
     compile = option if not one_pass else False
     if compile:   # dynamo's graphs without inductor's code generation (minutes on a CPU), as test_compile
         importlib.import_module("domainmerge.training.adapt").COMPILE_BACKEND = "aot_eager"
-    result = _first_step(Trainer(_config(arch=arch, iters=3, batch=1, arch_options={"dropout": 0.0},
-                                         compile=bool(compile), compile_blocks=compile == "blocks",
-                                         one_pass=one_pass),
-                                 log=lambda s: None))
+    trainer = Trainer(_config(arch=arch, iters=3, batch=1, arch_options={"dropout": 0.0}, compile=bool(compile),
+                              compile_blocks=compile == "blocks", one_pass=one_pass), log=lambda s: None)
+    reduced: list[int] = []
+
+    def count(state, bucket):   # DDP's gradient reduction of one bucket
+        reduced.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    trainer.student.register_comm_hook(torch.distributed.group.WORLD, count)
+    result = _first_step(trainer)
+    # the gradients are exchanged once per iteration (at the last backward), not once per view
+    assert reduced and len(reduced) == len(set(reduced)), reduced
     if compile:
         graphs = importlib.import_module("torch._dynamo.utils").counters["stats"]["unique_graphs"]
         assert graphs > 0, "nothing was compiled"

@@ -598,20 +598,26 @@ class Trainer:
         # 1., 3., 4.: the student's losses; a backward per view as the authors, or one for all
         # (one_pass: the losses' sum, whose gradient is the sum of theirs)
         names = iter(("source", "pseudo", "mic"))
-        for group in [views] if self.config.one_pass else [[v] for v in views]:
-            total: Tensor | None = None
-            for loss, feats in self._forward(group, it, slots):
-                name = next(names)
-                if name == "mic":
-                    loss = r.mic_lambda * loss
-                losses[name] = loss.detach()
-                if name == "source" and self.use_fd:   # feature distance on the source view
-                    fd = self._feature_distance(xs, ys, feats)
-                    losses["fd"] = fd.detach()
-                    loss = loss + fd
-                total = loss if total is None else total + loss
-            assert total is not None
-            self.scaler.scale(total).backward()
+        groups = [views] if self.config.one_pass else [[v] for v in views]
+        for g, group in enumerate(groups):
+            # Under DDP the gradients are reduced once, at the last backward: the earlier ones
+            # accumulate locally (no_sync), so the ranks exchange the views' sum once per
+            # iteration instead of once per view (the same average, summed in another order)
+            ddp = self.student if isinstance(self.student, nn.parallel.DistributedDataParallel) else None
+            with ddp.no_sync() if ddp is not None and g < len(groups) - 1 else contextlib.nullcontext():
+                total: Tensor | None = None
+                for loss, feats in self._forward(group, it, slots):
+                    name = next(names)
+                    if name == "mic":
+                        loss = r.mic_lambda * loss
+                    losses[name] = loss.detach()
+                    if name == "source" and self.use_fd:   # feature distance on the source view
+                        fd = self._feature_distance(xs, ys, feats)
+                        losses["fd"] = fd.detach()
+                        loss = loss + fd
+                    total = loss if total is None else total + loss
+                assert total is not None
+                self.scaler.scale(total).backward()
         return {"losses": losses, "pseudo_weight": share, "lr": lr}
 
     def _feature_distance(self, xs: Tensor, ys: Tensor, feats: list[Tensor]) -> Tensor:
