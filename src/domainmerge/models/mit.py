@@ -33,6 +33,11 @@ class DWConv(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        # The [C, 1, 3, 3] weight in channels-last strides: the same memory as NCHW (one input
+        # channel per group), and the strides the convolution of a channels-last grid gives its
+        # gradient, so DDP's buckets and AdamW see one layout and no forward converts the weight.
+        w = self.dwconv.weight.detach()
+        self.dwconv.weight = nn.Parameter(w.as_strided(w.shape, (w.stride(0), 1, w.stride(2), w.stride(3))))
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         return grid_tokens(self.dwconv(token_grid(x, h, w)))
@@ -66,6 +71,9 @@ class Attention(nn.Module):
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
+            # channels-last, as the token grid it reads: no forward converts the weight, and its
+            # gradient comes in the weight's own layout (DDP's buckets, AdamW)
+            self.sr.weight = nn.Parameter(self.sr.weight.detach().contiguous(memory_format=torch.channels_last))
             self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
