@@ -32,12 +32,12 @@ def backbone_views(backbone: nn.Module, views: list[Tensor]) -> list[list[Tensor
     one, as HRDA runs them."""
     from domainmerge.models.mit import MixVisionTransformer
 
+    mit = backbone if isinstance(backbone, MixVisionTransformer) else None
     if len(views) == 1 or any(v.shape[1:] != views[0].shape[1:] for v in views) or (
-            not isinstance(backbone, MixVisionTransformer)   # (MiT has no BatchNorm: no walk over its modules)
+            mit is None   # (MiT has no BatchNorm: no walk over its modules)
             and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in backbone.modules())):
         return [backbone(v) for v in views]
     sizes = [v.shape[0] for v in views]
-    mit = backbone if isinstance(backbone, MixVisionTransformer) else None
     noise = mit.path_noise if mit is not None else None
     if mit is not None and noise is not None:   # the draws of a call per view, in the views' order
         mit.path_noise = lambda n: torch.cat([noise(k) for k in sizes])

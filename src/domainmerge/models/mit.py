@@ -27,17 +27,25 @@ def grid_tokens(y: Tensor) -> Tensor:
     return y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])
 
 
+def channels_last_weight(conv: nn.Conv2d) -> None:
+    """Give ``conv``'s weight [O, I, kh, kw] channels-last strides, those of the token grids it
+    reads (:func:`token_grid`): no forward converts the weight, and its gradient comes in the
+    weight's own layout (DDP's buckets and AdamW see one layout). Set explicitly, since
+    ``contiguous(memory_format=...)`` keeps a depthwise [C, 1, 3, 3] weight as it is (its two
+    layouts are the same memory and torch counts it as both)."""
+    w = conv.weight.detach()
+    _, i, kh, kw = w.shape
+    laid = torch.empty_strided(w.shape, (kh * kw * i, 1, kw * i, i), dtype=w.dtype, device=w.device)
+    conv.weight = nn.Parameter(laid.copy_(w))
+
+
 class DWConv(nn.Module):
     """Depthwise 3x3 conv over the token grid (key ``dwconv``)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        # The [C, 1, 3, 3] weight in channels-last strides: the same memory as NCHW (one input
-        # channel per group), and the strides the convolution of a channels-last grid gives its
-        # gradient, so DDP's buckets and AdamW see one layout and no forward converts the weight.
-        w = self.dwconv.weight.detach()
-        self.dwconv.weight = nn.Parameter(w.as_strided(w.shape, (w.stride(0), 1, w.stride(2), w.stride(3))))
+        channels_last_weight(self.dwconv)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         return grid_tokens(self.dwconv(token_grid(x, h, w)))
@@ -71,9 +79,7 @@ class Attention(nn.Module):
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
-            # channels-last, as the token grid it reads: no forward converts the weight, and its
-            # gradient comes in the weight's own layout (DDP's buckets, AdamW)
-            self.sr.weight = nn.Parameter(self.sr.weight.detach().contiguous(memory_format=torch.channels_last))
+            channels_last_weight(self.sr)
             self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:

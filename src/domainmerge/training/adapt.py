@@ -517,8 +517,7 @@ class Trainer:
                  for x, _, _, stream in views]
         inputs = [x if x.is_floating_point() else normalize(x) for x, _, _, _ in views]
         streams = ["drop_" + stream.removeprefix("hrda_") for _, _, _, stream in views]
-        with autocast(self.device, self.amp), drop_path_noise(self.model, seed, it, slots,
-                                                              streams[0] if len(views) == 1 else streams,
+        with autocast(self.device, self.amp), drop_path_noise(self.model, seed, it, slots, streams,
                                                               calls_per_stream=2 if self.is_hrda else 1):
             outs = self.student(inputs, boxes if self.is_hrda else None)
         return [(_seg_loss(logits, detail, labels, weight, bx, self.recipe), feats)
@@ -599,11 +598,11 @@ class Trainer:
         # (one_pass: the losses' sum, whose gradient is the sum of theirs)
         names = iter(("source", "pseudo", "mic"))
         groups = [views] if self.config.one_pass else [[v] for v in views]
+        # Under DDP the gradients are reduced once, at the last backward: the earlier ones
+        # accumulate locally (no_sync), so the ranks exchange the views' sum once per iteration
+        # instead of once per view (the same average, summed in another order)
+        ddp = self.student if isinstance(self.student, nn.parallel.DistributedDataParallel) else None
         for g, group in enumerate(groups):
-            # Under DDP the gradients are reduced once, at the last backward: the earlier ones
-            # accumulate locally (no_sync), so the ranks exchange the views' sum once per
-            # iteration instead of once per view (the same average, summed in another order)
-            ddp = self.student if isinstance(self.student, nn.parallel.DistributedDataParallel) else None
             with ddp.no_sync() if ddp is not None and g < len(groups) - 1 else contextlib.nullcontext():
                 total: Tensor | None = None
                 for loss, feats in self._forward(group, it, slots):
