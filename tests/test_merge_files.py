@@ -285,6 +285,9 @@ def test_inspect_gives_the_reason_with_the_flag(pair, tmp_path: Path, capsys: py
     found = inspect_files([a_path, tmp_path / "extra.pth"])
     assert found.comparison is not None and not found.comparison["mergeable"]
     assert "allow_missing=True" in found.comparison["reason"] and isinstance(found.merge_error, MergeError)
+    as_json = json.loads(json.dumps(found.to_dict()))            # JSON-ready: no error object left
+    assert not as_json["comparison"]["mergeable"] and "allow_missing=True" in as_json["comparison"]["reason"]
+    assert len(as_json["checkpoints"]) == 2 and "error" not in as_json["comparison"]
     assert main(["inspect", str(a_path), str(tmp_path / "extra.pth")]) == 0
     assert "no: " in (out := capsys.readouterr().out) and "pass --allow-missing" in out
     assert main(["inspect", str(a_path), str(tmp_path / "extra.pth"), "--json"]) == 0

@@ -95,6 +95,21 @@ def test_score_domains_gives_h(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert json.loads(out_json.read_text())["summary"]["H"] == pytest.approx(h, rel=1e-12)
 
 
+def test_scores_json_in_the_library_matches_the_hand_computed_h(tmp_path: Path) -> None:
+    """The notebook entry point gives the JSON the command writes: per-domain mIoU and H by hand."""
+    from domainmerge.evaluation.folders import score_folders, scores_json
+
+    pc, gc = make_domain(tmp_path / "cs", 4)
+    pi, gi = make_domain(tmp_path / "idd", 5)
+    results = score_folders([(d, tmp_path / d / "pred", tmp_path / d / "gt") for d in ("cs", "idd")], workers=1)
+    data = json.loads(json.dumps(scores_json(results, C)))
+    m_c, m_i = np.nanmean(iou_by_hand(pc, gc)), np.nanmean(iou_by_hand(pi, gi))
+    assert data["num_classes"] == C and data["domains"]["idd"]["pred"] == str(tmp_path / "idd" / "pred")
+    assert data["domains"]["cs"]["miou"] == pytest.approx(m_c, rel=1e-12)
+    assert data["summary"]["H"] == pytest.approx(2 * m_c * m_i / (m_c + m_i), rel=1e-12)
+    assert "summary" not in scores_json({"cs": results["cs"]}, C)
+
+
 def run_bad(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert main(["score", *args]) == 2
     captured = capsys.readouterr()

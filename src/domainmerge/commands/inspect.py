@@ -35,10 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from domainmerge.merging.inspection import inspect_files
 
     found = inspect_files(args.inputs, base=args.base, trust_pickle=args.trust_pickle)
-    comparison = found.comparison
-    if comparison is not None and found.merge_error is not None:  # the reason with the flags to use
-        comparison = {k: v for k, v in comparison.items() if k != "error"}
-        comparison["reason"] = found.merge_error.for_command()
+    result = found.to_dict()   # rendered under the command line: the reason names the flags
     diagnostics_text = None
     if found.diagnostics is not None:
         from domainmerge.alignment.diagnostics import render_report
@@ -49,11 +46,10 @@ def run(args: argparse.Namespace) -> int:
         if warning:
             print(f"domainmerge inspect: {warning}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"checkpoints": found.summaries, "comparison": comparison,
-                          "diagnostics": found.diagnostics}, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str))
     else:
         from domainmerge.reporting import inspect_markdown
 
         warnings = [nonfinite_warning(summary) for summary in found.summaries]
-        print(inspect_markdown(found.summaries, comparison, diagnostics_text, warnings), end="")
+        print(inspect_markdown(found.summaries, result["comparison"], diagnostics_text, warnings), end="")
     return 0

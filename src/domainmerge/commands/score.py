@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     tables, write the requested files."""
     from domainmerge import reporting
     from domainmerge.errors import UserError
-    from domainmerge.evaluation.folders import check_label_settings, score_folders
+    from domainmerge.evaluation.folders import check_label_settings, score_folders, scores_json
     from domainmerge.fsutil import check_output_path
 
     domains: list[tuple[str, str, str]] = [tuple(d) for d in args.domain]  # type: ignore[misc]
@@ -69,13 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(reporting.domain_table({"mIoU": {n: s.miou for n, s in scores.items()}}, name="Metric"))
     if args.json:
-        result: dict[str, Any] = {
-            "num_classes": args.num_classes,
-            "domains": {n: {**r.to_dict(), "pred": p, "gt": g} for (n, p, g), r in zip(domains, results.values())},
-        }
-        if len(scores) > 1:
-            result["summary"] = reporting.summarize({n: s.miou for n, s in scores.items()})
-        reporting.write_json(args.json, result, replace=args.force)
+        reporting.write_json(args.json, scores_json(results, args.num_classes), replace=args.force)
     if args.csv:
         reporting.write_csv(args.csv, reporting.class_rows(scores), replace=args.force)
     for out in outputs:

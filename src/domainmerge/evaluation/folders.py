@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,18 @@ def score_folder(pred_dir: PathLike, gt_dir: PathLike, *, pred_suffix: str = ".p
             except UserError as exc:
                 raise exc.prefixed(f"{gt_path} / {pred_path}: ") from None
     return FolderScores(Path(pred_dir), Path(gt_dir), len(pairs), metric.compute())
+
+
+def scores_json(results: Mapping[str, FolderScores], num_classes: int) -> dict[str, Any]:
+    """:func:`score_folders`' result as JSON (what ``domainmerge score --json`` writes): the class
+    count, per domain :meth:`FolderScores.to_dict`, and with several domains the summary of
+    their mIoUs (:func:`domainmerge.reporting.summarize`: mean and harmonic mean H)."""
+    from domainmerge.reporting import summarize
+
+    result: dict[str, Any] = {"num_classes": num_classes, "domains": {n: r.to_dict() for n, r in results.items()}}
+    if len(results) > 1:
+        result["summary"] = summarize({n: r.scores.miou for n, r in results.items()})
+    return result
 
 
 def score_folders(domains: Sequence[tuple[str, PathLike, PathLike]], *, pred_suffix: str = ".png",

@@ -133,6 +133,16 @@ class Inspection:
         """Why the files cannot be merged (the engine's error), or None."""
         return self.comparison.get("error") if self.comparison else None
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON: ``checkpoints`` (the summaries), ``comparison`` (without the error object; its
+        ``reason`` rendered now, so under the command line it names the flags) and
+        ``diagnostics``."""
+        comparison = self.comparison
+        if comparison is not None and self.merge_error is not None:
+            comparison = {k: v for k, v in comparison.items() if k != "error"}
+            comparison["reason"] = str(self.merge_error)
+        return {"checkpoints": self.summaries, "comparison": comparison, "diagnostics": self.diagnostics}
+
 
 def inspect_files(paths: Sequence[str | os.PathLike[str]], *, base: str | os.PathLike[str] | None = None,
                   trust_pickle: bool = False) -> Inspection:
