@@ -89,8 +89,10 @@ class Attention(nn.Module):
         src = x
         if self.sr_ratio > 1:
             src = self.norm(grid_tokens(self.sr(token_grid(x, h, w))))
-        kv = self.kv(src).reshape(n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
-        y = torch.nn.functional.scaled_dot_product_attention(q, kv[0], kv[1])
+        # unbind, not kv[0] and kv[1]: its backward stacks the two gradients in one kernel, where
+        # each select's backward fills a zero tensor, copies into it, and the two are then added
+        k, v = self.kv(src).reshape(n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(n, t, c))
 
 
