@@ -25,7 +25,8 @@ from domainmerge.models.mit import Attention, DropPath, DWConv, grid_tokens, pat
 from domainmerge.tensors import normalize
 from domainmerge.training import AdaptConfig, adapt, get_recipe
 from domainmerge.training.adapt import LossLog, NonFiniteLoss, Trainer
-from domainmerge.training.ema import CastShadow, ema_update
+from domainmerge.training.ema import ema_update
+from domainmerge.training.shadows import CastShadow
 
 WHOLE = CropConfig(None, None)
 
@@ -139,17 +140,23 @@ def test_a_cast_shadow_gives_autocasts_outputs_to_the_bit_and_updates_the_nets_b
 
 
 class _WeightCasts(TorchDispatchMode):
-    """Counts bf16 casts (``aten::_to_copy``) of the given weights."""
+    """Counts bf16 casts (``aten::_to_copy``) of the given weights, the multi-tensor copies from
+    them, and every cast of a bf16 tensor to float32 (the backward passes' gradient casts)."""
 
     def __init__(self, weights):
         super().__init__()
-        self.ptrs, self.count = {w.data_ptr() for w in weights}, 0
+        self.ptrs, self.count, self.foreach, self.to_float = {w.data_ptr() for w in weights}, 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
                 and args[0].data_ptr() in self.ptrs:
             self.count += 1
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.float32 \
+                and args[0].dtype == torch.bfloat16:
+            self.to_float += 1
+        if func is torch.ops.aten._foreach_copy_.default and args[1][0].data_ptr() in self.ptrs:
+            self.foreach += 1
         return func(*args, **kwargs)
 
 
@@ -157,31 +164,45 @@ class _WeightCasts(TorchDispatchMode):
 def test_an_iteration_casts_each_student_weight_once_with_the_gradients_of_a_cast_per_forward(arch, recipe,
                                                                                             monkeypatch):
     """Under bf16 autocast the iteration's 3 student forwards (source, ClassMix, MIC) share one cast
-    of each weight: the losses and the gradients equal, to the bit, those of the plain form where
-    each forward is an autocast region of its own and casts every weight again (3 casts each)."""
+    of each weight, made by one multi-tensor copy into the GradShadow's leaves, whose gradients
+    reach the float32 ones without a cast per backward pass. The losses and the gradients equal,
+    to the bit, those of the plain form, where each forward is an autocast region of its own and
+    casts every weight again (3 casts each, and 3 casts of each weight's gradient), and those of
+    the cast-once region alone (1 cast, still 3 of the gradient)."""
     torch.set_num_threads(1)
     src, tgt = SyntheticDataset("game", "train", 6, size=(64, 64)), SyntheticDataset("night", "train", 6, size=(64, 64))
     r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
                    rcs_min_pixels=20)
     runs = {}
-    for once in (True, False):
+    for form in ("shadow", "region", "plain"):
         tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, progress=False,
                                  amp="bf16", arch_options={"dropout": 0.0}), log=lambda s: None)
-        if not once:
+        assert tr.grad_shadow is not None
+        shadowed = len(tr.grad_shadow.slots)
+        if form != "shadow":
+            tr.grad_shadow = None
+        if form == "plain":
             monkeypatch.setattr(tr, "cast_once", contextlib.nullcontext)
-        weights = [p for n, p in tr.model.named_parameters() if p.dim() > 1]   # conv and linear weights
+        cast = [p for m in tr.model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                for p in m.parameters()]   # what autocast casts: conv and linear weights and biases
         tr.step(0)
         tr.update(0)
-        with _WeightCasts(weights) as casts:
+        with _WeightCasts(cast) as casts:
             state = tr.step(1)
-        runs[once] = (state["losses"], [p.grad.clone() for p in tr.model.parameters()], casts.count, len(weights))
-    (losses, grads, count, n), (plain_losses, plain_grads, plain_count, _) = runs[True], runs[False]
+        assert all(p.dtype == torch.float32 for p in tr.model.parameters())   # the parameters are back
+        runs[form] = state["losses"], [p.grad.clone() for p in tr.model.parameters()], casts
+    n = len(cast)
+    assert shadowed == n
+    shadow, region, plain = (runs[f][2] for f in ("shadow", "region", "plain"))
+    assert (shadow.count, shadow.foreach, region.count, region.foreach, plain.count) == (0, 1, n, 0, 3 * n)
+    assert region.to_float - shadow.to_float == 3 * n and plain.to_float == region.to_float
+    losses, grads, _ = runs["shadow"]
     assert set(losses) == {"source", "fd", "pseudo", "mic"}
-    assert count == n and plain_count == 3 * n, (count, plain_count, n)
-    for k in losses:
-        assert torch.equal(losses[k], plain_losses[k]), k
-    for g, h in zip(grads, plain_grads):
-        assert torch.equal(g, h)
+    for form in ("region", "plain"):
+        for k in losses:
+            assert torch.equal(losses[k], runs[form][0][k]), (form, k)
+        for g, h in zip(grads, runs[form][1], strict=True):
+            assert torch.equal(g, h), form
 
 
 def test_bf16_evaluation_casts_each_weight_once_and_predicts_what_a_cast_per_forward_predicts(monkeypatch):

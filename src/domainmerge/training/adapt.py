@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -48,13 +48,14 @@ from domainmerge.runtime import distributed
 from domainmerge.runtime.precision import AMP_DTYPES, autocast, cast_once
 from domainmerge.tensors import normalize
 from domainmerge.training.augment import SHARED, classmix_masks, drop_path_noise, mix, sample_generator, strong_augment
-from domainmerge.training.ema import CastShadow, ema_update, frozen_copy
+from domainmerge.training.ema import ema_update, frozen_copy
 from domainmerge.training.hrda import crop_to, detail_box, hrda_loss, train_forward
 from domainmerge.training.mic import block_masks, mask_image
 from domainmerge.training.recipe import Recipe
 from domainmerge.training.runfolder import LATEST, RunFolder
 from domainmerge.training.schedule import build_optimizer, set_lr
 from domainmerge.training.selftrain import feature_distance, pseudo_labels, pseudo_weight, resized_logits, weighted_ce
+from domainmerge.training.shadows import CastShadow, GradShadow
 
 LOSSES = ("source", "fd", "pseudo", "mic")
 
@@ -471,6 +472,9 @@ class Trainer:
         imnet_shadow = CastShadow(self.imnet, low) if low is not None and self.imnet is not None else None
         self.teacher_fwd = self.teacher_shadow.module if self.teacher_shadow is not None else self.teacher
         self.imnet_fwd = imnet_shadow.module if imnet_shadow is not None else self.imnet
+        # the student's casts as leaves of their own (eager, one process: see GradShadow)
+        eager_alone = self.compile is None and not (self.dist_on and self.world > 1)
+        self.grad_shadow = GradShadow(model, low) if low is not None and eager_alone else None
         if self.compile is not None:
             # CUDA graphs for the student only: the teacher and the ImageNet copy chain compiled
             # parts without a backward pass (backbone, then head), where a new graph step would
@@ -540,13 +544,21 @@ class Trainer:
         with self.cast_once():
             return self._step(it)
 
-    def cast_once(self) -> contextlib.AbstractContextManager[Any]:
-        """The iteration's region of :func:`~domainmerge.runtime.precision.cast_once`: its 2-3
-        student forwards share autocast's cast of each weight (the weights change only in
-        :meth:`update`, outside it). Not with ``one_pass``: its one forward casts each backbone
-        weight once anyway, and the heads, run per view, would sum their views' gradients of a
-        shared cast in bf16 before the backward turns it into float32."""
-        return contextlib.nullcontext() if self.config.one_pass else cast_once(self.device, self.amp)
+    @contextlib.contextmanager
+    def cast_once(self) -> Iterator[None]:
+        """The iteration's casts of the student's weights under autocast, made once: the
+        region of :func:`~domainmerge.runtime.precision.cast_once`, in which its 2-3 forwards
+        share autocast's cast of each weight (not needed with ``one_pass``, whose one forward
+        casts each weight once), and, for an eager single-process student, its
+        :class:`~domainmerge.training.shadows.GradShadow` (the casts as one multi-tensor copy,
+        the gradients back to float32 in one kernel per weight and pass). The weights change
+        only in :meth:`update`, outside it. The same numbers as a cast per forward, to the bit."""
+        with contextlib.ExitStack() as stack:
+            if not self.config.one_pass:
+                stack.enter_context(cast_once(self.device, self.amp))
+            if self.grad_shadow is not None:
+                stack.enter_context(self.grad_shadow.swapped())
+            yield
 
     def _step(self, it: int) -> dict[str, Any]:
         r, dev, seed = self.recipe, self.device, self.config.seed
