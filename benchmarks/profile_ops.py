@@ -6,7 +6,10 @@ iteration less ``Trainer.update``, whose AdamW and EMA are a few multi-tensor ke
 Runs on the CPU (or any device) at a small crop: the operator count of an iteration does not
 depend on the crop size, so a CPU run at ``--crop-scale 0.0625`` shows where the ~10,000 kernel
 launches per iteration of a GPU run come from. ``bf16`` configurations run under CPU autocast,
-whose casts (``aten::_to_copy``) are counted as on CUDA.
+whose casts (``aten::_to_copy``) are counted as on CUDA. Each count also comes as a CUDA model
+(:func:`cuda_model`): without the casts a CPU kernel makes of an input of another dtype, which
+CUDA's element-wise kernels do as they read, and with a multi-tensor operator as one launch per
+64 tensors instead of the CPU's loop over them.
 
     python benchmarks/profile_ops.py --configs daformer_mitb5:bf16 hrda_mitb5:bf16:mic \
         [--crop-scale 0.0625] [--top 25] [--json OUT.json]
@@ -55,6 +58,40 @@ def kernel_ops(prof: Any) -> list[Any]:
     return out
 
 
+# element-wise operators whose CPU kernels first cast an input of another dtype to a temporary
+# (aten::to inside the operator); CUDA's kernels convert while they read (dynamic casting)
+CASTS_IN_KERNEL_ON_CUDA = re.compile(r"aten::(add|sub|mul|div|where|eq|ne|gt|ge|lt|le|maximum|minimum|"
+                                     r"addcmul|addcdiv|lerp)_?$")
+FOREACH_TENSORS_PER_LAUNCH = 64   # multi_tensor_apply's list chunk for two tensor lists (CUDA)
+
+
+def _ancestor(e: Any, depth: int) -> Any:
+    for _ in range(depth):
+        e = e.cpu_parent if e is not None else None
+    return e
+
+
+def cuda_model(ops: list[Any]) -> int:
+    """The CPU count turned into an estimate of CUDA's kernel launches: a CPU kernel's cast of an
+    input of another dtype (``copy_ < _to_copy < to < add_``) is no kernel on CUDA, and a
+    multi-tensor (``_foreach_``) operator, a loop of per-tensor operators on the CPU, launches one
+    kernel per ``FOREACH_TENSORS_PER_LAUNCH`` tensors on CUDA."""
+    n, foreach = 0, collections.Counter()
+    for e in ops:
+        up = e
+        while up is not None and not up.name.startswith("aten::_foreach_"):
+            up = up.cpu_parent
+        if up is not None:
+            foreach[id(up)] += 1
+            continue
+        op = _ancestor(e, 3)
+        if e.name == "aten::copy_" and _ancestor(e, 2) is not None and _ancestor(e, 2).name == "aten::to" \
+                and op is not None and CASTS_IN_KERNEL_ON_CUDA.match(op.name):
+            continue
+        n += 1
+    return n + sum(-(-k // FOREACH_TENSORS_PER_LAUNCH) for k in foreach.values())
+
+
 def where(e: Any) -> str:
     """The innermost domainmerge function of an event's stack (the profiler's Python frames name
     functions, not lines); the operators of a backward pass are
@@ -92,7 +129,8 @@ def profile_config(spec: str, crop_scale: float, batch: int, threads: int | None
     by_name = collections.Counter(e.name for e in ops)
     if tmp is not None:
         tmp.cleanup()
-    return {"config": spec, "crop_scale": crop_scale, "kernel_ops": len(ops), "by_line": by_line.most_common(),
+    return {"config": spec, "crop_scale": crop_scale, "kernel_ops": len(ops), "cuda_model": cuda_model(ops),
+            "by_line": by_line.most_common(),
             "by_name": by_name.most_common()}
 
 
@@ -109,7 +147,8 @@ def main() -> None:
     for spec in args.configs:
         r = profile_config(spec, args.crop_scale, args.batch_size, args.threads)
         results.append(r)
-        print(f"\n## {spec}: {r['kernel_ops']} kernel-launching operators per iteration (torch {torch.__version__})")
+        print(f"\n## {spec}: {r['kernel_ops']} kernel-launching operators per iteration (torch {torch.__version__}); "
+              f"CUDA model: {r['cuda_model']}")
         print("\n| source line | ops |\n|:--|--:|")
         for line, n in r["by_line"][:args.top]:
             print(f"| {line} | {n} |")

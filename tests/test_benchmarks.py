@@ -2,6 +2,7 @@
 an API change can break them silently: bench_train failed on CUDA that way). Figures are not
 checked, only that a configuration runs end to end and reports sane values."""
 
+import collections
 import importlib.util
 import math
 from pathlib import Path
@@ -61,3 +62,25 @@ def test_profile_ops_counts_the_kernel_launching_operators_per_function() -> Non
     # (x.float() - mean) / std: a cast, a subtraction, a division; views and allocations launch nothing
     assert sorted(e.name for e in ops) == ["aten::copy_", "aten::div", "aten::sub"]
     assert {ops_module.where(e).split()[-1] for e in ops} == {"normalize"}
+
+
+def test_profile_ops_cuda_model_drops_the_cpus_input_casts_and_groups_multi_tensor_operators() -> None:
+    """A float32 += bf16 add is two CPU operators (the CPU kernel casts its bf16 input to a float32
+    temporary first) but one CUDA kernel; a multi-tensor copy of 130 tensors is 130 CPU copies but
+    ceil(130 / 64) = 3 launches of CUDA's multi_tensor_apply. An autocast cast stays a kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ops_module = _load("profile_ops")
+    acc, g = torch.zeros(8), torch.ones(8, dtype=torch.bfloat16)
+    highs = [torch.randn(3) for _ in range(130)]
+    lows = [h.to(torch.bfloat16) for h in highs]
+    w = torch.randn(4, 8, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        acc.add_(g)
+        torch._foreach_copy_(lows, highs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.linear(torch.randn(2, 8), w)   # casts the input and the weight, then mm
+    ops = ops_module.kernel_ops(prof)
+    names = collections.Counter(e.name for e in ops)
+    assert names["aten::add_"] == 1 and names["aten::copy_"] == 1 + 130 + 2, names
+    assert ops_module.cuda_model(ops) == len(ops) - 1 - 130 + 3

@@ -205,6 +205,31 @@ def test_an_iteration_casts_each_student_weight_once_with_the_gradients_of_a_cas
             assert torch.equal(g, h), form
 
 
+@pytest.mark.parametrize("arch,recipe,size", [("tiny_hrda_mit", "hrda", (64, 128)),
+                                              ("tiny_daformer_r", "daformer", (64, 64))])
+def test_one_pass_with_the_grad_shadow_gives_autocasts_gradients_to_the_bit(arch, recipe, size):
+    """``one_pass`` under bf16: one forward, in which the heads run per view (and HRDA's on the
+    context and the detail features) on the same cast of each weight. Through the GradShadow's
+    leaves the losses and the float32 gradients are autocast's own, to the bit."""
+    torch.set_num_threads(1)
+    src, tgt = SyntheticDataset("game", "train", 6, size=size), SyntheticDataset("night", "train", 6, size=size)
+    r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
+                   rcs_min_pixels=20, pseudo_threshold=0.0, pseudo_margins=None)
+    runs = []
+    for shadow in (True, False):
+        tr = Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, progress=False,
+                                 amp="bf16", one_pass=True), log=lambda s: None)
+        assert tr.grad_shadow is not None
+        if not shadow:
+            tr.grad_shadow = None
+        state = tr.step(0)
+        runs.append((state["losses"], {n: p.grad for n, p in tr.model.named_parameters()}))
+    (losses, grads), (plain_losses, plain_grads) = runs
+    assert float(losses["mic"]) > 0
+    assert all(torch.equal(v, plain_losses[k]) for k, v in losses.items())
+    assert grads.keys() == plain_grads.keys() and all(torch.equal(g, plain_grads[n]) for n, g in grads.items())
+
+
 def test_bf16_evaluation_casts_each_weight_once_and_predicts_what_a_cast_per_forward_predicts(monkeypatch):
     """evaluate_model under bf16 (HRDA slide windows, one image per forward): the weights are cast
     for the first forward only, and every predicted label map equals, to the pixel, the plain
