@@ -5,6 +5,7 @@
 # Steps, in order of value (each under its own timeout, cut to the time left; a step that would
 # get under 25 s is skipped and says so):
 #   1. tests/test_hot_path.py tests/test_compile.py -k cuda: no host sync inside an iteration, CUDA equals CPU, compiled equals eager  (<= 120 s)
+#   1b. bench_grad_shadow: host time of the weight casts, cached against GradShadow (<= 30 s)
 #   2. bench_train daformer_mitb5:bf16 and hrda_mitb5:bf16:mic, each also with :onepass (the
 #      student's views in one forward and backward)                                     (<= 50, 70 s each)
 #   3. bench_train daformer_mitb5:bf16:onepass:blocks (compiled block by block: the shorter
@@ -70,6 +71,11 @@ step "1. CUDA iteration without host syncs, CUDA against CPU (tests/test_hot_pat
 t=$(allow 120)
 timeout "$t" $PY -m pytest -q -p no:cacheprovider tests/test_hot_path.py tests/test_compile.py -k cuda -rs --tb=short \
     || echo "STEP 1 FAILED (rc $?)"
+
+step "1b. the student's weight casts: cached casts against GradShadow (bench_grad_shadow.py)"
+t=$(allow 30)
+[ "$t" != 0 ] && { timeout "$t" $PY benchmarks/bench_grad_shadow.py --device "$DEVICE" --iters 20 \
+    || echo "STEP 1b FAILED (rc $?)"; }
 
 step "2. eager bf16 (host syncs and kernels per iteration after the fixes)"
 for spec in $EAGER; do

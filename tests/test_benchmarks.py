@@ -84,3 +84,16 @@ def test_profile_ops_cuda_model_drops_the_cpus_input_casts_and_groups_multi_tens
     names = collections.Counter(e.name for e in ops)
     assert names["aten::add_"] == 1 and names["aten::copy_"] == 1 + 130 + 2, names
     assert ops_module.cuda_model(ops) == len(ops) - 1 - 130 + 3
+
+
+def test_bench_grad_shadow_runs_both_forms_to_the_same_gradients() -> None:
+    from domainmerge.training.shadows import GradShadow
+
+    bench = _load("bench_grad_shadow")
+    net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    x = torch.randn(2, 8)
+    grads = []
+    for shadow in (None, GradShadow(net, torch.bfloat16)):
+        bench.iteration(net, x, shadow, passes=3)
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True)) and len(grads[0]) == 8

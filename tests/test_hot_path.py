@@ -146,6 +146,7 @@ class _WeightCasts(TorchDispatchMode):
     def __init__(self, weights):
         super().__init__()
         self.ptrs, self.count, self.foreach, self.to_float = {w.data_ptr() for w in weights}, 0, 0, 0
+        self.multi: dict[str, int] = {}   # every multi-tensor operator
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -157,6 +158,8 @@ class _WeightCasts(TorchDispatchMode):
             self.to_float += 1
         if func is torch.ops.aten._foreach_copy_.default and args[1][0].data_ptr() in self.ptrs:
             self.foreach += 1
+        if func.__name__.startswith("_foreach_"):
+            self.multi[func.__name__] = self.multi.get(func.__name__, 0) + 1
         return func(*args, **kwargs)
 
 
@@ -165,10 +168,11 @@ def test_an_iteration_casts_each_student_weight_once_with_the_gradients_of_a_cas
                                                                                             monkeypatch):
     """Under bf16 autocast the iteration's 3 student forwards (source, ClassMix, MIC) share one cast
     of each weight, made by one multi-tensor copy into the GradShadow's leaves, whose gradients
-    reach the float32 ones without a cast per backward pass. The losses and the gradients equal,
-    to the bit, those of the plain form, where each forward is an autocast region of its own and
-    casts every weight again (3 casts each, and 3 casts of each weight's gradient), and those of
-    the cast-once region alone (1 cast, still 3 of the gradient)."""
+    reach the float32 ones by multi-tensor operators, not a cast per weight and backward pass.
+    The losses and the gradients equal, to the bit, those of the plain form, where each forward
+    is an autocast region of its own and casts every weight again (3 casts each, and 3 casts of
+    each weight's gradient), and those of the cast-once region alone (1 cast, still 3 of the
+    gradient)."""
     torch.set_num_threads(1)
     src, tgt = SyntheticDataset("game", "train", 6, size=(64, 64)), SyntheticDataset("night", "train", 6, size=(64, 64))
     r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
@@ -196,6 +200,10 @@ def test_an_iteration_casts_each_student_weight_once_with_the_gradients_of_a_cas
     shadow, region, plain = (runs[f][2] for f in ("shadow", "region", "plain"))
     assert (shadow.count, shadow.foreach, region.count, region.foreach, plain.count) == (0, 1, n, 0, 3 * n)
     assert region.to_float - shadow.to_float == 3 * n and plain.to_float == region.to_float
+    # the casts, then per backward pass a copy of the gradients (a copy into scratch and an add
+    # from the second pass on): each a multi-tensor operator over all the weights
+    assert shadow.multi == {"_foreach_copy_.default": 1 + 3, "_foreach_add_.List": 2}, shadow.multi
+    assert region.multi == plain.multi == {}
     losses, grads, _ = runs["shadow"]
     assert set(losses) == {"source", "fd", "pseudo", "mic"}
     for form in ("region", "plain"):

@@ -629,6 +629,8 @@ class Trainer:
                     total = loss if total is None else total + loss
                 assert total is not None
                 self.scaler.scale(total).backward()
+                if self.grad_shadow is not None:
+                    self.grad_shadow.collect()
         return {"losses": losses, "pseudo_weight": share, "lr": lr}
 
     def _feature_distance(self, xs: Tensor, ys: Tensor, feats: list[Tensor]) -> Tensor:

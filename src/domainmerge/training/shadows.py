@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from functools import partial
 
 import torch
 from torch import nn
@@ -56,33 +55,22 @@ class CastShadow:
             torch._foreach_copy_(self.casts, [p.detach() for p in self.sources])
 
 
-def _accumulate(master: torch.Tensor, low: torch.Tensor) -> None:
-    """Adds the gradient a backward pass left on ``low`` to ``master.grad`` in float32 and clears
-    it: what autograd does with the gradient of autocast's cast (a cast to float32, then an add),
-    with the cast done by the add (a float32 sum with exactly converted bf16/fp16 values)."""
-    g = low.grad
-    assert g is not None
-    low.grad = None
-    if master.grad is None:   # in the parameter's own layout, as autograd keeps a first gradient
-        master.grad = torch.empty_like(master).copy_(g)
-    else:
-        master.grad.add_(g)
-
-
 class GradShadow:
     """Low-precision leaves standing in for the student's convolution and linear weights and
-    biases during an iteration (:meth:`swapped`), their gradients accumulated into the float32
-    parameters by a hook after each backward pass.
+    biases during an iteration (:meth:`swapped`); after each backward pass :meth:`collect` moves
+    the gradients they received into the float32 parameters' ``.grad``.
 
-    Under autocast with the iteration's forwards in one :func:`~domainmerge.runtime.precision.cast_once`
-    region, each such weight costs a cast in the first forward, then per backward pass a cast of
-    its gradient to float32 and (from the second pass) an add into ``.grad``: 4 kernels per
-    weight for DAFormer's 2 passes, 6 for MIC's 3. Here the casts of all weights are one
-    multi-tensor copy per iteration and each pass costs one kernel per weight (a copy into a new
-    float32 ``.grad``, then adds of the bf16 gradient). The numbers are the same to the bit: the
-    leaves hold autocast's casts, a pass sums the uses of a leaf in its dtype as it sums the uses
-    of a cached cast, and float32 ``.grad`` receives the same exactly converted values in the same
-    order.
+    With autocast's cast cached for the iteration (:func:`~domainmerge.runtime.precision.cast_once`),
+    each such weight costs a cast in the first forward, then per backward pass a cast of its
+    gradient to float32 and, from the second pass, an add into ``.grad``: per weight 4 kernels
+    for DAFormer's 2 passes, 6 for MIC's 3 (MiT-B5 with its head has about 724 such tensors).
+    Here the iteration's casts are one multi-tensor copy, and a pass's gradients reach ``.grad``
+    by one multi-tensor copy (first pass) or a copy into float32 scratch and a multi-tensor add
+    (later passes): on CUDA a few launches per pass instead of one or two per weight. The
+    numbers are the same to the bit: the leaves hold autocast's casts, a pass sums the uses of a
+    leaf in its dtype as it sums the uses of a cached cast, and ``.grad`` receives the same
+    exactly converted values in the same order. The scratch costs one float32 copy of the
+    weights (340 MB for MiT-B5) when an iteration has several backward passes.
 
     Not for DistributedDataParallel (its reducer waits for gradients of the parameters it was
     given) nor compiled modules (their guards hold the parameters): the trainer uses it for an
@@ -95,17 +83,18 @@ class GradShadow:
             if not isinstance(m, CAST_MODULES):
                 continue
             for name, p in m._parameters.items():
-                if p is None or not p.requires_grad:
-                    continue
-                low = nn.Parameter(p.detach().to(dtype))   # the parameter's strides (preserve_format)
-                low.register_post_accumulate_grad_hook(partial(_accumulate, p))
-                self.slots.append((m, name, p, low))
+                if p is not None and p.requires_grad:   # the leaf in the parameter's strides
+                    self.slots.append((m, name, p, nn.Parameter(p.detach().to(dtype))))
+        # float32 gradient buffers, made once: .grad of the first pass, the later passes' scratch
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.scratch: dict[int, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """The modules hold the leaves, cast afresh from the parameters (one multi-tensor copy),
         until the block ends; then the parameters again (the optimiser, the EMA and the
-        checkpoints only see those). The parameters must not change inside the block."""
+        checkpoints only see those). The parameters must not change inside the block. A pass's
+        gradients not yet collected are collected when the block ends without an error."""
         if not self.slots:
             yield
             return
@@ -115,7 +104,36 @@ class GradShadow:
             m._parameters[name] = low
         try:
             yield
+            self.collect()
         finally:
             for m, name, p, low in self.slots:
                 m._parameters[name] = p
-                low.grad = None   # a pass interrupted before its hook ran
+                low.grad = None
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        """Adds the gradients the last backward pass left on the leaves to the parameters'
+        float32 ``.grad`` (a parameter without one gets it) and clears the leaves'."""
+        first: list[tuple[torch.Tensor, torch.Tensor]] = []
+        later: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for _, _, p, low in self.slots:
+            g = low.grad
+            if g is None:
+                continue
+            low.grad = None
+            if p.grad is None:
+                buf = self.buffers.get(id(p))
+                if buf is None:
+                    buf = self.buffers[id(p)] = torch.empty_like(p)
+                p.grad = buf
+                first.append((buf, g))
+            else:
+                scratch = self.scratch.get(id(p))
+                if scratch is None:
+                    scratch = self.scratch[id(p)] = torch.empty_like(p)
+                later.append((p.grad, scratch, g))
+        if first:
+            torch._foreach_copy_([b for b, _ in first], [g for _, g in first])
+        if later:   # bf16 -> float32 scratch, then a float32 add (a multi-tensor add takes one dtype)
+            torch._foreach_copy_([s for _, s, _ in later], [g for _, _, g in later])
+            torch._foreach_add_([d for d, _, _ in later], [s for _, s, _ in later])
