@@ -30,13 +30,15 @@ WHOLE = CropConfig(None, None)
 adapt_module = importlib.import_module("domainmerge.training.adapt")
 
 
-def _trainer(arch: str, recipe: str, compile: bool | str, device: str = "cpu", blocks: bool = False) -> Trainer:
+def _trainer(arch: str, recipe: str, compile: bool | str, device: str = "cpu", blocks: bool = False,
+             amp: str | None = None) -> Trainer:
     src = SyntheticDataset("game", "train", 6, size=(64, 64))
     tgt = SyntheticDataset("night", "train", 6, size=(64, 64))
     r = get_recipe(recipe, mic=True, iters=4, batch_size=2, warmup_iters=2, ignore_top=2, ignore_bottom=4,
                    rcs_min_pixels=20)
     return Trainer(AdaptConfig(src, tgt, arch=arch, recipe=r, source_crop=WHOLE, target_crop=WHOLE, device=device,
-                               progress=False, compile=compile, compile_blocks=blocks, arch_options={"dropout": 0.0}),
+                               progress=False, compile=compile, compile_blocks=blocks, amp=amp,
+                               arch_options={"dropout": 0.0}),
                    log=lambda s: None)
 
 
@@ -143,6 +145,35 @@ def test_reduce_overhead_keeps_gradients_in_fixed_buffers_and_validates_eagerly(
                        stride=(16, 16), progress=False)
     assert _graphs() == graphs, "validation compiled graphs of its own"
     tr.model.train()
+
+
+@pytest.mark.parametrize("arch,recipe,mode,blocks", [("tiny_daformer_mit", "daformer", "default", True),
+                                                     ("tiny_hrda_r", "hrda", "reduce-overhead", False)])
+def test_bf16_compiled_parts_run_on_the_grad_shadows_leaves_and_equal_eager(arch, recipe, mode, blocks, monkeypatch):
+    """Under bf16 the compiled student runs on the GradShadow's bf16 leaves (the casts leave its
+    graphs): traced once for them (the leaves are the same tensors every iteration), no graph
+    break beyond the stochastic-depth draw, the eager iteration's losses, and with
+    reduce-overhead the 3 passes' gradients still land in the fixed float32 buffers."""
+    monkeypatch.setattr(adapt_module, "COMPILE_BACKEND", "aot_eager")
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = _run(_trainer(arch, recipe, False, amp="bf16"), range(3))
+    tr = _trainer(arch, recipe, mode, blocks=blocks, amp="bf16")
+    assert tr.grad_shadow is not None
+    buffers = {name: p.grad for name, p in tr.model.named_parameters()}
+    first: list[int] = []
+    compiled = _run(tr, range(3), after_first=lambda: first.append(_graphs()))
+    assert first[0] > 0 and _graphs() == first[0], "a later iteration compiled again"
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert all("_path_divisors" in reason for reason in breaks), list(breaks)
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    if mode == "reduce-overhead":
+        assert all(p.grad is buffers[name] for name, p in tr.model.named_parameters())
+    for a, b in zip(eager, compiled, strict=True):
+        for k in a:
+            if k.startswith("loss_") or k == "pseudo_weight":
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["iter"], k)
 
 
 def test_an_unknown_compile_mode_is_one_line_before_any_work(tmp_path, capsys):

@@ -472,9 +472,9 @@ class Trainer:
         imnet_shadow = CastShadow(self.imnet, low) if low is not None and self.imnet is not None else None
         self.teacher_fwd = self.teacher_shadow.module if self.teacher_shadow is not None else self.teacher
         self.imnet_fwd = imnet_shadow.module if imnet_shadow is not None else self.imnet
-        # the student's casts as leaves of their own (eager, one process: see GradShadow)
-        eager_alone = self.compile is None and not (self.dist_on and self.world > 1)
-        self.grad_shadow = GradShadow(model, low) if low is not None and eager_alone else None
+        # the student's casts as leaves of their own (one process: see GradShadow)
+        alone = not (self.dist_on and self.world > 1)
+        self.grad_shadow = GradShadow(model, low) if low is not None and alone else None
         if self.compile is not None:
             # CUDA graphs for the student only: the teacher and the ImageNet copy chain compiled
             # parts without a backward pass (backbone, then head), where a new graph step would
@@ -549,7 +549,7 @@ class Trainer:
         """The iteration's casts of the student's weights under autocast, made once: the
         region of :func:`~domainmerge.runtime.precision.cast_once`, in which its 2-3 forwards
         share autocast's cast of each weight (not needed with ``one_pass``, whose one forward
-        casts each weight once), and, for an eager single-process student, its
+        casts each weight once), and, for a single-process student (eager or compiled), its
         :class:`~domainmerge.training.shadows.GradShadow` (the casts as one multi-tensor copy,
         the gradients back to float32 in one kernel per weight and pass). The weights change
         only in :meth:`update`, outside it. The same numbers as a cast per forward, to the bit."""

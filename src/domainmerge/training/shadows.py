@@ -72,9 +72,11 @@ class GradShadow:
     exactly converted values in the same order. The scratch costs one float32 copy of the
     weights (340 MB for MiT-B5) when an iteration has several backward passes.
 
+    Compiled parts (``torch.compile``) trace the leaves once, as the same tensors every
+    iteration, and lose their casts: a compiled graph has no cast cache, so without the shadow
+    each compiled forward casts every weight again and its backward casts every gradient.
     Not for DistributedDataParallel (its reducer waits for gradients of the parameters it was
-    given) nor compiled modules (their guards hold the parameters): the trainer uses it for an
-    eager single-process student under autocast.
+    given): the trainer uses it for a single-process student under autocast.
     """
 
     def __init__(self, net: nn.Module, dtype: torch.dtype) -> None:
