@@ -479,8 +479,9 @@ def main() -> None:
         return
     for spec in args.configs:
         parse_config(spec)
-    if args.warmup < 1:
-        parser.error("--warmup must be at least 1")
+    for flag in ("warmup", "iters", "profile_iters"):   # each is a divisor or the first-iteration time
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     results: list[dict[str, Any]] = []

@@ -238,6 +238,36 @@ def test_one_pass_with_the_grad_shadow_gives_autocasts_gradients_to_the_bit(arch
     assert grads.keys() == plain_grads.keys() and all(torch.equal(g, plain_grads[n]) for n, g in grads.items())
 
 
+def test_grad_shadow_in_small_scratch_chunks_keeps_the_gradients_and_their_layout(monkeypatch):
+    """3 backward passes through a channels-last convolution and linear layers, the scratch cut to
+    50 elements (a chunk per tensor or two): the float32 gradients equal those of autocast's
+    cached casts to the bit, in the parameters' own strides."""
+    from domainmerge.runtime.precision import cast_once
+    from domainmerge.training import shadows
+
+    monkeypatch.setattr(shadows, "SCRATCH_ELEMENTS", 50)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 6),
+                              torch.nn.GELU(), torch.nn.Linear(6, 6))
+    net[0].to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6)
+    runs = []
+    for shadow in (shadows.GradShadow(net, torch.bfloat16), None):
+        for p in net.parameters():
+            p.grad = None
+        with shadow.swapped() if shadow is not None else cast_once(torch.device("cpu"), "bf16"):
+            for k in range(3):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = net(x * (k + 1))
+                y.float().square().sum().backward()
+                if shadow is not None:
+                    shadow.collect()
+        runs.append([p.grad.clone(memory_format=torch.preserve_format) for p in net.parameters()])
+    assert all(p.grad.stride() == p.stride() for p in net.parameters())
+    assert net[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 def test_bf16_evaluation_casts_each_weight_once_and_predicts_what_a_cast_per_forward_predicts(monkeypatch):
     """evaluate_model under bf16 (HRDA slide windows, one image per forward): the weights are cast
     for the first forward only, and every predicted label map equals, to the pixel, the plain

@@ -14,6 +14,7 @@ from torch import nn
 
 # the modules whose weights and biases autocast casts (norms run in float32 under autocast)
 CAST_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
+SCRATCH_ELEMENTS = 1 << 24   # float32 scratch of GradShadow (64 MB), reused chunk by chunk
 
 
 class CastShadow:
@@ -69,8 +70,8 @@ class GradShadow:
     (later passes): on CUDA a few launches per pass instead of one or two per weight. The
     numbers are the same to the bit: the leaves hold autocast's casts, a pass sums the uses of a
     leaf in its dtype as it sums the uses of a cached cast, and ``.grad`` receives the same
-    exactly converted values in the same order. The scratch costs one float32 copy of the
-    weights (340 MB for MiT-B5) when an iteration has several backward passes.
+    exactly converted values in the same order. The scratch is one float32 buffer of
+    ``SCRATCH_ELEMENTS`` (64 MB), reused chunk by chunk.
 
     Compiled parts (``torch.compile``) trace the leaves once, as the same tensors every
     iteration, and lose their casts: a compiled graph has no cast cache, so without the shadow
@@ -87,9 +88,8 @@ class GradShadow:
             for name, p in m._parameters.items():
                 if p is not None and p.requires_grad:   # the leaf in the parameter's strides
                     self.slots.append((m, name, p, nn.Parameter(p.detach().to(dtype))))
-        # float32 gradient buffers, made once: .grad of the first pass, the later passes' scratch
-        self.buffers: dict[int, torch.Tensor] = {}
-        self.scratch: dict[int, torch.Tensor] = {}
+        self.buffers: dict[int, torch.Tensor] = {}   # float32 .grad of the first pass, made once
+        self.scratch: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
@@ -117,7 +117,7 @@ class GradShadow:
         """Adds the gradients the last backward pass left on the leaves to the parameters'
         float32 ``.grad`` (a parameter without one gets it) and clears the leaves'."""
         first: list[tuple[torch.Tensor, torch.Tensor]] = []
-        later: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        later: list[tuple[torch.Tensor, torch.Tensor]] = []
         for _, _, p, low in self.slots:
             g = low.grad
             if g is None:
@@ -130,12 +130,32 @@ class GradShadow:
                 p.grad = buf
                 first.append((buf, g))
             else:
-                scratch = self.scratch.get(id(p))
-                if scratch is None:
-                    scratch = self.scratch[id(p)] = torch.empty_like(p)
-                later.append((p.grad, scratch, g))
+                later.append((p.grad, g))
         if first:
             torch._foreach_copy_([b for b, _ in first], [g for _, g in first])
-        if later:   # bf16 -> float32 scratch, then a float32 add (a multi-tensor add takes one dtype)
-            torch._foreach_copy_([s for _, s, _ in later], [g for _, _, g in later])
-            torch._foreach_add_([d for d, _, _ in later], [s for _, s, _ in later])
+        if later:
+            self._add(later)
+
+    def _add(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``dst += src`` for float32 ``dst`` and low-precision ``src`` of the same strides: a
+        multi-tensor add takes one dtype, so each chunk of ``src`` is first copied to float32 in
+        views of the scratch buffer laid out as ``dst`` (the views must share ``dst``'s strides
+        for the multi-tensor kernels)."""
+        size = max(SCRATCH_ELEMENTS, max(d.numel() for d, _ in pairs))
+        if self.scratch is None or self.scratch.numel() < size or self.scratch.device != pairs[0][0].device:
+            self.scratch = torch.empty(size, dtype=torch.float32, device=pairs[0][0].device)
+        chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        offset = 0
+        for d, g in pairs:
+            if offset + d.numel() > size:
+                _add_chunk(chunk)
+                chunk, offset = [], 0
+            chunk.append((d, self.scratch.as_strided(d.shape, d.stride(), offset), g))
+            offset += d.numel()
+        _add_chunk(chunk)
+
+
+def _add_chunk(chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """(dst, float32 scratch view, src): the copies to float32, then the float32 adds."""
+    torch._foreach_copy_([t for _, t, _ in chunk], [g for _, _, g in chunk])
+    torch._foreach_add_([d for d, _, _ in chunk], [t for _, t, _ in chunk])
