@@ -38,15 +38,15 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# the MiT with stochastic depth; with --one-pass too
-@pytest.mark.parametrize("arch,one_pass", [("tiny_daformer_r", False), ("tiny_daformer_mit", False),
-                                           ("tiny_daformer_mit", True)])
-def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, arch, one_pass):
+# the MiT with stochastic depth; with --one-pass too; under bf16 (the GradShadow's leaves)
+@pytest.mark.parametrize("arch,one_pass,amp", [("tiny_daformer_r", False, None), ("tiny_daformer_mit", False, None),
+                                               ("tiny_daformer_mit", True, None), ("tiny_daformer_mit", False, "bf16")])
+def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, arch, one_pass, amp):
     torch.set_num_threads(1)
-    adapt(_config(tmp_path / "a", arch=arch, one_pass=one_pass), log=lambda s: None)
-    first = adapt(_config(tmp_path / "b", arch=arch, stop_at=2, one_pass=one_pass), log=lambda s: None)
+    adapt(_config(tmp_path / "a", arch=arch, one_pass=one_pass, amp=amp), log=lambda s: None)
+    first = adapt(_config(tmp_path / "b", arch=arch, stop_at=2, one_pass=one_pass, amp=amp), log=lambda s: None)
     assert first.iterations == 2 and _load(tmp_path / "b" / "latest.pth")["meta"]["iter"] == 2
-    adapt(_config(tmp_path / "b", arch=arch, resume=True, one_pass=one_pass), log=lambda s: None)
+    adapt(_config(tmp_path / "b", arch=arch, resume=True, one_pass=one_pass, amp=amp), log=lambda s: None)
     a, b = _load(tmp_path / "a" / "latest.pth"), _load(tmp_path / "b" / "latest.pth")
     assert a["meta"]["iter"] == b["meta"]["iter"] == 4
     assert a["state_dict"].keys() == b["state_dict"].keys()
