@@ -71,3 +71,37 @@ def test_two_process_sync_equals_single_process(tmp_path: Path) -> None:
         assert abs(res["miou"] - iou.mean()) < 1e-9
         assert np.isnan(res["iou"][4])
     np.testing.assert_array_equal((results[0]["local"] + results[1]["local"]).numpy(), expected)
+
+
+def _grads(rank: int) -> list[torch.Tensor]:
+    """Rank-specific gradients: a channels-last conv weight, a matrix, a vector, one None."""
+    g = torch.Generator().manual_seed(rank)
+    conv = torch.randn(4, 3, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    return [conv, torch.randn(5, 7, generator=g), torch.randn(11, generator=g)]
+
+
+def grad_worker(rank: int, port: int, out_dir: str) -> None:
+    from domainmerge.runtime import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in _grads(rank)] + [torch.nn.Parameter(torch.zeros(2))]
+        for p, g in zip(params, _grads(rank)):
+            p.grad = g
+        distributed.average_gradients(params, bucket_bytes=150)   # a bucket per tensor or two
+        torch.save([p.grad for p in params], Path(out_dir) / f"grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_average_gradients_is_the_ranks_mean_in_every_layout(tmp_path: Path) -> None:
+    """What DDP's default reduction gives, by hand: (g0 / 2) + (g1 / 2), each gradient in its
+    own layout (channels-last stays channels-last), a parameter without a gradient left alone."""
+    mp.spawn(grad_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    expected = [a / WORLD + b / WORLD for a, b in zip(_grads(0), _grads(1))]
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"grads{r}.pt", weights_only=True)
+        assert got[-1] is None and len(got) == 4
+        for g, e in zip(got[:3], expected):
+            assert torch.equal(g, e)
+        assert got[0].is_contiguous(memory_format=torch.channels_last)

@@ -86,6 +86,32 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def average_gradients(params: list[torch.Tensor], bucket_bytes: int = 25 << 20) -> None:
+    """Each parameter's ``.grad`` replaced by its mean over the ranks, as DistributedDataParallel's
+    default reduction computes it (each rank's gradient divided by the world size, then summed),
+    in flat buckets of about ``bucket_bytes`` per dtype. For gradients DDP does not see (the
+    trainer's GradShadow hands them over outside autograd). Every rank must call it with the
+    same parameters in the same order."""
+    world = get_world_size()
+    if not is_dist() or world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        if not buckets or size + g.numel() * g.element_size() > bucket_bytes or buckets[-1][0].dtype != g.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += g.numel() * g.element_size()
+    for bucket in buckets:
+        flat = torch.cat([g.reshape(-1) for g in bucket])   # in each gradient's logical order
+        flat.div_(world)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        parts = torch.split(flat, [g.numel() for g in bucket])
+        torch._foreach_copy_(bucket, [t.view(g.shape) for t, g in zip(parts, bucket, strict=True)])
+
+
 def shard_indices(length: int, rank: int | None = None, world_size: int | None = None) -> range:
     """The dataset indices this rank evaluates: rank, rank + W, rank + 2W, ...
 

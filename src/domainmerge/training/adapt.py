@@ -472,9 +472,9 @@ class Trainer:
         imnet_shadow = CastShadow(self.imnet, low) if low is not None and self.imnet is not None else None
         self.teacher_fwd = self.teacher_shadow.module if self.teacher_shadow is not None else self.teacher
         self.imnet_fwd = imnet_shadow.module if imnet_shadow is not None else self.imnet
-        # the student's casts as leaves of their own (one process: see GradShadow)
-        alone = not (self.dist_on and self.world > 1)
-        self.grad_shadow = GradShadow(model, low) if low is not None and alone else None
+        # the student's casts as leaves of their own (see GradShadow; under DDP see _step)
+        self.grad_shadow = GradShadow(model, low) if low is not None else None
+        self.parameters = list(model.parameters())   # the float32 ones, also while the leaves stand in
         if self.compile is not None:
             # CUDA graphs for the student only: the teacher and the ImageNet copy chain compiled
             # parts without a backward pass (backbone, then head), where a new graph step would
@@ -549,7 +549,7 @@ class Trainer:
         """The iteration's casts of the student's weights under autocast, made once: the
         region of :func:`~domainmerge.runtime.precision.cast_once`, in which its 2-3 forwards
         share autocast's cast of each weight (not needed with ``one_pass``, whose one forward
-        casts each weight once), and, for a single-process student (eager or compiled), its
+        casts each weight once), and the student's
         :class:`~domainmerge.training.shadows.GradShadow` (the casts as one multi-tensor copy,
         the gradients back to float32 in one kernel per weight and pass). The weights change
         only in :meth:`update`, outside it. The same numbers as a cast per forward, to the bit."""
@@ -612,10 +612,14 @@ class Trainer:
         groups = [views] if self.config.one_pass else [[v] for v in views]
         # Under DDP the gradients are reduced once, at the last backward: the earlier ones
         # accumulate locally (no_sync), so the ranks exchange the views' sum once per iteration
-        # instead of once per view (the same average, summed in another order)
+        # instead of once per view (the same average, summed in another order). With the
+        # GradShadow, DDP never sees the cast weights' gradients (they reach .grad outside
+        # autograd): every backward runs under no_sync, and the gradients are averaged after the
+        # last one as DDP's default reduction averages them
         ddp = self.student if isinstance(self.student, nn.parallel.DistributedDataParallel) else None
+        local = ddp is not None and self.grad_shadow is not None
         for g, group in enumerate(groups):
-            with ddp.no_sync() if ddp is not None and g < len(groups) - 1 else contextlib.nullcontext():
+            with ddp.no_sync() if ddp is not None and (local or g < len(groups) - 1) else contextlib.nullcontext():
                 total: Tensor | None = None
                 for loss, feats in self._forward(group, it, slots):
                     name = next(names)
@@ -631,6 +635,8 @@ class Trainer:
                 self.scaler.scale(total).backward()
                 if self.grad_shadow is not None:
                     self.grad_shadow.collect()
+        if local:
+            distributed.average_gradients(self.parameters)
         return {"losses": losses, "pseudo_weight": share, "lr": lr}
 
     def _feature_distance(self, xs: Tensor, ys: Tensor, feats: list[Tensor]) -> Tensor:

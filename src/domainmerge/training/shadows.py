@@ -76,8 +76,9 @@ class GradShadow:
     Compiled parts (``torch.compile``) trace the leaves once, as the same tensors every
     iteration, and lose their casts: a compiled graph has no cast cache, so without the shadow
     each compiled forward casts every weight again and its backward casts every gradient.
-    Not for DistributedDataParallel (its reducer waits for gradients of the parameters it was
-    given): the trainer uses it for a single-process student under autocast.
+    DistributedDataParallel never sees these gradients (they reach ``.grad`` outside autograd):
+    the trainer runs every backward pass under ``no_sync`` and averages the gradients after the
+    last one (:func:`~domainmerge.runtime.distributed.average_gradients`).
     """
 
     def __init__(self, net: nn.Module, dtype: torch.dtype) -> None:
