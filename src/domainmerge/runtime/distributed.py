@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -86,7 +86,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def average_gradients(params: list[torch.Tensor], bucket_bytes: int = 25 << 20) -> None:
+def average_gradients(params: Sequence[torch.Tensor], bucket_bytes: int = 25 << 20) -> None:
     """Each parameter's ``.grad`` replaced by its mean over the ranks, as DistributedDataParallel's
     default reduction computes it (each rank's gradient divided by the world size, then summed),
     in flat buckets of about ``bucket_bytes`` per dtype. For gradients DDP does not see (the
