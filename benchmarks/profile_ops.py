@@ -8,8 +8,8 @@ depend on the crop size, so a CPU run at ``--crop-scale 0.0625`` shows where the
 launches per iteration of a GPU run come from. ``bf16`` configurations run under CPU autocast,
 whose casts (``aten::_to_copy``) are counted as on CUDA. Each count also comes as a CUDA model
 (:func:`cuda_model`): without the casts a CPU kernel makes of an input of another dtype, which
-CUDA's element-wise kernels do as they read, and with a multi-tensor operator as one launch per
-64 tensors instead of the CPU's loop over them.
+CUDA's element-wise kernels do as they read, with a multi-tensor operator as one launch per 64
+tensors instead of the CPU's loop over them, and without ``resize_`` and ``as_strided_``.
 
     python benchmarks/profile_ops.py --configs daformer_mitb5:bf16 hrda_mitb5:bf16:mic \
         [--crop-scale 0.0625] [--top 25] [--json OUT.json]
@@ -63,6 +63,9 @@ def kernel_ops(prof: Any) -> list[Any]:
 CASTS_IN_KERNEL_ON_CUDA = re.compile(r"aten::(add|sub|mul|div|where|eq|ne|gt|ge|lt|le|maximum|minimum|"
                                      r"addcmul|addcdiv|lerp)_?$")
 FOREACH_TENSORS_PER_LAUNCH = 64   # multi_tensor_apply's list chunk for two tensor lists (CUDA)
+# metadata and allocation operators that the CPU count has always included (its figures stay
+# comparable across sessions) but that launch no kernel on any device
+NO_KERNEL_ANYWHERE = ("aten::resize_", "aten::as_strided_")
 
 
 def _ancestor(e: Any, depth: int) -> Any:
@@ -73,11 +76,14 @@ def _ancestor(e: Any, depth: int) -> Any:
 
 def cuda_model(ops: list[Any]) -> int:
     """The CPU count turned into an estimate of CUDA's kernel launches: a CPU kernel's cast of an
-    input of another dtype (``copy_ < _to_copy < to < add_``) is no kernel on CUDA, and a
+    input of another dtype (``copy_ < _to_copy < to < add_``) is no kernel on CUDA, a
     multi-tensor (``_foreach_``) operator, a loop of per-tensor operators on the CPU, launches one
-    kernel per ``FOREACH_TENSORS_PER_LAUNCH`` tensors on CUDA."""
+    kernel per ``FOREACH_TENSORS_PER_LAUNCH`` tensors on CUDA, and ``NO_KERNEL_ANYWHERE`` are
+    left out."""
     n, foreach = 0, collections.Counter()
     for e in ops:
+        if e.name in NO_KERNEL_ANYWHERE:
+            continue
         up = e
         while up is not None and not up.name.startswith("aten::_foreach_"):
             up = up.cpu_parent

@@ -67,7 +67,8 @@ def test_profile_ops_counts_the_kernel_launching_operators_per_function() -> Non
 def test_profile_ops_cuda_model_drops_the_cpus_input_casts_and_groups_multi_tensor_operators() -> None:
     """A float32 += bf16 add is two CPU operators (the CPU kernel casts its bf16 input to a float32
     temporary first) but one CUDA kernel; a multi-tensor copy of 130 tensors is 130 CPU copies but
-    ceil(130 / 64) = 3 launches of CUDA's multi_tensor_apply. An autocast cast stays a kernel."""
+    ceil(130 / 64) = 3 launches of CUDA's multi_tensor_apply; a resize is no kernel anywhere. An
+    autocast cast stays a kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     ops_module = _load("profile_ops")
@@ -76,6 +77,7 @@ def test_profile_ops_cuda_model_drops_the_cpus_input_casts_and_groups_multi_tens
     lows = [h.to(torch.bfloat16) for h in highs]
     w = torch.randn(4, 8, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.empty(0).resize_(8)   # an allocation, no kernel
         acc.add_(g)
         torch._foreach_copy_(lows, highs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -83,7 +85,8 @@ def test_profile_ops_cuda_model_drops_the_cpus_input_casts_and_groups_multi_tens
     ops = ops_module.kernel_ops(prof)
     names = collections.Counter(e.name for e in ops)
     assert names["aten::add_"] == 1 and names["aten::copy_"] == 1 + 130 + 2, names
-    assert ops_module.cuda_model(ops) == len(ops) - 1 - 130 + 3
+    assert names["aten::resize_"] == 1
+    assert ops_module.cuda_model(ops) == len(ops) - 1 - 1 - 130 + 3
 
 
 def test_bench_grad_shadow_runs_both_forms_to_the_same_gradients() -> None:
