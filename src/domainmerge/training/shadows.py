@@ -58,8 +58,9 @@ class CastShadow:
 
 class GradShadow:
     """Low-precision leaves standing in for the student's convolution and linear weights and
-    biases during an iteration (:meth:`swapped`); after each backward pass :meth:`collect` moves
-    the gradients they received into the float32 parameters' ``.grad``.
+    biases during an iteration (:meth:`swapped`), float32 ones on the memory of its other
+    parameters (norms); after each backward pass :meth:`collect` moves the gradients they
+    received into the float32 parameters' ``.grad``.
 
     With autocast's cast cached for the iteration (:func:`~domainmerge.runtime.precision.cast_once`),
     each such weight costs a cast in the first forward, then per backward pass a cast of its
@@ -71,7 +72,8 @@ class GradShadow:
     numbers are the same to the bit: the leaves hold autocast's casts, a pass sums the uses of a
     leaf in its dtype as it sums the uses of a cached cast, and ``.grad`` receives the same
     exactly converted values in the same order. The scratch is one float32 buffer of
-    ``SCRATCH_ELEMENTS`` (64 MB), reused chunk by chunk.
+    ``SCRATCH_ELEMENTS`` (64 MB), reused chunk by chunk. The other parameters' gradients are
+    kept as autograd keeps them (the first pass's tensor, then adds), by multi-tensor adds.
 
     Compiled parts (``torch.compile``) trace the leaves once, as the same tensors every
     iteration, and lose their casts: a compiled graph has no cast cache, so without the shadow
@@ -82,13 +84,19 @@ class GradShadow:
     """
 
     def __init__(self, net: nn.Module, dtype: torch.dtype) -> None:
+        # (module, name, parameter, leaf): the cast weights and biases, then every other trainable
+        # parameter (norms) as a float32 leaf on the parameter's own memory, so that its
+        # gradients too reach .grad by multi-tensor adds instead of an add per tensor and pass
         self.slots: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        self.same: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
         for m in net.modules():
-            if not isinstance(m, CAST_MODULES):
-                continue
             for name, p in m._parameters.items():
-                if p is not None and p.requires_grad:   # the leaf in the parameter's strides
+                if p is None or not p.requires_grad:
+                    continue
+                if isinstance(m, CAST_MODULES):   # the leaf in the parameter's strides
                     self.slots.append((m, name, p, nn.Parameter(p.detach().to(dtype))))
+                else:
+                    self.same.append((m, name, p, nn.Parameter(p.detach())))
         self.buffers: dict[int, torch.Tensor] = {}   # float32 .grad of the first pass, made once
         self.scratch: torch.Tensor | None = None
 
@@ -98,20 +106,18 @@ class GradShadow:
         until the block ends; then the parameters again (the optimiser, the EMA and the
         checkpoints only see those). The parameters must not change inside the block. A pass's
         gradients not yet collected are collected when the block ends without an error."""
-        if not self.slots:
-            yield
-            return
-        with torch.no_grad():
-            torch._foreach_copy_([s[3] for s in self.slots], [s[2].detach() for s in self.slots])
-        for m, name, _, low in self.slots:
-            m._parameters[name] = low
+        if self.slots:
+            with torch.no_grad():
+                torch._foreach_copy_([s[3] for s in self.slots], [s[2].detach() for s in self.slots])
+        for m, name, _, leaf in (*self.slots, *self.same):
+            m._parameters[name] = leaf
         try:
             yield
             self.collect()
         finally:
-            for m, name, p, low in self.slots:
+            for m, name, p, leaf in (*self.slots, *self.same):
                 m._parameters[name] = p
-                low.grad = None
+                leaf.grad = None
 
     @torch.no_grad()
     def collect(self) -> None:
@@ -136,6 +142,18 @@ class GradShadow:
             torch._foreach_copy_([b for b, _ in first], [g for _, g in first])
         if later:
             self._add(later)
+        same: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for _, _, p, leaf in self.same:
+            g = leaf.grad
+            if g is None:
+                continue
+            leaf.grad = None
+            if p.grad is None:   # as autograd keeps a first gradient: that tensor itself
+                p.grad = g
+            else:
+                same.append((p.grad, g))
+        if same:
+            torch._foreach_add_([d for d, _ in same], [g for _, g in same])
 
     def _add(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``dst += src`` for float32 ``dst`` and low-precision ``src`` of the same strides: a
