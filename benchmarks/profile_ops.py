@@ -90,8 +90,8 @@ def cuda_model(ops: list[Any]) -> int:
         if up is not None:
             foreach[id(up)] += 1
             continue
-        op = _ancestor(e, 3)
-        if e.name == "aten::copy_" and _ancestor(e, 2) is not None and _ancestor(e, 2).name == "aten::to" \
+        to, op = _ancestor(e, 2), _ancestor(e, 3)
+        if e.name == "aten::copy_" and to is not None and to.name == "aten::to" \
                 and op is not None and CASTS_IN_KERNEL_ON_CUDA.match(op.name):
             continue
         n += 1

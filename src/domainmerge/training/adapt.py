@@ -546,18 +546,14 @@ class Trainer:
 
     @contextlib.contextmanager
     def cast_once(self) -> Iterator[None]:
-        """The iteration's casts of the student's weights under autocast, made once: the
-        region of :func:`~domainmerge.runtime.precision.cast_once`, in which its 2-3 forwards
-        share autocast's cast of each weight (not needed with ``one_pass``, whose one forward
-        casts each weight once), and the student's
+        """The iteration's casts of the student's weights under autocast, made once: its
         :class:`~domainmerge.training.shadows.GradShadow` (the casts as one multi-tensor copy,
-        the gradients back to float32 in one kernel per weight and pass). The weights change
-        only in :meth:`update`, outside it. The same numbers as a cast per forward, to the bit."""
-        with contextlib.ExitStack() as stack:
-            if not self.config.one_pass:
-                stack.enter_context(cast_once(self.device, self.amp))
-            if self.grad_shadow is not None:
-                stack.enter_context(self.grad_shadow.swapped())
+        the gradients back to float32 by multi-tensor operators after each backward pass),
+        inside a :func:`~domainmerge.runtime.precision.cast_once` region for any other weight
+        autocast casts. The weights change only in :meth:`update`, outside it. The same numbers
+        as a cast per forward, to the bit."""
+        shadow = self.grad_shadow.swapped() if self.grad_shadow is not None else contextlib.nullcontext()
+        with cast_once(self.device, self.amp), shadow:
             yield
 
     def _step(self, it: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -123,37 +124,24 @@ class GradShadow:
     def collect(self) -> None:
         """Adds the gradients the last backward pass left on the leaves to the parameters'
         float32 ``.grad`` (a parameter without one gets it) and clears the leaves'."""
-        first: list[tuple[torch.Tensor, torch.Tensor]] = []
-        later: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for _, _, p, low in self.slots:
-            g = low.grad
-            if g is None:
-                continue
-            low.grad = None
-            if p.grad is None:
-                buf = self.buffers.get(id(p))
-                if buf is None:
-                    buf = self.buffers[id(p)] = torch.empty_like(p)
-                p.grad = buf
-                first.append((buf, g))
-            else:
-                later.append((p.grad, g))
-        if first:
-            torch._foreach_copy_([b for b, _ in first], [g for _, g in first])
+        first, later = _taken(self.slots)
+        if first:   # into float32 buffers made once
+            for p, _ in first:
+                p.grad = self._buffer(p)
+            torch._foreach_copy_([cast(torch.Tensor, p.grad) for p, _ in first], [g for _, g in first])
         if later:
-            self._add(later)
-        same: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for _, _, p, leaf in self.same:
-            g = leaf.grad
-            if g is None:
-                continue
-            leaf.grad = None
-            if p.grad is None:   # as autograd keeps a first gradient: that tensor itself
-                p.grad = g
-            else:
-                same.append((p.grad, g))
-        if same:
-            torch._foreach_add_([d for d, _ in same], [g for _, g in same])
+            self._add([(cast(torch.Tensor, p.grad), g) for p, g in later])
+        first, later = _taken(self.same)
+        for p, g in first:   # as autograd keeps a first gradient: that tensor itself
+            p.grad = g
+        if later:
+            torch._foreach_add_([cast(torch.Tensor, p.grad) for p, _ in later], [g for _, g in later])
+
+    def _buffer(self, p: nn.Parameter) -> torch.Tensor:
+        buf = self.buffers.get(id(p))
+        if buf is None:
+            buf = self.buffers[id(p)] = torch.empty_like(p)
+        return buf
 
     def _add(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``dst += src`` for float32 ``dst`` and low-precision ``src`` of the same strides: a
@@ -172,6 +160,26 @@ class GradShadow:
             chunk.append((d, self.scratch.as_strided(d.shape, d.stride(), offset), g))
             offset += d.numel()
         _add_chunk(chunk)
+
+
+def _taken(slots: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]]
+           ) -> tuple[list[tuple[nn.Parameter, torch.Tensor]], list[tuple[nn.Parameter, torch.Tensor]]]:
+    """The gradients the leaves of ``slots`` hold, cleared from them: (parameter, gradient) of the
+    parameters that have no ``.grad`` yet (a parameter's first leaf only), and of the others."""
+    first: list[tuple[nn.Parameter, torch.Tensor]] = []
+    later: list[tuple[nn.Parameter, torch.Tensor]] = []
+    fresh: set[int] = set()
+    for _, _, p, leaf in slots:
+        g = leaf.grad
+        if g is None:
+            continue
+        leaf.grad = None
+        if p.grad is None and id(p) not in fresh:
+            fresh.add(id(p))
+            first.append((p, g))
+        else:
+            later.append((p, g))
+    return first, later
 
 
 def _add_chunk(chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
